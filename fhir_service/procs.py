@@ -6,6 +6,7 @@ can leave a stack running and ``cxr ... stop`` can end exactly what it started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -83,7 +84,7 @@ class ManagedProcess:
     def wait_ready(
         self, probe: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.5
     ) -> float:
-        """Poll ``probe`` until it is true; returns seconds waited. Fails fast if the process died."""
+        """Poll ``probe`` until true; returns seconds waited. Fails fast if the process died."""
         t0 = time.monotonic()
         while True:
             if probe():
@@ -114,10 +115,8 @@ class ManagedProcess:
             psutil.Process(pid).wait(timeout=timeout_s)
         except psutil.TimeoutExpired:
             log.warning("%s did not stop in %.0f s; killing", self.name, timeout_s)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             psutil.Process(pid).wait(timeout=10)
         except psutil.NoSuchProcess:
             pass

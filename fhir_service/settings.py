@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         default=None, description="URL at which HAPI reaches the service; default from host/port"
     )
     subscription_secret: str = DEFAULT_SECRET
+    image_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts besides the FHIR server from which Media.content.url may be fetched",
+    )
 
     # --- models ---
     model_weights: str = Field(
@@ -68,7 +72,8 @@ class Settings(BaseSettings):
         description="registry name, path to a weights file, or 'untrained'",
     )
     weights_cache_dir: Path | None = Field(
-        default=None, description="torchxrayvision cache dir; default ~/.torchxrayvision/models_data"
+        default=None,
+        description="torchxrayvision cache dir; default ~/.torchxrayvision/models_data",
     )
     weights_sha256: str | None = None
     calibration_file: Path | None = None

@@ -1,1 +1,1 @@
-"""PostgreSQL + pgvector: the embedded server, schema, upsert and k-NN search. Knows nothing of torch."""
+"""PostgreSQL + pgvector: embedded server, schema, upsert, k-NN search. Knows nothing of torch."""

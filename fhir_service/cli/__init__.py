@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from fhir_service.cli import db, hapi, infer
+from fhir_service.cli import db, demo, hapi, infer
 
 app = typer.Typer(
     name="cxr",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.add_typer(hapi.app, name="hapi", help="Run the HAPI FHIR server (hapi-fhir/).")
 app.add_typer(db.app, name="db", help="Run the embedded PostgreSQL + pgvector server.")
+app.add_typer(demo.app, name="demo", help="Run the whole stack on embedded defaults.")
 infer.register(app)
 
 

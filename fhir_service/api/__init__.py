@@ -1,0 +1,1 @@
+"""HTTP routes of ``cxr serve``, one module per domain."""

@@ -1,0 +1,51 @@
+"""The ``cxr serve`` FastAPI application: rest-hook receiver, health, and (later) $similar."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+
+from cxr_errors import CxrError
+from fhir_service.api import health, hook
+from fhir_service.database import database_url
+from fhir_service.fhir_client import FhirClient
+from fhir_service.outcome import cxr_error_handler, validation_error_handler
+from fhir_service.settings import Settings
+from subscriptions.bootstrap import ensure_subscription
+from subscriptions.queue import apply_schema, make_app
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        dsn = database_url(settings)
+        await asyncio.to_thread(apply_schema, dsn)
+        queue = make_app(dsn)
+        app.state.settings = settings
+        app.state.fhir = FhirClient(settings.fhir_base_url, timeout=10)
+        app.state.queue = queue
+        async with queue.open_async():
+            if bootstrap_subscription:
+                sub = await asyncio.to_thread(
+                    ensure_subscription,
+                    app.state.fhir,
+                    f"{settings.service_url}/hook",
+                    settings.subscription_secret,
+                )
+                log.info("Subscription/%s is %s", sub["id"], sub["status"])
+            yield
+        app.state.fhir.close()
+
+    app = FastAPI(title="cxr-fhir", version="0.1.0", lifespan=lifespan)
+    app.add_exception_handler(CxrError, cxr_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.include_router(hook.router)
+    app.include_router(health.router)
+    return app

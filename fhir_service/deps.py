@@ -1,0 +1,31 @@
+"""Dependencies injected into routes through ``Annotated`` aliases; routes build no clients."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import procrastinate
+from fastapi import Depends, Request
+
+from fhir_service.fhir_client import FhirClient
+from fhir_service.settings import Settings
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _fhir(request: Request) -> FhirClient:
+    fhir: FhirClient = request.app.state.fhir
+    return fhir
+
+
+def _queue(request: Request) -> procrastinate.App:
+    queue: procrastinate.App = request.app.state.queue
+    return queue
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+FhirDep = Annotated[FhirClient, Depends(_fhir)]
+QueueDep = Annotated[procrastinate.App, Depends(_queue)]

@@ -1,0 +1,162 @@
+"""A thin FHIR R4 REST client over httpx. Resources are plain dicts (JSON as FHIR defines it).
+
+Why dicts and not fhir.resources models: those models are R4B/R5, HAPI validates every
+write against R4 anyway, and our builders stay small, explicit and easy to test.
+
+Errors map onto the exception tree: 404 → NotFoundError, other 4xx → FhirError with
+HAPI's OperationOutcome diagnostics, 5xx / timeouts / refused connections →
+FhirUnavailableError (the caller may retry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import httpx
+
+from cxr_errors import FhirError, FhirUnavailableError, NotFoundError
+
+FHIR_JSON = "application/fhir+json"
+Resource = dict[str, Any]
+
+
+def outcome_text(body: Any) -> str:
+    """The human-readable part of an OperationOutcome (or the raw body)."""
+    if isinstance(body, Mapping) and body.get("resourceType") == "OperationOutcome":
+        parts = []
+        for issue in body.get("issue", []):
+            text = issue.get("diagnostics") or issue.get("details", {}).get("text") or ""
+            where = ",".join(issue.get("expression", []) or issue.get("location", []))
+            parts.append(f"{issue.get('severity', '?')}: {text}" + (f" @ {where}" if where else ""))
+        return "; ".join(parts) or "OperationOutcome without issues"
+    return str(body)[:500]
+
+
+class FhirClient:
+    """Synchronous client for one FHIR base URL."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url + "/",
+            timeout=timeout,
+            headers={"Accept": FHIR_JSON, **(headers or {})},
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> FhirClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transport -------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        hdrs = dict(headers or {})
+        if json is not None:
+            hdrs.setdefault("Content-Type", FHIR_JSON)
+        try:
+            response = self._http.request(
+                method, path.lstrip("/"), json=json, params=params, headers=hdrs
+            )
+        except httpx.TimeoutException as exc:
+            raise FhirUnavailableError(f"FHIR server timed out: {method} {path}") from exc
+        except httpx.TransportError as exc:
+            raise FhirUnavailableError(
+                f"FHIR server unreachable at {self.base_url}: {exc}"
+            ) from exc
+        if response.status_code >= 400:
+            self._raise(method, path, response)
+        return response
+
+    def _raise(self, method: str, path: str, response: httpx.Response) -> None:
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = response.text
+        what = f"{method} {path} → {response.status_code}: {outcome_text(body)}"
+        if response.status_code == 404 or response.status_code == 410:
+            raise NotFoundError(what)
+        if response.status_code >= 500:
+            raise FhirUnavailableError(what)
+        err = FhirError(what)
+        err.http_status = response.status_code
+        raise err
+
+    # --- REST interactions -----------------------------------------------------------------
+
+    def read(self, resource_type: str, rid: str) -> Resource:
+        return dict(self.request("GET", f"{resource_type}/{rid}").json())
+
+    def read_reference(self, reference: str) -> Resource:
+        """Read ``Type/id`` (relative) or an absolute URL under this server's base."""
+        if reference.startswith(self.base_url + "/"):
+            reference = reference[len(self.base_url) + 1 :]
+        if reference.startswith(("http://", "https://")):
+            raise FhirError(f"reference outside this FHIR server refused: {reference}")
+        return dict(self.request("GET", reference).json())
+
+    def create(self, resource: Resource, *, if_none_exist: str | None = None) -> Resource:
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else None
+        headers = {**(headers or {}), "Prefer": "return=representation"}
+        return dict(
+            self.request("POST", resource["resourceType"], json=resource, headers=headers).json()
+        )
+
+    def update(self, resource: Resource) -> Resource:
+        path = f"{resource['resourceType']}/{resource['id']}"
+        return dict(
+            self.request(
+                "PUT", path, json=resource, headers={"Prefer": "return=representation"}
+            ).json()
+        )
+
+    def search(self, resource_type: str, params: Mapping[str, Any] | None = None) -> Resource:
+        """One page of a search: the searchset Bundle."""
+        return dict(self.request("GET", resource_type, params=params).json())
+
+    def search_all(
+        self, resource_type: str, params: Mapping[str, Any] | None = None
+    ) -> Iterator[Resource]:
+        """Every matching resource (``search.mode=match``), following ``next`` links."""
+        bundle = self.search(resource_type, params)
+        while True:
+            for entry in bundle.get("entry", []):
+                if entry.get("search", {}).get("mode", "match") == "match":
+                    yield entry["resource"]
+            nxt = next(
+                (lk["url"] for lk in bundle.get("link", []) if lk["relation"] == "next"), None
+            )
+            if not nxt:
+                return
+            bundle = dict(self.request("GET", nxt.replace(self.base_url + "/", "")).json())
+
+    def count(self, resource_type: str, params: Mapping[str, Any] | None = None) -> int:
+        bundle = self.search(resource_type, {**(params or {}), "_summary": "count"})
+        return int(bundle.get("total", 0))
+
+    def transaction(self, bundle: Resource) -> Resource:
+        return dict(self.request("POST", "", json=bundle).json())
+
+    def capability_statement(self) -> Resource:
+        return dict(self.request("GET", "metadata").json())

@@ -1,0 +1,130 @@
+"""The durable job queue (procrastinate on PostgreSQL).
+
+Keys, written down once:
+
+* one job per (study id, version id): the *queueing lock* ``study:{id}:{version}`` makes a
+  second defer of the same notification a no-op while the first is still waiting, so 20
+  duplicate rest-hook deliveries queue one job;
+* one job at a time per study: the *lock* ``study:{id}`` serialises jobs for the same study
+  across any number of workers, so two versions never race their writes;
+* the FHIR writes themselves are conditional creates on the report identifier, so a job
+  that runs twice (worker killed after writing, before acknowledging) changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import procrastinate
+from procrastinate import RetryStrategy
+from procrastinate.exceptions import AlreadyEnqueued
+
+from cxr_errors import FhirUnavailableError, StoreError
+
+log = logging.getLogger(__name__)
+
+QUEUE = "studies"
+PROCESS_TASK = "cxr.process_study"
+RECONCILE_TASK = "cxr.reconcile"
+STALLED_TASK = "cxr.retry_stalled"
+
+#: Transient failures: HAPI 5xx / timeouts, database hiccups. Anything else is final.
+TRANSIENT: tuple[type[Exception], ...] = (
+    FhirUnavailableError,
+    StoreError,
+    ConnectionError,
+    TimeoutError,
+)
+
+RETRY = RetryStrategy(max_attempts=6, exponential_wait=2, retry_exceptions=set(TRANSIENT))
+
+
+def make_app(dsn: str) -> procrastinate.App:
+    """A procrastinate app on ``dsn`` with our task names registered (as stubs for deferring).
+
+    The worker registers the real implementations with :func:`register_tasks`.
+    """
+    return procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+
+
+def apply_schema(dsn: str) -> None:
+    """Create procrastinate's tables once; safe when several processes start together."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('cxr.procrastinate.schema'))")
+        try:
+            exists = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+            if not (exists and exists[0]):
+                conn.execute(procrastinate.schema.SchemaManager.get_schema())
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext('cxr.procrastinate.schema'))")
+
+
+def study_queueing_lock(study_id: str, version_id: str) -> str:
+    return f"study:{study_id}:{version_id}"
+
+
+def study_lock(study_id: str) -> str:
+    return f"study:{study_id}"
+
+
+def register_tasks(
+    app: procrastinate.App,
+    process: Callable[[str, str], Any],
+    reconcile: Callable[[], Any] | None = None,
+    *,
+    reconcile_cron: str = "*/30 * * * * *",
+) -> None:
+    """Register the worker-side implementations on ``app``."""
+    app.task(name=PROCESS_TASK, queue=QUEUE, retry=RETRY, pass_context=False)(process)
+    if reconcile is not None:
+
+        def _reconcile(timestamp: int) -> None:
+            reconcile()
+
+        app.periodic(cron=reconcile_cron, periodic_id="sweep")(
+            app.task(name=RECONCILE_TASK, queue=QUEUE, queueing_lock="reconcile")(_reconcile)
+        )
+
+    async def _retry_stalled(timestamp: int) -> None:
+        # A worker killed mid-job (SIGKILL, OOM, power) leaves its job 'doing' forever and,
+        # because of the per-study lock, blocks that study. Heartbeats tell us it is dead.
+        stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=30)
+        for job in stalled:
+            log.warning("retrying stalled job %s (%s)", job.id, job.task_name)
+            await app.job_manager.retry_job(job)
+
+    app.periodic(cron="*/15 * * * * *", periodic_id="stalled")(
+        app.task(name=STALLED_TASK, queue=QUEUE, queueing_lock="stalled")(_retry_stalled)
+    )
+
+
+async def enqueue_study(app: procrastinate.App, study_id: str, version_id: str) -> bool:
+    """Queue processing of one study version; False when the same one is already waiting."""
+    try:
+        await app.configure_task(
+            PROCESS_TASK,
+            queue=QUEUE,
+            lock=study_lock(study_id),
+            queueing_lock=study_queueing_lock(study_id, version_id),
+        ).defer_async(study_id=study_id, version_id=version_id)
+    except AlreadyEnqueued:
+        return False
+    return True
+
+
+def enqueue_study_sync(app: procrastinate.App, study_id: str, version_id: str) -> bool:
+    """Synchronous :func:`enqueue_study` for the CLI and the reconciliation sweep."""
+    try:
+        app.configure_task(
+            PROCESS_TASK,
+            queue=QUEUE,
+            lock=study_lock(study_id),
+            queueing_lock=study_queueing_lock(study_id, version_id),
+        ).defer(study_id=study_id, version_id=version_id)
+    except AlreadyEnqueued:
+        return False
+    return True

@@ -1,0 +1,41 @@
+"""Rest-hook receiver logic: authenticate, parse, decide what to queue. No HTTP framework here."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+from cxr_errors import InputError
+
+
+class Unauthorized(InputError):
+    """The rest-hook secret header is missing or wrong."""
+
+    http_status = 401
+    issue_code = "security"
+
+
+def check_secret(given: str | None, expected: str) -> None:
+    """Constant-time comparison, so the secret cannot be guessed byte by byte from timings."""
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized()
+
+
+@dataclass(frozen=True)
+class Notification:
+    study_id: str
+    version_id: str
+    status: str | None
+
+
+def parse_notification(path_id: str, body: Any) -> Notification:
+    """The ImagingStudy HAPI PUT to ``{hook}/ImagingStudy/{id}``; its id must match the path."""
+    if not isinstance(body, dict) or body.get("resourceType") != "ImagingStudy":
+        raise InputError("rest-hook body is not an ImagingStudy resource")
+    if str(body.get("id", path_id)) != path_id:
+        raise InputError(f"body id {body.get('id')!r} does not match the URL id {path_id!r}")
+    version = body.get("meta", {}).get("versionId")
+    if not version:
+        raise InputError("ImagingStudy has no meta.versionId (payload must be the full resource)")
+    return Notification(path_id, str(version), body.get("status"))

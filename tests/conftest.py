@@ -1,0 +1,62 @@
+"""Fixtures shared by every test: settings for the test run and the real PostgreSQL server.
+
+Integration state lives in one data dir (default ``.cxr-data/test``, or ``CXR_TEST_DATA_DIR``)
+that is wiped when the session starts, so every run begins clean and a demo stack in
+``.cxr-data`` is never touched. Ports are offset from the demo's for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fhir_service.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def test_data_dir() -> Path:
+    # The one place tests read the environment: where to keep this run's state.
+    path = Path(os.environ.get("CXR_TEST_DATA_DIR", REPO / ".cxr-data" / "test"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_settings(test_data_dir: Path) -> Settings:
+    return Settings(
+        data_dir=test_data_dir,
+        hapi_port=18080,
+        pg_port=15433,
+        service_port=18001,
+        model_weights="untrained",
+        clip_weights="untrained",
+    )
+
+
+@pytest.fixture(scope="session")
+def shared_dir(test_settings: Settings) -> Path:
+    path = test_settings.shared_dir
+    if not (path / "data" / "nih-sample" / "manifest.csv").exists():
+        pytest.fail(f"shared test data not found under {path} (set CXR_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def database(test_settings: Settings) -> Iterator[str]:
+    """A real PostgreSQL with pgvector for this run; yields its URL.
+
+    Uses ``CXR_DATABASE_URL`` when set (an external server), else the embedded one in a
+    clean directory under the test data dir, stopped at the end.
+    """
+    from fhir_service.database import start_database, stop_database
+
+    if test_settings.database_url is None:
+        shutil.rmtree(test_settings.pg_dir, ignore_errors=True)
+    info = start_database(test_settings)
+    yield info.url
+    stop_database(test_settings)
