@@ -19,7 +19,7 @@ from typing import Any
 from cxr_errors import InputError
 
 #: Our namespace for identifiers and extensions (not NIH's; NIH publishes no FHIR URIs).
-CXR_NS = "https://cxr-fhir.dev/fhir"
+CXR_NS = "https://cxr-fhir.example.org/fhir"
 PATIENT_ID_SYSTEM = f"{CXR_NS}/sid/nih-patient-id"
 IMAGE_INDEX_SYSTEM = f"{CXR_NS}/sid/nih-image-index"
 EXT_AGE_AT_STUDY = f"{CXR_NS}/StructureDefinition/patient-age-at-study"
@@ -178,3 +178,89 @@ def imaging_study_resource(rec: NihRecord, patient_ref: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+def study_transaction(
+    rec: NihRecord,
+    image: bytes | None,
+    *,
+    content_type: str = "image/png",
+    tag: str | None = None,
+) -> dict[str, Any]:
+    """One transaction: the Patient (conditional), the ImagingStudy and the Media with its pixels.
+
+    The study and its pixels must arrive together: HAPI notifies us once the study is
+    committed, and a study whose Media is posted later would be processed without pixels.
+    ``tag`` suffixes the identifiers, so tests can post the same NIH image many times.
+    """
+    import base64
+
+    suffix = f"-{tag}" if tag else ""
+    rec_t = NihRecord(
+        rec.image_index + suffix,
+        rec.patient_id + suffix,
+        rec.follow_up,
+        rec.age_years,
+        rec.sex,
+        rec.view_position,
+        rec.finding_labels,
+    )
+    patient_urn = f"urn:uuid:{uuid.uuid5(DICOM_UID_ROOT, 'patient:' + rec_t.patient_id)}"
+    study_urn = f"urn:uuid:{uuid.uuid5(DICOM_UID_ROOT, 'study:' + rec_t.image_index)}"
+    entries: list[dict[str, Any]] = [
+        {
+            "fullUrl": patient_urn,
+            "resource": patient_resource(rec_t),
+            "request": {
+                "method": "POST",
+                "url": "Patient",
+                "ifNoneExist": patient_conditional(rec_t),
+            },
+        },
+        {
+            "fullUrl": study_urn,
+            "resource": imaging_study_resource(rec_t, patient_urn),
+            "request": {
+                "method": "POST",
+                "url": "ImagingStudy",
+                "ifNoneExist": study_conditional(rec_t),
+            },
+        },
+    ]
+    if image is not None:
+        media = {
+            "resourceType": "Media",
+            "status": "completed",
+            "partOf": [{"reference": study_urn}],
+            "subject": {"reference": patient_urn},
+            "content": {
+                "contentType": content_type,
+                "data": base64.b64encode(image).decode("ascii"),
+                "size": len(image),
+                "title": rec_t.image_index,
+            },
+        }
+        entries.append({"resource": media, "request": {"method": "POST", "url": "Media"}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def created_id(response: dict[str, Any], resource_type: str) -> str:
+    """The id of the first ``resource_type`` in a transaction-response Bundle."""
+    for entry in response.get("entry", []):
+        location = entry.get("response", {}).get("location", "")
+        if location.startswith(f"{resource_type}/"):
+            return str(location.split("/")[1])
+    raise KeyError(f"no {resource_type} in the transaction response")
+
+
+def study_age_and_view(study: dict[str, Any]) -> tuple[int | None, str | None]:
+    """Patient age at the study (years) and view position, from our ImagingStudy extensions."""
+    age: int | None = None
+    view: str | None = None
+    for ext in study.get("extension", []):
+        if ext.get("url") == EXT_AGE_AT_STUDY:
+            value = ext.get("valueAge", {}).get("value")
+            age = int(value) if value is not None else None
+        elif ext.get("url") == EXT_VIEW_POSITION:
+            view = ext.get("valueCode")
+    return age, view

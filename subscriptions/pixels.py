@@ -17,10 +17,8 @@ from urllib.parse import urlparse
 import httpx
 
 from cxr_errors import ImageError, ImageTooLargeError
+from fhir_service.builders import is_cxr_overlay
 from fhir_service.fhir_client import FhirClient
-
-#: Media we write ourselves (heatmaps) carry identifiers in this namespace; never inputs.
-OWN_IDENTIFIER_PREFIX = "https://cxr-fhir.dev/fhir/"
 
 
 @dataclass(frozen=True)
@@ -31,19 +29,12 @@ class Pixels:
     content_type: str | None
 
 
-def _is_own(media: dict[str, Any]) -> bool:
-    return any(
-        str(i.get("system", "")).startswith(OWN_IDENTIFIER_PREFIX)
-        for i in media.get("identifier", [])
-    )
-
-
 def input_media(fhir: FhirClient, study_id: str) -> list[dict[str, Any]]:
     """Media that carry the study's pixels, newest first (our own heatmaps excluded)."""
     found = [
         m
         for m in fhir.search_all("Media", {"part-of": f"ImagingStudy/{study_id}"})
-        if not _is_own(m) and m.get("status") not in ("entered-in-error", "not-done")
+        if not is_cxr_overlay(m) and m.get("status") not in ("entered-in-error", "not-done")
     ]
     found.sort(key=lambda m: m.get("meta", {}).get("lastUpdated", ""), reverse=True)
     return found

@@ -73,13 +73,20 @@ def study_lock(study_id: str) -> str:
 
 def register_tasks(
     app: procrastinate.App,
-    process: Callable[[str, str], Any],
+    process: Callable[[bool, str, str], Any],
     reconcile: Callable[[], Any] | None = None,
     *,
     reconcile_cron: str = "*/30 * * * * *",
 ) -> None:
     """Register the worker-side implementations on ``app``."""
-    app.task(name=PROCESS_TASK, queue=QUEUE, retry=RETRY, pass_context=False)(process)
+
+    def _process(context: procrastinate.JobContext, study_id: str, version_id: str) -> Any:
+        # The last attempt turns a transient failure into a failed Task visible in FHIR.
+        attempts = context.job.attempts if context.job else 0
+        final = attempts >= (RETRY.max_attempts or 0)
+        return process(final, study_id, version_id)
+
+    app.task(name=PROCESS_TASK, queue=QUEUE, retry=RETRY, pass_context=True)(_process)
     if reconcile is not None:
 
         def _reconcile(timestamp: int) -> None:

@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from fhir_service.cli import db, demo, hapi, infer
+from fhir_service.cli import db, demo, hapi, infer, service
 
 app = typer.Typer(
     name="cxr",
@@ -18,6 +18,7 @@ app.add_typer(hapi.app, name="hapi", help="Run the HAPI FHIR server (hapi-fhir/)
 app.add_typer(db.app, name="db", help="Run the embedded PostgreSQL + pgvector server.")
 app.add_typer(demo.app, name="demo", help="Run the whole stack on embedded defaults.")
 infer.register(app)
+service.register(app)
 
 
 @app.callback()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
-import click
 import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from fhir_service.cli import app
 
 
-def _paths(cmd: click.Command, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+def _paths(cmd: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     yield prefix
-    if isinstance(cmd, click.Group):
-        for name, sub in cmd.commands.items():
-            yield from _paths(sub, (*prefix, name))
+    # typer may ship its own click; duck-type groups rather than isinstance(click.Group).
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _paths(sub, (*prefix, name))
 
 
 ALL = list(_paths(get_command(app)))

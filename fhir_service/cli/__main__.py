@@ -1,0 +1,3 @@
+from fhir_service.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""The model layer behind the job's :class:`~subscriptions.pipeline.Analyzer` interface.
+
+Loaded once per worker process: the DenseNet (one pass → scores, CAMs, features) and CLIP
+(image embedding for similar-case search). Heatmaps are rendered for positive findings only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cxr_errors import ConfigError
+from fhir_service.settings import Settings
+from models.classifier import Classifier
+from models.clip import ClipEncoder, load_clip
+from models.heatmap import overlay_png
+from models.registry import UNTRAINED, load_classifier, resolve_weights
+from subscriptions.pipeline import AnalyzedImage
+
+log = logging.getLogger(__name__)
+
+
+class ModelAnalyzer:
+    def __init__(self, classifier: Classifier, clip: ClipEncoder | None) -> None:
+        self.classifier = classifier
+        self.clip = clip
+
+    @property
+    def model_version(self) -> str:
+        return self.classifier.model_version
+
+    def analyze(self, data: bytes, name: str) -> AnalyzedImage:
+        decoded = self.classifier.preprocess.decode(data)
+        analysis = self.classifier.analyze([decoded])[0]
+        heatmaps = {
+            f.finding: overlay_png(decoded, analysis.cams[k])
+            for k, f in enumerate(analysis.findings)
+            if f.positive
+        }
+        embedding = self.clip.embed_images([decoded])[0] if self.clip is not None else None
+        return AnalyzedImage(analysis, heatmaps, embedding)
+
+
+def _onnx_cache(settings: Settings) -> Path:
+    return settings.data_dir / "model-cache"
+
+
+def build_analyzer(settings: Settings) -> ModelAnalyzer:
+    """Load the models named by settings; refuses to guess (no silent untrained fallback)."""
+    if settings.model_weights != UNTRAINED and settings.clip_weights == UNTRAINED:
+        raise ConfigError("CLIP is untrained but the classifier is not: set both or neither")
+    classifier = load_classifier(
+        settings.model_weights,
+        cache_dir=settings.weights_cache_dir,
+        weights_sha256=settings.weights_sha256,
+        calibration_file=settings.calibration_file,
+        onnx_cache_dir=_onnx_cache(settings),
+        tta=settings.tta,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+    clip = load_clip(
+        settings.clip_model,
+        settings.clip_pretrained,
+        settings.clip_weights,
+        cache_dir=_onnx_cache(settings),
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+    return ModelAnalyzer(classifier, clip)
+
+
+def model_version_for(settings: Settings) -> str:
+    """The version string the worker's classifier will report, without building a backend."""
+    loaded = resolve_weights(
+        settings.model_weights,
+        cache_dir=settings.weights_cache_dir,
+        sha256=settings.weights_sha256,
+    )
+    version = loaded.model_version
+    if settings.calibration_file is not None:
+        from models.calibration import Calibration
+
+        calibration = Calibration.load(settings.calibration_file)
+        if not calibration.is_identity:
+            version = f"{version}+{calibration.version}"
+    return version

@@ -1,0 +1,172 @@
+"""The job: one ImagingStudy version → pixels → one model pass → one FHIR transaction.
+
+Idempotent by construction: the report identifier is (study, model version, image sha256)
+and every write in the transaction is a conditional create on it, so a job that runs
+twice — duplicate notifications, a worker killed after writing, a sweep that overlaps the
+hook — changes nothing the second time. Failures that retrying cannot fix become one
+failed ``Task`` per study (updated, never duplicated); transient ones are raised for the
+queue to retry with backoff.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from cxr_errors import CxrError, InputError, NotFoundError
+from fhir_service import builders
+from fhir_service.fhir_client import FhirClient
+from fhir_service.nih import study_age_and_view
+from models.types import ImageAnalysis
+from subscriptions.pixels import fetch_pixels
+from vector_store.store import EmbeddingRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AnalyzedImage:
+    analysis: ImageAnalysis
+    heatmaps: dict[str, bytes]
+    """finding → overlay PNG, for the positive findings"""
+    clip_embedding: npt.NDArray[np.float32] | None
+
+
+class Analyzer(Protocol):
+    """What the job needs from the model layer (models/ behind an adapter)."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    def analyze(self, data: bytes, name: str) -> AnalyzedImage: ...
+
+
+class EmbeddingSink(Protocol):
+    def upsert(self, record: EmbeddingRecord) -> None: ...
+
+
+@dataclass
+class Pipeline:
+    fhir: FhirClient
+    analyzer: Analyzer
+    store: EmbeddingSink | None = None
+    max_image_bytes: int = 64 * 1024 * 1024
+    image_hosts: frozenset[str] = field(default_factory=frozenset)
+
+    # --- the job --------------------------------------------------------------------------
+
+    def process(self, study_id: str, version_id: str, *, final_attempt: bool = True) -> str:
+        """Process the study's *current* version; returns what happened (for logs/tests).
+
+        Out-of-order notifications are harmless: whichever version a job names, it reads
+        the study as it is now, and the identifier keeps the result unique.
+        """
+        try:
+            study = self.fhir.read("ImagingStudy", study_id)
+        except NotFoundError:
+            log.warning("ImagingStudy/%s is gone; nothing to do", study_id)
+            return "gone"
+        if study.get("status") != "available":
+            return f"skipped: status {study.get('status')!r}"
+        try:
+            return self._process(study)
+        except InputError as exc:
+            self._fail(study, exc.message, "input-rejected")
+            return f"failed: {exc.message}"
+        except CxrError as exc:
+            if final_attempt:
+                self._fail(study, f"gave up after retries: {exc.message}", "retries-exhausted")
+            raise
+
+    def _process(self, study: dict[str, Any]) -> str:
+        study_id = study["id"]
+        pixels = fetch_pixels(
+            self.fhir, study, max_bytes=self.max_image_bytes, allowed_hosts=self.image_hosts
+        )
+        sha = hashlib.sha256(pixels.data).hexdigest()
+        model_version = self.analyzer.model_version
+        system, value = builders.report_identifier(study_id, model_version, sha)
+        existing = self.fhir.search(
+            "DiagnosticReport", {"identifier": f"{system}|{value}", "_elements": "id"}
+        )
+        if existing.get("total", len(existing.get("entry", []))):
+            self._complete_task(study)
+            return "already reported"
+        result = self.analyzer.analyze(pixels.data, pixels.source)
+        previous = self._current_reports(study_id, model_version)
+        bundle = builders.build_result_transaction(
+            study=study,
+            analysis=result.analysis,
+            heatmaps=result.heatmaps,
+            image_sha256=sha,
+            recorded=datetime.now(UTC),
+            supersedes=previous,
+        )
+        self.fhir.transaction(bundle)
+        if self.store is not None:
+            self.store.upsert(self._record(study, result, sha))
+        self._complete_task(study)
+        return "reported"
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _current_reports(self, study_id: str, model_version: str) -> list[dict[str, Any]]:
+        """Reports for this study and model that are still current (an older image)."""
+        system, value = builders.study_model_identifier(study_id, model_version)
+        return [
+            r
+            for r in self.fhir.search_all("DiagnosticReport", {"identifier": f"{system}|{value}"})
+            if r.get("status") not in ("cancelled", "entered-in-error")
+        ]
+
+    def _record(self, study: dict[str, Any], result: AnalyzedImage, sha: str) -> EmbeddingRecord:
+        a = result.analysis
+        patient_ref = study.get("subject", {}).get("reference", "")
+        gender = None
+        if patient_ref.startswith("Patient/"):
+            gender = self.fhir.read_reference(patient_ref).get("gender")
+        age, view = study_age_and_view(study)
+        return EmbeddingRecord(
+            study_id=study["id"],
+            model_version=a.model_version,
+            patient_id=patient_ref.split("/")[-1],
+            gender=gender,
+            age=age,
+            view_position=view,
+            positive_findings=tuple(f.finding for f in a.findings if f.positive),
+            clip=result.clip_embedding,
+            densenet=a.features,
+            study_version_id=str(study.get("meta", {}).get("versionId", "")),
+            image_sha256=sha,
+        )
+
+    def _task(self, study: dict[str, Any]) -> dict[str, Any] | None:
+        system, value = builders.task_identifier(study["id"])
+        bundle = self.fhir.search("Task", {"identifier": f"{system}|{value}"})
+        entries = bundle.get("entry", [])
+        return dict(entries[0]["resource"]) if entries else None
+
+    def _fail(self, study: dict[str, Any], reason: str, business_status: str) -> None:
+        log.warning("ImagingStudy/%s failed: %s", study["id"], reason)
+        task = builders.build_failed_task(
+            study, reason, business_status, existing_task=self._task(study)
+        )
+        self._put_task(task)
+
+    def _complete_task(self, study: dict[str, Any]) -> None:
+        task = self._task(study)
+        if task is not None and task.get("status") != "completed":
+            self._put_task(builders.build_completed_task(task))
+
+    def _put_task(self, task: dict[str, Any]) -> None:
+        if task.get("id"):
+            self.fhir.update(task)
+        else:
+            system, value = builders.task_identifier(task["focus"]["reference"].split("/")[-1])
+            self.fhir.create(task, if_none_exist=f"identifier={system}|{value}")

@@ -1,0 +1,238 @@
+"""Subscription → queue → worker → FHIR results, with the real HAPI, PostgreSQL and worker.
+
+One service process and one worker process (untrained model) serve the whole module; the
+tests post studies through HAPI exactly as an integrator would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from fhir_service import builders
+from fhir_service.fhir_client import FhirClient
+from fhir_service.nih import NihRecord, created_id, read_manifest, study_transaction
+from fhir_service.settings import Settings
+from fhir_service.stack import start_service, start_workers, stop_all, worker_process
+from subscriptions.analyzer import model_version_for
+from subscriptions.bootstrap import SECRET_HEADER
+from subscriptions.worker import run_sweep
+from tests.factories import unique_suffix
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 120.0
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+class Stack:
+    def __init__(self, settings: Settings, dsn: str) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.fhir = FhirClient(settings.fhir_base_url, timeout=60)
+        self.model_version = model_version_for(settings)
+        self.records: list[NihRecord] = list(
+            read_manifest(settings.shared_dir / "data" / "nih-sample" / "manifest.csv")
+        )
+
+    def post_study(self, index: int = 0, image: bytes | str | None = "real") -> str:
+        rec = self.records[index]
+        data: bytes | None
+        if image == "real":
+            data = (self.settings.shared_dir / "data" / "nih-sample" / rec.image_index).read_bytes()
+        else:
+            data = image if isinstance(image, bytes) or image is None else None
+        bundle = study_transaction(rec, data, tag=unique_suffix())
+        return created_id(self.fhir.transaction(bundle), "ImagingStudy")
+
+    def reports(self, study_id: str) -> list[dict[str, Any]]:
+        system, value = builders.study_model_identifier(study_id, self.model_version)
+        return list(self.fhir.search_all("DiagnosticReport", {"identifier": f"{system}|{value}"}))
+
+    def task(self, study_id: str) -> dict[str, Any] | None:
+        system, value = builders.task_identifier(study_id)
+        tasks = list(self.fhir.search_all("Task", {"identifier": f"{system}|{value}"}))
+        assert len(tasks) <= 1, "a study must have at most one Task"
+        return tasks[0] if tasks else None
+
+    def jobs(self, status: str | None = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT id, status::text, args->>'study_id' FROM procrastinate_jobs "
+                "WHERE task_name = 'cxr.process_study' ORDER BY id"
+            ).fetchall()
+        return [r for r in rows if status is None or r[1] == status]
+
+    def drained(self) -> bool:
+        return not any(r[1] in ("todo", "doing") for r in self.jobs())
+
+
+@pytest.fixture(scope="module")
+def stack(hapi: Any, database: str, test_settings: Settings) -> Iterator[Stack]:
+    stop_all(test_settings)
+    start_service(test_settings)
+    start_workers(test_settings, 1)
+    s = Stack(test_settings, database)
+    try:
+        yield s
+    finally:
+        stop_all(test_settings)
+        s.fhir.close()
+
+
+def test_study_gets_exactly_one_complete_report(stack: Stack) -> None:
+    study_id = stack.post_study(0)
+    reports = wait_for("a report", lambda: stack.reports(study_id))
+    assert len(reports) == 1
+    report = reports[0]
+    assert report["status"] == "preliminary"
+    assert len(report["result"]) == 14
+    assert "UNTRAINED" in report["conclusion"].upper()
+    observations = list(
+        stack.fhir.search_all("Observation", {"derived-from": f"ImagingStudy/{study_id}"})
+    )
+    assert len(observations) == 14
+    for obs in observations:
+        assert obs["status"] == "preliminary"
+        assert "untrained" in " ".join(n["text"] for n in obs.get("note", [])).lower()
+    device = stack.fhir.read_reference(observations[0]["device"]["reference"])
+    assert "untrained" in str(device.get("version")).lower()
+    provenance = list(
+        stack.fhir.search_all("Provenance", {"target": f"DiagnosticReport/{report['id']}"})
+    )
+    assert len(provenance) == 1
+    assert len(report.get("media", [])) == sum(
+        1 for o in observations if o["interpretation"][0]["coding"][0]["code"] == "POS"
+    )
+    assert stack.task(study_id) is None
+
+
+def test_duplicate_notifications_make_one_report(stack: Stack) -> None:
+    study_id = stack.post_study(1)
+    wait_for("a report", lambda: stack.reports(study_id))
+    study = stack.fhir.read("ImagingStudy", study_id)
+    hook = f"{stack.settings.service_url}/hook/ImagingStudy/{study_id}"
+    headers = {SECRET_HEADER: stack.settings.subscription_secret}
+    with httpx.Client(timeout=10) as http:
+        for _ in range(20):
+            r = http.put(hook, json=study, headers=headers)
+            assert r.status_code == 200, r.text
+    stack.fhir.update(study)  # unchanged re-PUT: HAPI makes no new version
+    wait_for("the queue to drain", stack.drained)
+    time.sleep(2)
+    wait_for("the queue to drain", stack.drained)
+    assert len(stack.reports(study_id)) == 1
+
+
+def test_wrong_or_missing_secret_is_refused_and_queues_nothing(stack: Stack) -> None:
+    study_id = stack.post_study(2, image=None)
+    study = stack.fhir.read("ImagingStudy", study_id)
+    wait_for("the queue to drain", stack.drained)
+    before = len(stack.jobs())
+    hook = f"{stack.settings.service_url}/hook/ImagingStudy/{study_id}"
+    with httpx.Client(timeout=10) as http:
+        missing = http.put(hook, json=study)
+        wrong = http.put(hook, json=study, headers={SECRET_HEADER: "not-the-secret"})
+    assert missing.status_code == 401
+    assert wrong.status_code == 401
+    assert wrong.json()["resourceType"] == "OperationOutcome"
+    assert len(stack.jobs()) == before
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("corrupt", "not a decodable"),
+        ("no-media", "no pixels"),
+        ("endpoint", "DICOMweb"),
+    ],
+)
+def test_bad_input_gives_one_failed_task(stack: Stack, kind: str, expected: str) -> None:
+    if kind == "corrupt":
+        study_id = stack.post_study(3, image=b"\x89PNG\r\n\x1a\n this is not really a png")
+    elif kind == "no-media":
+        study_id = stack.post_study(4, image=None)
+    else:
+        endpoint = stack.fhir.create(
+            {
+                "resourceType": "Endpoint",
+                "status": "active",
+                "connectionType": {
+                    "system": "http://terminology.hl7.org/CodeSystem/endpoint-connection-type",
+                    "code": "dicom-wado-rs",
+                },
+                "payloadType": [{"text": "DICOM"}],
+                "address": "https://pacs.example.org/dicomweb",
+            }
+        )
+        study_id = stack.post_study(5, image=None)
+        study = stack.fhir.read("ImagingStudy", study_id)
+        study["endpoint"] = [{"reference": f"Endpoint/{endpoint['id']}"}]
+        stack.fhir.update(study)
+    task = wait_for(
+        "a failed Task",
+        lambda: (t := stack.task(study_id)) and t["status"] == "failed" and t,
+    )
+    assert task["focus"]["reference"].startswith(f"ImagingStudy/{study_id}")
+    assert expected.lower() in task["statusReason"]["text"].lower()
+    assert not stack.reports(study_id)
+    # The worker keeps serving: a good study right after still gets its report.
+    good = stack.post_study(6)
+    wait_for("a report after a failure", lambda: stack.reports(good))
+    assert stack.task(study_id) is not None  # still exactly one Task (checked in .task)
+
+
+def test_studies_posted_while_service_down_are_swept(stack: Stack) -> None:
+    stack_settings = stack.settings
+    from fhir_service.stack import service_process
+
+    service_process(stack_settings).stop()
+    ids = [stack.post_study(7 + i) for i in range(3)]
+    time.sleep(3)
+    start_service(stack_settings)
+    result = run_sweep(stack_settings)
+    assert result.seen >= 3
+    for sid in ids:
+        wait_for(f"a report for {sid}", lambda sid=sid: stack.reports(sid))
+    wait_for("the queue to drain", stack.drained)
+    for sid in ids:
+        assert len(stack.reports(sid)) == 1
+
+
+def test_worker_killed_mid_job_still_gives_one_report(stack: Stack) -> None:
+    proc = worker_process(stack.settings, 0)
+    wait_for("the queue to drain", stack.drained)
+    study_id = stack.post_study(10)
+    doing = wait_for(
+        "the job to start",
+        lambda: [r for r in stack.jobs("doing") if r[2] == study_id],
+        timeout_s=60,
+    )
+    pid = proc.pid()
+    assert pid is not None
+    os.killpg(pid, signal.SIGKILL)
+    proc.stop()  # clears the pid file of the dead process
+    still = [r for r in stack.jobs() if r[0] == doing[0][0]]
+    killed_mid_job = still and still[0][1] == "doing"
+    start_workers(stack.settings, 1)
+    wait_for("a report after the kill", lambda: stack.reports(study_id), timeout_s=180)
+    wait_for("the queue to drain", stack.drained, timeout_s=120)
+    assert len(stack.reports(study_id)) == 1
+    assert killed_mid_job, "the worker finished before it was killed; the test proved nothing"
