@@ -11,13 +11,17 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from cxr_errors import CxrError
-from fhir_service.api import health, hook
+from fhir_service.api import health, hook, metadata, similar
 from fhir_service.database import database_url
 from fhir_service.fhir_client import FhirClient
 from fhir_service.outcome import cxr_error_handler, validation_error_handler
 from fhir_service.settings import Settings
+from fhir_service.similar import LazyEncoder, SimilarService
+from subscriptions.analyzer import ModelQueryEncoder, model_version_for
 from subscriptions.bootstrap import ensure_subscription
 from subscriptions.queue import apply_schema, make_app
+from vector_store.migrate import migrate
+from vector_store.store import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,14 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         app.state.settings = settings
         app.state.fhir = FhirClient(settings.fhir_base_url, timeout=10)
         app.state.queue = queue
+        store = VectorStore(dsn)
+        await asyncio.to_thread(migrate, dsn)
+        app.state.similar = SimilarService(
+            fhir=app.state.fhir,
+            store=store,
+            model_version=await asyncio.to_thread(model_version_for, settings),
+            encoder=LazyEncoder(lambda: ModelQueryEncoder(settings)),
+        )
         async with queue.open_async():
             if bootstrap_subscription:
                 sub = await asyncio.to_thread(
@@ -42,10 +54,13 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
                 log.info("Subscription/%s is %s", sub["id"], sub["status"])
             yield
         app.state.fhir.close()
+        store.close()
 
     app = FastAPI(title="cxr-fhir", version="0.1.0", lifespan=lifespan)
     app.add_exception_handler(CxrError, cxr_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(hook.router)
     app.include_router(health.router)
+    app.include_router(similar.router)
+    app.include_router(metadata.router)
     return app

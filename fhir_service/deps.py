@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from fhir_service.fhir_client import FhirClient
 from fhir_service.settings import Settings
+from fhir_service.similar import SimilarService
 
 
 def _settings(request: Request) -> Settings:
@@ -26,6 +27,12 @@ def _queue(request: Request) -> procrastinate.App:
     return queue
 
 
+def _similar(request: Request) -> SimilarService:
+    service: SimilarService = request.app.state.similar
+    return service
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 FhirDep = Annotated[FhirClient, Depends(_fhir)]
 QueueDep = Annotated[procrastinate.App, Depends(_queue)]
+SimilarDep = Annotated[SimilarService, Depends(_similar)]

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cxr_errors import ConfigError
+import numpy as np
+import numpy.typing as npt
+
 from fhir_service.settings import Settings
 from models.classifier import Classifier
 from models.clip import ClipEncoder, load_clip
 from models.heatmap import overlay_png
-from models.registry import UNTRAINED, load_classifier, resolve_weights
+from models.registry import load_classifier, resolve_weights
 from subscriptions.pipeline import AnalyzedImage
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,12 @@ def _onnx_cache(settings: Settings) -> Path:
 
 
 def build_analyzer(settings: Settings) -> ModelAnalyzer:
-    """Load the models named by settings; refuses to guess (no silent untrained fallback)."""
-    if settings.model_weights != UNTRAINED and settings.clip_weights == UNTRAINED:
-        raise ConfigError("CLIP is untrained but the classifier is not: set both or neither")
-    classifier = load_classifier(
+    """Load the models named by settings; missing weights fail here, never fall back."""
+    return ModelAnalyzer(build_classifier(settings), build_clip(settings))
+
+
+def build_classifier(settings: Settings) -> Classifier:
+    return load_classifier(
         settings.model_weights,
         cache_dir=settings.weights_cache_dir,
         weights_sha256=settings.weights_sha256,
@@ -59,7 +63,10 @@ def build_analyzer(settings: Settings) -> ModelAnalyzer:
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
     )
-    clip = load_clip(
+
+
+def build_clip(settings: Settings) -> ClipEncoder:
+    return load_clip(
         settings.clip_model,
         settings.clip_pretrained,
         settings.clip_weights,
@@ -67,7 +74,6 @@ def build_analyzer(settings: Settings) -> ModelAnalyzer:
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
     )
-    return ModelAnalyzer(classifier, clip)
 
 
 def model_version_for(settings: Settings) -> str:
@@ -85,3 +91,27 @@ def model_version_for(settings: Settings) -> str:
         if not calibration.is_identity:
             version = f"{version}+{calibration.version}"
     return version
+
+
+class ModelQueryEncoder:
+    """Embeds ``$similar`` queries that are not stored studies: text (CLIP) or an image."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._clip: ClipEncoder | None = None
+        self._classifier: Classifier | None = None
+
+    def _clip_encoder(self) -> ClipEncoder:
+        if self._clip is None:
+            self._clip = build_clip(self._settings)
+        return self._clip
+
+    def text(self, text: str) -> npt.NDArray[np.float32]:
+        return np.asarray(self._clip_encoder().embed_texts([text])[0], dtype=np.float32)
+
+    def image(self, data: bytes, space: str) -> npt.NDArray[np.float32]:
+        if space == "clip":
+            return np.asarray(self._clip_encoder().embed_images([data])[0], dtype=np.float32)
+        if self._classifier is None:
+            self._classifier = build_classifier(self._settings)
+        return self._classifier.analyze([data])[0].features

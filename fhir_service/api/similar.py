@@ -1,0 +1,60 @@
+"""``$similar`` at ``{service}/fhir``: instance level (by study) and type level (text, image)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from cxr_errors import InputError
+from fhir_service.deps import SettingsDep, SimilarDep
+from fhir_service.outcome import fhir_response
+from fhir_service.similar import params_from_resource, parse_query
+
+router = APIRouter(prefix="/fhir", tags=["$similar"])
+
+
+async def _inputs(request: Request) -> tuple[dict[str, str], bytes | None, str]:
+    params = dict(request.query_params)
+    if request.method == "POST":
+        raw = await request.body()
+        if raw:
+            try:
+                body: Any = json.loads(raw)
+            except ValueError as exc:
+                raise InputError(f"the POST body is not JSON: {exc}") from exc
+            flat, image, image_type = params_from_resource(body)
+            clash = set(flat) & set(params)
+            if clash:
+                raise InputError(f"parameter(s) given twice: {sorted(clash)}")
+            return {**params, **flat}, image, image_type
+    return params, None, ""
+
+
+def _base(request: Request, settings: SettingsDep) -> str:
+    return f"{settings.service_url}/fhir"
+
+
+@router.api_route("/ImagingStudy/{study_id}/$similar", methods=["GET", "POST"])
+async def similar_to_study(
+    study_id: str, request: Request, settings: SettingsDep, service: SimilarDep
+) -> JSONResponse:
+    params, image, _ = await _inputs(request)
+    if image is not None:
+        raise InputError("instance-level $similar takes no image; POST to ImagingStudy/$similar")
+    query = parse_query(params, study_id=study_id)
+    bundle = await run_in_threadpool(service.run, query, _base(request, settings))
+    return fhir_response(bundle)
+
+
+@router.api_route("/ImagingStudy/$similar", methods=["GET", "POST"])
+async def similar_by_text_or_image(
+    request: Request, settings: SettingsDep, service: SimilarDep
+) -> JSONResponse:
+    params, image, image_type = await _inputs(request)
+    query = parse_query(params, image=image, image_type=image_type)
+    bundle = await run_in_threadpool(service.run, query, _base(request, settings))
+    return fhir_response(bundle)

@@ -1,0 +1,254 @@
+"""The ``$similar`` operation: parameters, query embedding, k-NN, and the searchset Bundle.
+
+Framework-free so that the HTTP routes, the CLI and the tests share one implementation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from cxr_errors import InputError
+from fhir_service.builders import TERMINOLOGY
+from fhir_service.fhir_client import FhirClient
+from vector_store.store import MAX_K, SearchFilters, VectorStore
+
+MAX_TEXT = 1000
+DEFAULT_COUNT = 10
+_GENDERS = {"male", "female", "other", "unknown"}
+_VIEWS = {"PA", "AP", "LL"}
+_IMAGE_TYPES = ("image/png", "image/jpeg", "application/dicom")
+
+
+class Unprocessable(InputError):
+    """The study exists but has no embedding to search with."""
+
+    http_status = 422
+    issue_code = "processing"
+
+
+class QueryEncoder(Protocol):
+    """Embeds a query that is not a stored study (text or an image)."""
+
+    def text(self, text: str) -> npt.NDArray[np.float32]: ...
+
+    def image(self, data: bytes, space: str) -> npt.NDArray[np.float32]: ...
+
+
+@dataclass(frozen=True)
+class SimilarQuery:
+    study_id: str | None
+    text: str | None
+    image: bytes | None
+    count: int
+    space: Literal["clip", "densenet"]
+    exclude_same_patient: bool
+    gender: str | None
+    view_position: str | None
+    age_min: int | None
+    age_max: int | None
+    finding: str | None
+
+
+def _finding_label(token: str) -> str:
+    """Accept the NIH label (any case), a code (SNOMED/DCM/RadLex) or ``system|code``."""
+    system, _, code = token.rpartition("|")
+    for label, fc in TERMINOLOGY.findings.items():
+        if not system and code.lower().replace(" ", "_") == label.lower():
+            return label
+        for coding in fc.codings:
+            if coding["code"] == code and (not system or coding["system"] == system):
+                return label
+    known = ", ".join(TERMINOLOGY.findings)
+    raise InputError(f"unknown finding {token!r}; use one of {known} or one of their codes")
+
+
+def _int(name: str, raw: str | None, lo: int, hi: int) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise InputError(f"{name} must be an integer, got {raw!r}") from exc
+    if not lo <= value <= hi:
+        raise InputError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _bool(name: str, raw: str | None) -> bool:
+    if raw is None or raw == "":
+        return False
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    raise InputError(f"{name} must be true or false, got {raw!r}")
+
+
+def params_from_resource(body: Mapping[str, Any]) -> tuple[dict[str, str], bytes | None, str]:
+    """Flatten a ``Parameters`` body: primitive values as strings, plus the image attachment."""
+    if body.get("resourceType") != "Parameters":
+        raise InputError("the POST body must be a FHIR Parameters resource")
+    flat: dict[str, str] = {}
+    image: bytes | None = None
+    image_type = ""
+    for p in body.get("parameter", []):
+        name = p.get("name")
+        if name == "image":
+            att = p.get("valueAttachment")
+            if not isinstance(att, dict) or not att.get("data"):
+                raise InputError("parameter 'image' must be an Attachment with inline data")
+            image_type = str(att.get("contentType", ""))
+            try:
+                image = base64.b64decode(att["data"], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InputError(f"image data is not valid base64: {exc}") from exc
+            continue
+        values = [v for k, v in p.items() if k.startswith("value")]
+        if len(values) != 1 or isinstance(values[0], dict | list):
+            raise InputError(f"parameter {name!r} must have one primitive value")
+        flat[str(name)] = str(values[0]).lower() if isinstance(values[0], bool) else str(values[0])
+    return flat, image, image_type
+
+
+def parse_query(
+    params: Mapping[str, str],
+    *,
+    study_id: str | None = None,
+    image: bytes | None = None,
+    image_type: str = "",
+) -> SimilarQuery:
+    allowed = {
+        "count", "space", "exclude-same-patient", "gender", "view-position",
+        "age-min", "age-max", "finding", "text",
+    }  # fmt: skip
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise InputError(f"unknown parameter(s) {', '.join(unknown)}; allowed: {sorted(allowed)}")
+    count = _int("count", params.get("count"), 1, MAX_K) or DEFAULT_COUNT
+    space = params.get("space") or "clip"
+    if space not in ("clip", "densenet"):
+        raise InputError(f"space must be 'clip' or 'densenet', got {space!r}")
+    text = params.get("text")
+    if text is not None:
+        text = text.strip()
+        if not text:
+            raise InputError("text must not be empty")
+        if len(text) > MAX_TEXT:
+            raise InputError(f"text is {len(text)} characters; the limit is {MAX_TEXT}")
+        if space != "clip":
+            raise InputError("a text query needs space=clip (DenseNet features have no text)")
+    if image is not None and image_type and not image_type.startswith(_IMAGE_TYPES):
+        raise InputError(f"image contentType {image_type!r} is not one of {_IMAGE_TYPES}")
+    given = sum(x is not None for x in (study_id, text, image))
+    if given != 1:
+        raise InputError("give exactly one of: a study (instance level), text, or image")
+    gender = params.get("gender") or None
+    if gender is not None and gender not in _GENDERS:
+        raise InputError(f"gender must be one of {sorted(_GENDERS)}, got {gender!r}")
+    view = params.get("view-position") or None
+    if view is not None and view.upper() not in _VIEWS:
+        raise InputError(f"view-position must be one of {sorted(_VIEWS)}, got {view!r}")
+    age_min = _int("age-min", params.get("age-min"), 0, 150)
+    age_max = _int("age-max", params.get("age-max"), 0, 150)
+    if age_min is not None and age_max is not None and age_min > age_max:
+        raise InputError(f"age-min {age_min} is greater than age-max {age_max}")
+    finding = params.get("finding")
+    return SimilarQuery(
+        study_id=study_id,
+        text=text,
+        image=image,
+        count=count,
+        space=space,  # type: ignore[arg-type]
+        exclude_same_patient=_bool("exclude-same-patient", params.get("exclude-same-patient")),
+        gender=gender,
+        view_position=view.upper() if view else None,
+        age_min=age_min,
+        age_max=age_max,
+        finding=_finding_label(finding) if finding else None,
+    )
+
+
+class LazyEncoder:
+    """Loads the query encoder on first use (CLIP costs ~1 s and ~0.5 GB), once."""
+
+    def __init__(self, factory: Callable[[], QueryEncoder]) -> None:
+        self._factory = factory
+        self._encoder: QueryEncoder | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> QueryEncoder:
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = self._factory()
+            return self._encoder
+
+
+@dataclass
+class SimilarService:
+    fhir: FhirClient
+    store: VectorStore
+    model_version: str
+    encoder: LazyEncoder
+
+    def run(self, q: SimilarQuery, base_url: str) -> dict[str, Any]:
+        exclude_patient: str | None = None
+        exclude_study: str | None = None
+        if q.study_id is not None:
+            study = self.fhir.read("ImagingStudy", q.study_id)  # NotFoundError → 404
+            record = self.store.get(q.study_id, self.model_version)
+            vector = record.vector(q.space) if record is not None else None
+            if vector is None:
+                raise Unprocessable(
+                    f"ImagingStudy/{q.study_id} has no {q.space} embedding for model "
+                    f"{self.model_version} (not processed yet, or processing failed)"
+                )
+            exclude_study = q.study_id
+            if q.exclude_same_patient:
+                exclude_patient = study.get("subject", {}).get("reference", "").split("/")[-1]
+        elif q.text is not None:
+            vector = self.encoder.get().text(q.text)
+        else:
+            assert q.image is not None
+            vector = self.encoder.get().image(q.image, q.space)
+        filters = SearchFilters(
+            exclude_patient=exclude_patient or None,
+            exclude_study=exclude_study,
+            gender=q.gender,
+            view_position=q.view_position,
+            age_min=q.age_min,
+            age_max=q.age_max,
+            finding=q.finding,
+        )
+        hits = self.store.search(
+            vector, space=q.space, k=q.count, model_version=self.model_version, filters=filters
+        )
+        return self._bundle([(h.study_id, h.score) for h in hits], base_url)
+
+    def _bundle(self, hits: Sequence[tuple[str, float]], base_url: str) -> dict[str, Any]:
+        studies: dict[str, dict[str, Any]] = {}
+        if hits:
+            ids = ",".join(sid for sid, _ in hits)
+            found = self.fhir.search("ImagingStudy", {"_id": ids, "_count": str(len(hits))})
+            for entry in found.get("entry", []):
+                studies[entry["resource"]["id"]] = entry["resource"]
+        entries = [
+            {
+                "fullUrl": f"{base_url}/ImagingStudy/{sid}",
+                "resource": studies[sid],
+                "search": {"mode": "match", "score": round(score, 6)},
+            }
+            for sid, score in hits
+            if sid in studies  # a study deleted from HAPI since it was embedded
+        ]
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(entries),
+            "entry": entries,
+        }
