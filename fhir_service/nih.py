@@ -240,7 +240,14 @@ def study_transaction(
                 "title": rec_t.image_index,
             },
         }
-        entries.append({"resource": media, "request": {"method": "POST", "url": "Media"}})
+        media_urn = f"urn:uuid:{uuid.uuid5(DICOM_UID_ROOT, 'media:' + rec_t.image_index)}"
+        entries.append(
+            {
+                "fullUrl": media_urn,
+                "resource": media,
+                "request": {"method": "POST", "url": "Media"},
+            }
+        )
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 

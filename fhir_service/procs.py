@@ -22,6 +22,11 @@ from cxr_errors import ServiceError
 
 log = logging.getLogger(__name__)
 
+#: Children started by this process. They are meant to outlive the Popen object (they are
+#: tracked by pid file), but a Popen garbage-collected while its child runs warns; keeping it
+#: here also lets ``stop`` reap the child instead of leaving a zombie.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
 
 @dataclass(frozen=True)
 class ManagedProcess:
@@ -51,6 +56,9 @@ class ManagedProcess:
                 return pid
         except psutil.NoSuchProcess:
             pass
+        child = _CHILDREN.pop(pid, None)
+        if child is not None:
+            child.wait(timeout=10)  # reap our own dead child
         self.pid_file.unlink(missing_ok=True)
         return None
 
@@ -77,6 +85,7 @@ class ManagedProcess:
                 cwd=cwd,
                 start_new_session=True,
             )
+        _CHILDREN[proc.pid] = proc
         self.pid_file.write_text(str(proc.pid))
         log.info("started %s pid=%s log=%s", self.name, proc.pid, self.log_file)
         return proc.pid
@@ -120,6 +129,9 @@ class ManagedProcess:
             psutil.Process(pid).wait(timeout=10)
         except psutil.NoSuchProcess:
             pass
+        child = _CHILDREN.pop(pid, None)
+        if child is not None:
+            child.wait(timeout=10)
         self.pid_file.unlink(missing_ok=True)
         return True
 

@@ -76,15 +76,53 @@ class Settings(BaseSettings):
         description="torchxrayvision cache dir; default ~/.torchxrayvision/models_data",
     )
     weights_sha256: str | None = None
-    calibration_file: Path | None = None
+    weights_download: bool = Field(
+        default=True, description="let torchxrayvision download missing weights into the cache dir"
+    )
+    calibration_file: Path | None = Field(
+        default=None,
+        description="file from `cxr calibrate`; default "
+        "{data_dir}/models/calibration-<weights>.json when it exists",
+    )
+    model_backend: Literal["onnx", "torch"] = Field(
+        default="onnx", description="onnx = ONNX Runtime (serving); torch = the eager reference"
+    )
+    model_cache_dir: Path | None = Field(
+        default=None,
+        description="exported ONNX graphs and CLIP prompt embeddings; default {data_dir}/models",
+    )
+    model_threads: int | None = Field(default=None, description="CPU threads; default torch's")
+    model_batch_size: int = 16
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "laion2b_s34b_b79k"
     clip_weights: str | None = Field(
         default=None, description="path to CLIP weights, or 'untrained'; default the pretrained tag"
     )
+    clip_sha256: str | None = None
+    clip_backend: Literal["onnx", "torch"] = "onnx"
+    clip_offline: bool | None = Field(
+        default=None, description="None = probe the model hub once; true skips it (HF_HUB_OFFLINE)"
+    )
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     tta: bool = Field(default=True, description="test-time augmentation for the confidence band")
+
+    @property
+    def model_cache_path(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
+
+    @property
+    def default_calibration_file(self) -> Path:
+        """Where `cxr calibrate` writes and the loader looks when calibration_file is unset."""
+        stem = Path(self.model_weights).stem if "/" in self.model_weights else self.model_weights
+        return self.model_cache_path / f"calibration-{stem}.json"
+
+    @property
+    def resolved_calibration_file(self) -> Path | None:
+        if self.calibration_file is not None:
+            return self.calibration_file
+        default = self.default_calibration_file
+        return default if default.is_file() else None
 
     @model_validator(mode="after")
     def _refuse_default_secret_in_prod(self) -> Settings:

@@ -67,3 +67,27 @@ class ImageAnalysis:
             if f.finding == name:
                 return f
         raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ZeroShotTag:
+    """One finding's CLIP zero-shot tag for one image."""
+
+    finding: str
+    score: float
+    """softmax over (finding prompts, 'no finding' prompts) at CLIP's logit scale, in [0, 1]"""
+    similarity: float
+    """cosine similarity of the image to the finding's mean prompt embedding"""
+
+
+@dataclass(frozen=True)
+class ClipAnalysis:
+    """CLIP's view of one image: a normalised embedding and zero-shot tags."""
+
+    embedding: npt.NDArray[np.float32]
+    """[512] L2-normalised image embedding"""
+    tags: tuple[ZeroShotTag, ...]
+    """one per finding, highest score first"""
+    model_version: str
+    """contains 'untrained' when so"""
+    untrained: bool

@@ -16,6 +16,7 @@ from fhir_service.settings import Settings
 from models.classifier import Classifier
 from models.clip import ClipEncoder, load_clip
 from models.heatmap import overlay_png
+from models.preprocess import decode_image
 from models.registry import load_classifier, resolve_weights
 from subscriptions.pipeline import AnalyzedImage
 
@@ -32,7 +33,10 @@ class ModelAnalyzer:
         return self.classifier.model_version
 
     def analyze(self, data: bytes, name: str) -> AnalyzedImage:
-        decoded = self.classifier.preprocess.decode(data)
+        pre = self.classifier.preprocess
+        decoded = decode_image(
+            data, max_bytes=pre.max_image_bytes, max_pixels=pre.max_image_pixels, name=name
+        )
         analysis = self.classifier.analyze([decoded])[0]
         heatmaps = {
             f.finding: overlay_png(decoded, analysis.cams[k])

@@ -13,13 +13,15 @@ Keys, written down once:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import procrastinate
 from procrastinate import RetryStrategy
-from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
+from procrastinate.jobs import Status
 
 from cxr_errors import FhirUnavailableError, StoreError
 
@@ -74,11 +76,16 @@ def study_lock(study_id: str) -> str:
 def register_tasks(
     app: procrastinate.App,
     process: Callable[[bool, str, str], Any],
-    reconcile: Callable[[], Any] | None = None,
+    reconcile: Callable[[Callable[[str, str], bool]], Any] | None = None,
     *,
-    reconcile_cron: str = "*/30 * * * * *",
+    reconcile_cron: str = "* * * * * */30",
 ) -> None:
-    """Register the worker-side implementations on ``app``."""
+    """Register the worker-side implementations on ``app``.
+
+    ``reconcile(enqueue)`` runs in a thread; ``enqueue(study_id, version_id)`` queues through
+    the worker's own (async) connection, since a sync defer is not allowed inside a worker.
+    Crons have a sixth field for seconds (croniter puts it last).
+    """
 
     def _process(context: procrastinate.JobContext, study_id: str, version_id: str) -> Any:
         # The last attempt turns a transient failure into a failed Task visible in FHIR.
@@ -89,8 +96,16 @@ def register_tasks(
     app.task(name=PROCESS_TASK, queue=QUEUE, retry=RETRY, pass_context=True)(_process)
     if reconcile is not None:
 
-        def _reconcile(timestamp: int) -> None:
-            reconcile()
+        async def _reconcile(timestamp: int) -> None:
+            loop = asyncio.get_running_loop()
+
+            def enqueue(study_id: str, version_id: str) -> bool:
+                future = asyncio.run_coroutine_threadsafe(
+                    enqueue_study(app, study_id, version_id), loop
+                )
+                return future.result(timeout=60)
+
+            await asyncio.to_thread(reconcile, enqueue)
 
         app.periodic(cron=reconcile_cron, periodic_id="sweep")(
             app.task(name=RECONCILE_TASK, queue=QUEUE, queueing_lock="reconcile")(_reconcile)
@@ -101,10 +116,16 @@ def register_tasks(
         # because of the per-study lock, blocks that study. Heartbeats tell us it is dead.
         stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=30)
         for job in stalled:
-            log.warning("retrying stalled job %s (%s)", job.id, job.task_name)
-            await app.job_manager.retry_job(job)
+            try:
+                await app.job_manager.retry_job(job)
+                log.warning("retrying stalled job %s (%s)", job.id, job.task_name)
+            except UniqueViolation:
+                # The sweep already queued the same study version again; that copy will do
+                # the work once this one releases the study lock.
+                await app.job_manager.finish_job(job, Status.ABORTED, delete_job=False)
+                log.warning("stalled job %s superseded by a queued duplicate", job.id)
 
-    app.periodic(cron="*/15 * * * * *", periodic_id="stalled")(
+    app.periodic(cron="* * * * * */15", periodic_id="stalled")(
         app.task(name=STALLED_TASK, queue=QUEUE, queueing_lock="stalled")(_retry_stalled)
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 
 from fhir_service.database import database_url
@@ -40,14 +41,8 @@ def run_worker(settings: Settings, *, concurrency: int = 1) -> None:
         log.info("ImagingStudy/%s v%s: %s", study_id, version_id, outcome)
         return outcome
 
-    def reconcile() -> None:
-        with app.open():
-            sweep(
-                fhir,
-                dsn,
-                analyzer.model_version,
-                lambda sid, ver: enqueue_study_sync(app, sid, ver),
-            )
+    def reconcile(enqueue: Callable[[str, str], bool]) -> None:
+        sweep(fhir, dsn, analyzer.model_version, enqueue)
 
     register_tasks(app, process, reconcile)
     app.run_worker(queues=[QUEUE], concurrency=concurrency, install_signal_handlers=True, wait=True)

@@ -1,9 +1,250 @@
-"""``cxr infer`` and ``cxr calibrate``. (Being written.)"""
+"""``cxr infer`` and ``cxr calibrate``: settings wired into ``models``, results presented."""
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import typer
+from rich.table import Table
+
+from cxr_errors import CxrError, InputError
+from fhir_service.cli._common import cli_errors, console, err_console
+from fhir_service.settings import Settings
+
+__all__ = ["register"]
+
+_NO_FINDING = "No Finding"
+
+
+def _classifier(settings: Settings, *, tta: bool | None = None, calibrated: bool = True) -> Any:
+    from models.registry import load_classifier
+
+    return load_classifier(
+        settings.model_weights,
+        cache_dir=settings.weights_cache_dir,
+        weights_sha256=settings.weights_sha256,
+        allow_download=settings.weights_download,
+        calibration_file=settings.resolved_calibration_file if calibrated else None,
+        backend=settings.model_backend,
+        onnx_cache_dir=settings.model_cache_path / "onnx",
+        tta=settings.tta if tta is None else tta,
+        num_threads=settings.model_threads,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+def _clip(settings: Settings) -> Any:
+    from models.clip import load_clip
+
+    return load_clip(
+        settings.clip_model,
+        settings.clip_pretrained,
+        settings.clip_weights,
+        weights_sha256=settings.clip_sha256,
+        cache_dir=settings.model_cache_path / "clip",
+        backend=settings.clip_backend,
+        offline=settings.clip_offline,
+        num_threads=settings.model_threads,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def infer(
+    images: list[Path] = typer.Argument(..., help="PNG, JPEG or DICOM files."),
+    out: Path = typer.Option(Path("cxr-out"), "--out", help="Directory for the overlay PNGs."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    all_overlays: bool = typer.Option(
+        False, "--all-overlays", help="Write all 14 overlays (default: flagged findings + top 1)."
+    ),
+    clip: bool = typer.Option(False, "--clip", help="Add CLIP zero-shot tags."),
+) -> None:
+    """Score chest X-rays: calibrated probability, band and flag per finding; write CAM overlays."""
+    from models.heatmap import overlay_png
+
+    settings = Settings()
+    with cli_errors():
+        classifier = _classifier(settings)
+        encoder = _clip(settings) if clip else None
+    failed = 0
+    reports: list[dict[str, Any]] = []
+    for path in images:
+        try:
+            decoded = classifier.preprocess.decode(path)
+            analysis = classifier.analyze([decoded])[0]
+            tags = encoder.analyze([decoded])[0].tags if encoder is not None else ()
+            ranked = sorted(
+                range(len(analysis.findings)),
+                key=lambda k: -analysis.findings[k].calibrated_probability,
+            )
+            chosen = [
+                k for k in ranked if all_overlays or analysis.findings[k].positive or k == ranked[0]
+            ]
+            rendered = {
+                analysis.findings[k].finding: overlay_png(decoded, analysis.cams[k]) for k in chosen
+            }
+        except CxrError as exc:
+            failed += 1
+            err_console.print(f"[bold red]error:[/] {exc.message}")
+            continue
+        folder = out / _safe(path.stem)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for finding, png in rendered.items():
+            target = folder / f"{_safe(finding)}.png"
+            target.write_bytes(png)
+            written.append(str(target))
+        reports.append(_report(path, analysis, tags, written))
+        if not as_json:
+            _print_table(path, analysis, tags, written)
+    if as_json:
+        typer.echo(json.dumps(reports, indent=2))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _report(path: Path, analysis: Any, tags: Any, overlays: list[str]) -> dict[str, Any]:
+    return {
+        "image": str(path),
+        "model_version": analysis.model_version,
+        "untrained": analysis.untrained,
+        "findings": [
+            {
+                "finding": f.finding,
+                "logit": f.logit,
+                "sigmoid_score": f.sigmoid_score,
+                "calibrated_probability": f.calibrated_probability,
+                "band_low": f.band_low,
+                "band_high": f.band_high,
+                "threshold": f.threshold,
+                "positive": f.positive,
+            }
+            for f in analysis.findings
+        ],
+        "extra_findings": analysis.extra_findings,
+        "clip_tags": [{"finding": t.finding, "score": t.score} for t in tags],
+        "overlays": overlays,
+    }
+
+
+def _print_table(path: Path, analysis: Any, tags: Any, overlays: list[str]) -> None:
+    title = f"{path.name} — {analysis.model_version}"
+    if analysis.untrained:
+        console.print(
+            "[bold yellow]UNTRAINED MODEL: random weights, these numbers are not findings.[/]"
+        )
+    table = Table(title=title)
+    table.add_column("finding")
+    table.add_column("calibrated probability", justify="right")
+    table.add_column("band (95%)", justify="right")
+    table.add_column("threshold", justify="right")
+    table.add_column("flag")
+    for f in sorted(analysis.findings, key=lambda f: -f.calibrated_probability):
+        table.add_row(
+            f.finding,
+            f"{f.calibrated_probability:.3f}",
+            f"{f.band_low:.3f}–{f.band_high:.3f}",
+            f"{f.threshold:.3f}",
+            "[bold red]FLAG[/]" if f.positive else "",
+        )
+    console.print(table)
+    if tags:
+        top = ", ".join(f"{t.finding} {t.score:.2f}" for t in tags[:3])
+        console.print(f"CLIP tags: {top}")
+    console.print(f"overlays: {', '.join(overlays)}")
+
+
+def _read_labels(labels: Path, images: Path) -> tuple[list[Path], np.ndarray]:
+    from models.types import NIH_FINDINGS
+
+    try:
+        with labels.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise InputError(f"cannot read labels file {labels}: {exc}") from exc
+    if not rows or "file" not in rows[0] or "finding_labels" not in rows[0]:
+        raise InputError(f"{labels}: needs the columns 'file' and 'finding_labels'")
+    paths: list[Path] = []
+    matrix: list[list[float]] = []
+    missing: list[str] = []
+    for row in rows:
+        names = {n.strip() for n in row["finding_labels"].split("|") if n.strip()}
+        unknown = names - set(NIH_FINDINGS) - {_NO_FINDING}
+        if unknown:
+            raise InputError(f"{labels}: {row['file']} has unknown labels {sorted(unknown)}")
+        path = images / row["file"]
+        if not path.is_file():
+            missing.append(row["file"])
+            continue
+        paths.append(path)
+        matrix.append([1.0 if f in names else 0.0 for f in NIH_FINDINGS])
+    if missing:
+        err_console.print(f"[yellow]skipped {len(missing)} listed files not in {images}[/]")
+    if len(paths) < 2:
+        raise InputError(f"{labels}: fewer than 2 labelled images found in {images}")
+    return paths, np.array(matrix)
+
+
+def calibrate(
+    labels: Path = typer.Option(..., "--labels", help="CSV with columns file, finding_labels."),
+    images: Path = typer.Option(..., "--images", help="Directory holding the listed images."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Calibration file; default the one `cxr infer` picks up."
+    ),
+) -> None:
+    """Fit per-class temperature + bias on labelled images; report ECE and Brier before/after."""
+    from models.calibration import fit_calibration
+
+    settings = Settings()
+    with cli_errors():
+        paths, y = _read_labels(labels, images)
+        classifier = _classifier(settings, tta=False, calibrated=False)
+        logits = []
+        batch = settings.model_batch_size
+        for start in range(0, len(paths), batch):
+            x = classifier.prepare(paths[start : start + batch])
+            logits.append(classifier.logits(x))
+        calibration = fit_calibration(
+            np.concatenate(logits),
+            y,
+            weights_name=classifier.loaded.model_version.split("@")[0],
+            weights_sha256=classifier.weights_sha256,
+            meta={"labels": str(labels), "images": str(images)},
+        )
+        target = out or settings.default_calibration_file
+        calibration.save(target)
+    table = Table(title=f"calibration {calibration.version} on {len(paths)} images")
+    for col in ("finding", "n+", "temperature", "bias", "ECE before", "ECE after"):
+        table.add_column(col, justify="left" if col == "finding" else "right")
+    table.add_column("Brier before", justify="right")
+    table.add_column("Brier after", justify="right")
+    for name, fit in calibration.classes.items():
+        table.add_row(
+            name,
+            str(fit.n_positive),
+            f"{fit.temperature:.3f}",
+            f"{fit.bias:+.3f}",
+            f"{fit.ece_before:.4f}",
+            f"{fit.ece_after:.4f}",
+            f"{fit.brier_before:.4f}",
+            f"{fit.brier_after:.4f}",
+        )
+    console.print(table)
+    if classifier.untrained:
+        console.print("[bold yellow]fitted on an UNTRAINED model: for testing only.[/]")
+    console.print(f"wrote {target}")
 
 
 def register(app: typer.Typer) -> None:
     """Add the model commands to the root app."""
+    app.command("infer")(infer)
+    app.command("calibrate")(calibrate)

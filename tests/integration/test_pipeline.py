@@ -159,7 +159,7 @@ def test_wrong_or_missing_secret_is_refused_and_queues_nothing(stack: Stack) -> 
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
-        ("corrupt", "not a decodable"),
+        ("corrupt", "not a recognised image format"),
         ("no-media", "no pixels"),
         ("endpoint", "DICOMweb"),
     ],

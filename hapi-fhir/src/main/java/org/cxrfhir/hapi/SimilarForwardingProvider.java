@@ -1,0 +1,103 @@
+package org.cxrfhir.hapi;
+
+import ca.uhn.fhir.rest.annotation.IdParam;
+import ca.uhn.fhir.rest.annotation.Operation;
+import jakarta.servlet.http.HttpServletRequest;
+import jakarta.servlet.http.HttpServletResponse;
+import org.hl7.fhir.r4.model.IdType;
+import org.slf4j.Logger;
+import org.slf4j.LoggerFactory;
+import org.springframework.stereotype.Component;
+
+import java.io.IOException;
+import java.io.OutputStream;
+import java.net.URI;
+import java.net.http.HttpClient;
+import java.net.http.HttpRequest;
+import java.net.http.HttpResponse;
+import java.nio.charset.StandardCharsets;
+import java.time.Duration;
+
+/**
+ * {@code ImagingStudy/$similar} at HAPI's own base URL: EHR clients know one FHIR endpoint, so
+ * the operation is answered here by forwarding to the cxr-fhir service (which owns the vector
+ * index) and returning its Bundle or OperationOutcome unchanged. If the service is down the
+ * client gets a 503 OperationOutcome at once, not a hang.
+ */
+@Component
+public class SimilarForwardingProvider implements PlainProvider {
+
+	private static final Logger ourLog = LoggerFactory.getLogger(SimilarForwardingProvider.class);
+	private static final String FHIR_JSON = "application/fhir+json";
+
+	private final CxrProperties props;
+	private final HttpClient http =
+			HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(3)).build();
+
+	public SimilarForwardingProvider(CxrProperties props) {
+		this.props = props;
+	}
+
+	@Operation(name = "$similar", typeName = "ImagingStudy", idempotent = true, manualRequest = true,
+			manualResponse = true)
+	public void similarByTextOrImage(HttpServletRequest request, HttpServletResponse response)
+			throws IOException {
+		forward("ImagingStudy/$similar", request, response);
+	}
+
+	@Operation(name = "$similar", typeName = "ImagingStudy", idempotent = true, manualRequest = true,
+			manualResponse = true)
+	public void similarToStudy(@IdParam IdType id, HttpServletRequest request, HttpServletResponse response)
+			throws IOException {
+		forward("ImagingStudy/" + id.getIdPart() + "/$similar", request, response);
+	}
+
+	private void forward(String path, HttpServletRequest request, HttpServletResponse response)
+			throws IOException {
+		String query = request.getQueryString();
+		URI target = URI.create(props.getSimilarServiceUrl().replaceAll("/+$", "") + "/fhir/" + path
+				+ (query == null ? "" : "?" + query));
+		HttpRequest.Builder out = HttpRequest.newBuilder(target)
+				.timeout(Duration.ofSeconds(props.getSimilarTimeoutSeconds()))
+				.header("Accept", FHIR_JSON);
+		if ("POST".equalsIgnoreCase(request.getMethod())) {
+			byte[] body = request.getInputStream().readAllBytes();
+			String type = request.getContentType() == null ? FHIR_JSON : request.getContentType();
+			out.header("Content-Type", type).POST(HttpRequest.BodyPublishers.ofByteArray(body));
+		} else {
+			out.GET();
+		}
+		HttpResponse<byte[]> answer;
+		try {
+			answer = http.send(out.build(), HttpResponse.BodyHandlers.ofByteArray());
+		} catch (IOException e) {
+			ourLog.warn("$similar: service at {} unreachable: {}", props.getSimilarServiceUrl(), e.toString());
+			unavailable(response, "the similar-case service at " + props.getSimilarServiceUrl()
+					+ " is unavailable: " + e.getClass().getSimpleName());
+			return;
+		} catch (InterruptedException e) {
+			Thread.currentThread().interrupt();
+			unavailable(response, "interrupted while waiting for the similar-case service");
+			return;
+		}
+		response.setStatus(answer.statusCode());
+		response.setContentType(answer.headers().firstValue("content-type").orElse(FHIR_JSON));
+		try (OutputStream body = response.getOutputStream()) {
+			body.write(answer.body());
+		}
+	}
+
+	private static void unavailable(HttpServletResponse response, String text) throws IOException {
+		response.setStatus(503);
+		response.setContentType(FHIR_JSON);
+		String json = "{\"resourceType\":\"OperationOutcome\",\"issue\":[{\"severity\":\"error\","
+				+ "\"code\":\"transient\",\"diagnostics\":" + quote(text) + "}]}";
+		try (OutputStream body = response.getOutputStream()) {
+			body.write(json.getBytes(StandardCharsets.UTF_8));
+		}
+	}
+
+	private static String quote(String s) {
+		return "\"" + s.replace("\\", "\\\\").replace("\"", "\\\"") + "\"";
+	}
+}

@@ -1,0 +1,379 @@
+"""CLIP (open_clip) image and text embeddings, and zero-shot tags per finding.
+
+Weights follow the classifier's rules: ``weights=None`` loads the ``pretrained``
+tag (open_clip's hub download), a path loads that file (optionally sha256
+pinned), ``untrained`` is a seeded random model whose outputs say so. Without
+network, open_clip's hub client retries for ~46 s before failing, so
+:func:`load_clip` switches it to offline mode first when the hub is not
+reachable (unless the caller decided with ``offline=``).
+
+Prompt embeddings are computed once per (weights, prompt set) and cached on
+disk: one prompt costs ~43 ms on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxr_errors import ConfigError, ModelError
+from models.onepass import load_or_export, ort_session
+from models.preprocess import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DecodedImage,
+    ImageSource,
+    center_square,
+    decode_image,
+)
+from models.registry import UNTRAINED, UNTRAINED_SEED, BackendName, file_sha256, state_dict_sha256
+from models.types import NIH_FINDINGS, ClipAnalysis, ZeroShotTag
+
+__all__ = [
+    "DEFAULT_CLIP_MODEL",
+    "DEFAULT_CLIP_PRETRAINED",
+    "FINDING_PROMPTS",
+    "NEGATIVE_PROMPTS",
+    "ClipEncoder",
+    "ClipPreprocess",
+    "load_clip",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP_MODEL = "ViT-B-32"
+DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b79k"
+_HUB_HOST = "huggingface.co"
+
+_READABLE = {"Pleural_Thickening": "pleural thickening"}
+
+#: finding → prompts that describe it (their mean embedding is the finding's text vector)
+FINDING_PROMPTS: dict[str, tuple[str, ...]] = {
+    f: (
+        f"a chest x-ray showing {_READABLE.get(f, f.lower())}",
+        f"a chest radiograph with {_READABLE.get(f, f.lower())}",
+    )
+    for f in NIH_FINDINGS
+}
+#: the contrast class every finding is scored against
+NEGATIVE_PROMPTS: tuple[str, ...] = (
+    "a normal chest x-ray",
+    "a chest radiograph with no abnormality",
+)
+
+
+class ClipPreprocess:
+    """Decoded grayscale → CLIP input [3, S, S]: centre square, bicubic resize, mean/std."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size = size
+        self.mean = torch.tensor(list(mean), dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(list(std), dtype=torch.float32)[:, None, None]
+
+    def __call__(self, image: DecodedImage) -> torch.Tensor:
+        top, left, side = center_square(image.height, image.width)
+        square = torch.from_numpy(
+            np.ascontiguousarray(image.pixels[top : top + side, left : left + side])
+        )[None, None]
+        if side != self.size:
+            square = F.interpolate(
+                square, size=(self.size, self.size), mode="bicubic", antialias=True
+            ).clamp_(0.0, 1.0)
+        rgb = square[0].expand(3, -1, -1)  # a radiograph is gray: the same value in R, G, B
+        return (rgb - self.mean) / self.std
+
+
+class _ImageTower(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.visual = model.visual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = self.visual(x)  # type: ignore[operator]
+        return F.normalize(features, dim=-1)
+
+
+class ClipEncoder:
+    """An open_clip model with its preprocessing, tokenizer and cached prompt embeddings."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        preprocess: ClipPreprocess,
+        *,
+        model_version: str,
+        untrained: bool,
+        weights_sha256: str,
+        backend: BackendName = "torch",
+        cache_dir: Path | None = None,
+        num_threads: int | None = None,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.model_version = model_version
+        self.untrained = untrained
+        self.weights_sha256 = weights_sha256
+        self.cache_dir = cache_dir
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.logit_scale = float(getattr(model, "logit_scale", torch.tensor(0.0)).detach().exp())
+        self.tower = _ImageTower(model).eval()
+        self._session: Any = None
+        if backend == "onnx":
+            size = preprocess.size
+            source = load_or_export(
+                self.tower,
+                torch.zeros(1, 3, size, size),
+                ["embedding"],
+                cache_dir=cache_dir,
+                prefix="clip-image",
+                weights_sha256=weights_sha256,
+            )
+            self._session = ort_session(source, num_threads)
+        elif backend != "torch":
+            raise ConfigError(f"unknown CLIP backend {backend!r}: use 'onnx' or 'torch'")
+        self.backend = backend
+        self._finding_vectors, self._negative_vector = self._prompt_vectors()
+
+    # ------------------------------------------------------------ embeddings
+
+    def prepare(self, images: Sequence[DecodedImage | ImageSource]) -> torch.Tensor:
+        decoded = [
+            img
+            if isinstance(img, DecodedImage)
+            else decode_image(img, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+            for img in images
+        ]
+        return torch.stack([self.preprocess(d) for d in decoded])
+
+    def embed_batch(self, x: torch.Tensor) -> npt.NDArray[np.float32]:
+        """[B,3,S,S] preprocessed → [B,512] L2-normalised embeddings."""
+        if self._session is not None:
+            (raw,) = self._session.run(None, {"x": np.ascontiguousarray(x.numpy(), np.float32)})
+            emb: npt.NDArray[np.float32] = np.asarray(raw, dtype=np.float32)
+            return emb
+        with torch.inference_mode():
+            emb = self.tower(x).numpy()
+        return emb
+
+    def embed_images(
+        self, images: Sequence[DecodedImage | ImageSource], *, batch_size: int = 16
+    ) -> npt.NDArray[np.float32]:
+        parts = [
+            self.embed_batch(self.prepare(images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), np.float32)
+
+    def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """[N,512] L2-normalised text embeddings."""
+        with torch.inference_mode():
+            tokens = self.tokenizer(list(texts))
+            out = self.model.encode_text(tokens)  # type: ignore[operator]
+            return F.normalize(out, dim=-1).numpy().astype(np.float32)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self._negative_vector.shape[0])
+
+    # ------------------------------------------------------------ tags
+
+    def _prompt_vectors(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        prompts = [p for f in NIH_FINDINGS for p in FINDING_PROMPTS[f]] + list(NEGATIVE_PROMPTS)
+        key = hashlib.sha256(json.dumps([self.weights_sha256, prompts]).encode()).hexdigest()[:24]
+        path = self.cache_dir / f"clip-prompts-{key}.npy" if self.cache_dir else None
+        emb: npt.NDArray[np.float32] | None = None
+        if path is not None and path.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                emb = np.load(path)
+        if emb is None or emb.shape[0] != len(prompts):
+            emb = self.embed_texts(prompts)
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp.npy")
+                    np.save(tmp, emb)
+                    os.replace(tmp, path)
+        per = len(FINDING_PROMPTS[NIH_FINDINGS[0]])
+        findings = emb[: per * len(NIH_FINDINGS)].reshape(len(NIH_FINDINGS), per, -1).mean(axis=1)
+        negative = emb[per * len(NIH_FINDINGS) :].mean(axis=0)
+        norm = np.linalg.norm
+        return (
+            (findings / norm(findings, axis=1, keepdims=True)).astype(np.float32),
+            (negative / norm(negative)).astype(np.float32),
+        )
+
+    def tags(self, embeddings: npt.NDArray[np.float32]) -> list[tuple[ZeroShotTag, ...]]:
+        sims = embeddings @ self._finding_vectors.T  # [B,14]
+        neg = embeddings @ self._negative_vector  # [B]
+        # two-way softmax at CLIP's own temperature: finding prompts vs normal prompts
+        scores = 1.0 / (1.0 + np.exp(-self.logit_scale * (sims - neg[:, None])))
+        out = []
+        for i in range(embeddings.shape[0]):
+            tags = [
+                ZeroShotTag(finding=f, score=float(scores[i, k]), similarity=float(sims[i, k]))
+                for k, f in enumerate(NIH_FINDINGS)
+            ]
+            out.append(tuple(sorted(tags, key=lambda t: -t.score)))
+        return out
+
+    def analyze(
+        self, images: Sequence[DecodedImage | ImageSource], *, batch_size: int = 16
+    ) -> list[ClipAnalysis]:
+        emb = self.embed_images(images, batch_size=batch_size)
+        return [
+            ClipAnalysis(
+                embedding=emb[i],
+                tags=tags,
+                model_version=self.model_version,
+                untrained=self.untrained,
+            )
+            for i, tags in enumerate(self.tags(emb))
+        ]
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    try:
+        with socket.create_connection((_HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _set_hub_offline() -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE at import; patch the constant too in
+    # case it was imported already. A value the user set is left alone.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.environ["HF_HUB_OFFLINE"].lower() in ("1", "true", "yes", "on"):
+        with contextlib.suppress(ImportError):
+            import huggingface_hub.constants as hf_constants
+
+            hf_constants.HF_HUB_OFFLINE = True
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    # open_clip logs "Model initialized randomly" at WARNING on the root logger;
+    # in untrained mode that is the point, and our version string says so.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def load_clip(
+    model_name: str = DEFAULT_CLIP_MODEL,
+    pretrained: str = DEFAULT_CLIP_PRETRAINED,
+    weights: str | None = None,
+    *,
+    weights_sha256: str | None = None,
+    hub_cache_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    backend: BackendName = "torch",
+    offline: bool | None = None,
+    num_threads: int | None = None,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> ClipEncoder:
+    """Load an open_clip model with its preprocessing and prompt vectors.
+
+    ``weights``: None (the ``pretrained`` tag), a file path, or ``untrained``.
+    ``cache_dir``: where prompt embeddings and the ONNX image tower are cached.
+    ``offline``: None probes the hub once; True/False decide.
+    """
+    untrained = weights == UNTRAINED
+    if untrained or weights is not None:
+        offline = True if offline is None else offline
+    if offline is None:
+        offline = not _hub_reachable()
+    if offline:
+        _set_hub_offline()
+    import open_clip
+
+    if weights is not None and not untrained:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"CLIP weights file {path} does not exist (CXR_CLIP_WEIGHTS); give a path to an "
+                "open_clip checkpoint, unset it to use the pretrained tag, or use 'untrained'"
+            )
+        digest = file_sha256(path)
+        if weights_sha256 is not None and digest != weights_sha256.lower():
+            raise ConfigError(
+                f"CLIP weights file {path} has sha256 {digest}, expected {weights_sha256.lower()}"
+            )
+        source: str | None = str(path)
+    else:
+        digest, source = "", None if untrained else pretrained
+
+    try:
+        if untrained:
+            with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
+                torch.manual_seed(UNTRAINED_SEED)
+                model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=None)
+        else:
+            model, _, _ = open_clip.create_model_and_transforms(
+                model_name,
+                pretrained=source,
+                cache_dir=str(hub_cache_dir) if hub_cache_dir else None,
+            )
+    except RuntimeError as exc:
+        if source is not None and source == pretrained:
+            raise ConfigError(
+                f"CLIP weights {model_name}/{pretrained} are not available: {exc}. "
+                + ("No network: " if offline else "")
+                + "download them once where there is network (they land in the Hugging Face "
+                "cache), or set CXR_CLIP_WEIGHTS to a local checkpoint file, or "
+                "CXR_CLIP_WEIGHTS=untrained for an explicit untrained demo model"
+            ) from exc
+        raise ModelError(f"CLIP model {model_name} could not be created: {exc}") from exc
+    except Exception as exc:
+        raise ModelError(f"CLIP model {model_name} could not be created: {exc}") from exc
+
+    if not digest:
+        digest = state_dict_sha256(model)
+    cfg = getattr(model.visual, "preprocess_cfg", {})
+    size = cfg.get("size", 224)
+    preprocess = ClipPreprocess(
+        int(size[0] if isinstance(size, tuple | list) else size),
+        cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+        cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+    )
+    if untrained:
+        version = f"untrained-{model_name}-seed{UNTRAINED_SEED}@{digest[:12]}"
+    else:
+        label = pretrained if source == pretrained else Path(str(source)).name
+        version = f"{model_name}/{label}@{digest[:12]}"
+    return ClipEncoder(
+        model,
+        open_clip.get_tokenizer(model_name),
+        preprocess,
+        model_version=version,
+        untrained=untrained,
+        weights_sha256=digest,
+        backend=backend,
+        cache_dir=cache_dir,
+        num_threads=num_threads,
+        max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels,
+    )

@@ -1,0 +1,50 @@
+"""CLIP: normalised 512-d embeddings, zero-shot tags, cached prompts, clear weight errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_errors import ConfigError
+from models.clip import ClipEncoder, load_clip
+from models.types import NIH_FINDINGS
+
+
+@pytest.fixture(scope="module")
+def clip_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("clip")
+
+
+@pytest.fixture(scope="module")
+def encoder(clip_cache: Path) -> ClipEncoder:
+    return load_clip(weights="untrained", backend="torch", cache_dir=clip_cache)
+
+
+def test_embeddings_and_tags(encoder: ClipEncoder, nih_images: list[Path]) -> None:
+    results = encoder.analyze(nih_images[:2])
+    for r in results:
+        assert r.untrained and "untrained" in r.model_version
+        assert r.embedding.shape == (512,)
+        assert np.linalg.norm(r.embedding) == pytest.approx(1.0, abs=1e-5)
+        assert sorted(t.finding for t in r.tags) == sorted(NIH_FINDINGS)
+        scores = [t.score for t in r.tags]
+        assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    text = encoder.embed_texts(["a chest x-ray showing effusion"])
+    assert text.shape == (1, 512)
+    assert np.linalg.norm(text[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_prompt_embeddings_cached(encoder: ClipEncoder, clip_cache: Path) -> None:
+    assert len(list(clip_cache.glob("clip-prompts-*.npy"))) == 1
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_clip(weights=str(tmp_path / "absent.bin"))
+
+
+def test_pretrained_tag_offline_fails_fast() -> None:
+    with pytest.raises(ConfigError, match="CXR_CLIP_WEIGHTS"):
+        load_clip(pretrained="laion2b_s34b_b79k", offline=True)

@@ -1,0 +1,51 @@
+"""Untrained mode is identical across processes; overlays stay small enough for FHIR."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from models.classifier import Classifier
+from models.preprocess import decode_image
+
+_SCRIPT = """
+import hashlib, sys
+from models.registry import load_classifier
+c = load_classifier("untrained", backend="torch", tta=True)
+h = hashlib.sha256()
+for a in c.analyze(sys.argv[1:]):
+    h.update(a.cams.tobytes()); h.update(a.features.tobytes())
+    for f in a.findings: h.update(repr((f.logit, f.band_low, f.band_high)).encode())
+print(c.model_version, h.hexdigest())
+"""
+
+
+def test_untrained_identical_across_processes(nih_images: list[Path]) -> None:
+    root = Path(__file__).resolve().parents[2]
+    args = [sys.executable, "-c", _SCRIPT, *map(str, nih_images[:2])]
+    procs = [
+        subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        outs.append(out.strip().splitlines()[-1])
+    assert outs[0] == outs[1]
+    assert outs[0].startswith("untrained-")
+
+
+def test_overlay_png_small_and_sized(torch_classifier: Classifier, nih_images: list[Path]) -> None:
+    from models.heatmap import overlay_png
+
+    decoded = decode_image(nih_images[0])
+    (analysis,) = torch_classifier.analyze([decoded])
+    data = overlay_png(decoded, analysis.cams[0], size=512)
+    assert len(data) <= 100_000
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG" and img.size == (512, 512)
