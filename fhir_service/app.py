@@ -14,10 +14,11 @@ from cxr_errors import CxrError
 from fhir_service.api import health, hook, metadata, similar
 from fhir_service.database import database_url
 from fhir_service.fhir_client import FhirClient
+from fhir_service.model_config import model_version_for
 from fhir_service.outcome import cxr_error_handler, validation_error_handler
 from fhir_service.settings import Settings
 from fhir_service.similar import LazyEncoder, SimilarService
-from subscriptions.analyzer import ModelQueryEncoder, model_version_for
+from subscriptions.analyzer import ModelQueryEncoder
 from subscriptions.bootstrap import ensure_subscription
 from subscriptions.queue import apply_schema, make_app
 from vector_store.migrate import migrate

@@ -7,17 +7,16 @@ Loaded once per worker process: the DenseNet (one pass → scores, CAMs, feature
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from fhir_service.model_config import build_classifier, build_clip
 from fhir_service.settings import Settings
 from models.classifier import Classifier
-from models.clip import ClipEncoder, load_clip
+from models.clip import ClipEncoder
 from models.heatmap import overlay_png
 from models.preprocess import decode_image
-from models.registry import load_classifier, resolve_weights
 from subscriptions.pipeline import AnalyzedImage
 
 log = logging.getLogger(__name__)
@@ -47,54 +46,9 @@ class ModelAnalyzer:
         return AnalyzedImage(analysis, heatmaps, embedding)
 
 
-def _onnx_cache(settings: Settings) -> Path:
-    return settings.data_dir / "model-cache"
-
-
 def build_analyzer(settings: Settings) -> ModelAnalyzer:
     """Load the models named by settings; missing weights fail here, never fall back."""
     return ModelAnalyzer(build_classifier(settings), build_clip(settings))
-
-
-def build_classifier(settings: Settings) -> Classifier:
-    return load_classifier(
-        settings.model_weights,
-        cache_dir=settings.weights_cache_dir,
-        weights_sha256=settings.weights_sha256,
-        calibration_file=settings.calibration_file,
-        onnx_cache_dir=_onnx_cache(settings),
-        tta=settings.tta,
-        max_image_bytes=settings.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels,
-    )
-
-
-def build_clip(settings: Settings) -> ClipEncoder:
-    return load_clip(
-        settings.clip_model,
-        settings.clip_pretrained,
-        settings.clip_weights,
-        cache_dir=_onnx_cache(settings),
-        max_image_bytes=settings.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels,
-    )
-
-
-def model_version_for(settings: Settings) -> str:
-    """The version string the worker's classifier will report, without building a backend."""
-    loaded = resolve_weights(
-        settings.model_weights,
-        cache_dir=settings.weights_cache_dir,
-        sha256=settings.weights_sha256,
-    )
-    version = loaded.model_version
-    if settings.calibration_file is not None:
-        from models.calibration import Calibration
-
-        calibration = Calibration.load(settings.calibration_file)
-        if not calibration.is_identity:
-            version = f"{version}+{calibration.version}"
-    return version
 
 
 class ModelQueryEncoder:

@@ -8,8 +8,9 @@ from datetime import datetime
 
 from fhir_service.database import database_url
 from fhir_service.fhir_client import FhirClient
+from fhir_service.model_config import model_version_for
 from fhir_service.settings import Settings
-from subscriptions.analyzer import build_analyzer, model_version_for
+from subscriptions.analyzer import build_analyzer
 from subscriptions.pipeline import Pipeline
 from subscriptions.queue import QUEUE, apply_schema, enqueue_study_sync, make_app, register_tasks
 from subscriptions.reconcile import SweepResult, sweep

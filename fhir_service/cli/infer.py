@@ -13,46 +13,12 @@ from rich.table import Table
 
 from cxr_errors import CxrError, InputError
 from fhir_service.cli._common import cli_errors, console, err_console
+from fhir_service.model_config import build_classifier, build_clip
 from fhir_service.settings import Settings
 
 __all__ = ["register"]
 
 _NO_FINDING = "No Finding"
-
-
-def _classifier(settings: Settings, *, tta: bool | None = None, calibrated: bool = True) -> Any:
-    from models.registry import load_classifier
-
-    return load_classifier(
-        settings.model_weights,
-        cache_dir=settings.weights_cache_dir,
-        weights_sha256=settings.weights_sha256,
-        allow_download=settings.weights_download,
-        calibration_file=settings.resolved_calibration_file if calibrated else None,
-        backend=settings.model_backend,
-        onnx_cache_dir=settings.model_cache_path / "onnx",
-        tta=settings.tta if tta is None else tta,
-        num_threads=settings.model_threads,
-        max_image_bytes=settings.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels,
-    )
-
-
-def _clip(settings: Settings) -> Any:
-    from models.clip import load_clip
-
-    return load_clip(
-        settings.clip_model,
-        settings.clip_pretrained,
-        settings.clip_weights,
-        weights_sha256=settings.clip_sha256,
-        cache_dir=settings.model_cache_path / "clip",
-        backend=settings.clip_backend,
-        offline=settings.clip_offline,
-        num_threads=settings.model_threads,
-        max_image_bytes=settings.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels,
-    )
 
 
 def _safe(name: str) -> str:
@@ -73,8 +39,8 @@ def infer(
 
     settings = Settings()
     with cli_errors():
-        classifier = _classifier(settings)
-        encoder = _clip(settings) if clip else None
+        classifier = build_classifier(settings)
+        encoder = build_clip(settings) if clip else None
     failed = 0
     reports: list[dict[str, Any]] = []
     for path in images:
@@ -207,7 +173,7 @@ def calibrate(
     settings = Settings()
     with cli_errors():
         paths, y = _read_labels(labels, images)
-        classifier = _classifier(settings, tta=False, calibrated=False)
+        classifier = build_classifier(settings, tta=False, calibrated=False)
         logits = []
         batch = settings.model_batch_size
         for start in range(0, len(paths), batch):

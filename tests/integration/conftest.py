@@ -16,6 +16,8 @@ import pytest
 
 from fhir_service import hapi_server
 from fhir_service.settings import Settings
+from fhir_service.stack import start_service, start_workers, stop_all
+from tests.integration.stack import Stack
 
 FHIR_JSON = "application/fhir+json"
 
@@ -73,3 +75,17 @@ def fhir(hapi: HapiServer) -> Iterator[httpx.Client]:
     """An httpx client on the FHIR base, speaking FHIR JSON."""
     with hapi.client() as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def stack(hapi: HapiServer, database: str, test_settings: Settings) -> Iterator[Stack]:
+    """HAPI + PostgreSQL + one ``cxr serve`` + one ``cxr worker`` (untrained), per session."""
+    stop_all(test_settings)
+    start_service(test_settings)
+    start_workers(test_settings, 1)
+    s = Stack(test_settings, database)
+    try:
+        yield s
+    finally:
+        stop_all(test_settings)
+        s.fhir.close()

@@ -1,0 +1,75 @@
+"""A running cxr stack for integration tests: HAPI + PostgreSQL + service + worker processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from fhir_service import builders
+from fhir_service.fhir_client import FhirClient
+from fhir_service.model_config import model_version_for
+from fhir_service.nih import NihRecord, created_id, read_manifest, study_transaction
+from fhir_service.settings import Settings
+from tests.factories import unique_suffix
+
+WAIT_S = 120.0
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+class Stack:
+    def __init__(self, settings: Settings, dsn: str) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.fhir = FhirClient(settings.fhir_base_url, timeout=60)
+        self.model_version = model_version_for(settings)
+        self.records: list[NihRecord] = list(
+            read_manifest(settings.shared_dir / "data" / "nih-sample" / "manifest.csv")
+        )
+
+    def post_study(
+        self, index: int = 0, image: bytes | str | None = "real", *, tag: str | None = None
+    ) -> str:
+        """Post NIH sample study ``index`` with its Patient and pixels; ``tag`` keeps the
+        identifiers apart from other tests' (studies posted with one tag share patients)."""
+        rec = self.records[index]
+        data: bytes | None
+        if image == "real":
+            data = (self.settings.shared_dir / "data" / "nih-sample" / rec.image_index).read_bytes()
+        else:
+            data = image if isinstance(image, bytes) or image is None else None
+        bundle = study_transaction(rec, data, tag=tag or unique_suffix())
+        return created_id(self.fhir.transaction(bundle), "ImagingStudy")
+
+    def reports(self, study_id: str) -> list[dict[str, Any]]:
+        system, value = builders.study_model_identifier(study_id, self.model_version)
+        return list(self.fhir.search_all("DiagnosticReport", {"identifier": f"{system}|{value}"}))
+
+    def task(self, study_id: str) -> dict[str, Any] | None:
+        system, value = builders.task_identifier(study_id)
+        tasks = list(self.fhir.search_all("Task", {"identifier": f"{system}|{value}"}))
+        assert len(tasks) <= 1, "a study must have at most one Task"
+        return tasks[0] if tasks else None
+
+    def jobs(self, status: str | None = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT id, status::text, args->>'study_id' FROM procrastinate_jobs "
+                "WHERE task_name = 'cxr.process_study' ORDER BY id"
+            ).fetchall()
+        return [r for r in rows if status is None or r[1] == status]
+
+    def drained(self) -> bool:
+        return not any(r[1] in ("todo", "doing") for r in self.jobs())
