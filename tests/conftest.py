@@ -21,18 +21,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def test_data_dir() -> Path:
-    # The one place tests read the environment: where to keep this run's state.
+    # Tests read the environment only for where to keep this run's state and which ports.
     path = Path(os.environ.get("CXR_TEST_DATA_DIR", REPO / ".cxr-data" / "test"))
     return path
 
 
 @pytest.fixture(scope="session")
 def test_settings(test_data_dir: Path) -> Settings:
+    # CXR_TEST_PORT_OFFSET lets two checkouts (or a benchmark) run tests side by side.
+    offset = int(os.environ.get("CXR_TEST_PORT_OFFSET", "0"))
     return Settings(
         data_dir=test_data_dir,
-        hapi_port=18080,
-        pg_port=15433,
-        service_port=18001,
+        hapi_port=18080 + offset,
+        pg_port=15433 + offset,
+        service_port=18001 + offset,
         model_weights="untrained",
         clip_weights="untrained",
     )
