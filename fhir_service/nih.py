@@ -22,6 +22,8 @@ from cxr_errors import InputError
 CXR_NS = "https://cxr-fhir.example.org/fhir"
 PATIENT_ID_SYSTEM = f"{CXR_NS}/sid/nih-patient-id"
 IMAGE_INDEX_SYSTEM = f"{CXR_NS}/sid/nih-image-index"
+#: The Media that carries an NIH image's pixels (one per image index), for conditional creates.
+IMAGE_MEDIA_SYSTEM = f"{CXR_NS}/sid/nih-image-media"
 EXT_AGE_AT_STUDY = f"{CXR_NS}/StructureDefinition/patient-age-at-study"
 EXT_VIEW_POSITION = f"{CXR_NS}/StructureDefinition/view-position"
 EXT_FOLLOW_UP = f"{CXR_NS}/StructureDefinition/nih-follow-up"
@@ -123,8 +125,15 @@ def study_conditional(rec: NihRecord) -> str:
     return f"identifier={IMAGE_INDEX_SYSTEM}|{rec.image_index}"
 
 
-def imaging_study_resource(rec: NihRecord, patient_ref: str) -> dict[str, Any]:
-    """An available DX chest study with one series and one instance."""
+def imaging_study_resource(
+    rec: NihRecord, patient_ref: str, *, status: str = "available"
+) -> dict[str, Any]:
+    """A DX chest study with one series and one instance.
+
+    ``status="registered"`` is for a study whose pixels are not on the server (the metadata
+    alone was loaded): R4 defines it as "the existence of the imaging study is registered, but
+    there is nothing yet available", and our Subscription only matches ``available``.
+    """
     modality = {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "DX"}
     return {
         "resourceType": "ImagingStudy",
@@ -145,7 +154,7 @@ def imaging_study_resource(rec: NihRecord, patient_ref: str) -> dict[str, Any]:
             {"system": IMAGE_INDEX_SYSTEM, "value": rec.image_index},
             {"system": "urn:dicom:uid", "value": f"urn:oid:{rec.study_uid}"},
         ],
-        "status": "available",
+        "status": status,
         "modality": [modality],
         "subject": {"reference": patient_ref},
         "numberOfSeries": 1,
@@ -271,3 +280,92 @@ def study_age_and_view(study: dict[str, Any]) -> tuple[int | None, str | None]:
         elif ext.get("url") == EXT_VIEW_POSITION:
             view = ext.get("valueCode")
     return age, view
+
+
+# --- the full NIH metadata file (Data_Entry_2017*.csv) ------------------------------------
+
+#: Data_Entry_2017 column names as they are meant (the header itself is not quoted, so the
+#: two bracketed names each split into two cells; see :func:`header_columns`).
+DATA_ENTRY_COLUMNS = (
+    "Image Index",
+    "Finding Labels",
+    "Follow-up #",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+    "OriginalImage[Width,Height]",
+    "OriginalImagePixelSpacing[x,y]",
+)
+
+
+def header_columns(cells: list[str]) -> list[tuple[str, int]]:
+    """Column names with how many CSV cells each spans.
+
+    NIH's header is unquoted, so ``OriginalImage[Width,Height]`` arrives as the two cells
+    ``OriginalImage[Width`` and ``Height]`` while each data row holds two numbers there. Cells
+    from an unclosed ``[`` up to the matching ``]`` are joined back into one name that spans
+    as many cells as it was split into. Quoted headers (one cell each) pass through unchanged.
+    """
+    columns: list[tuple[str, int]] = []
+    i = 0
+    while i < len(cells):
+        name = cells[i].strip()
+        span = 1
+        if "[" in name and "]" not in name:
+            j = i + 1
+            while j < len(cells) and "]" not in cells[j]:
+                j += 1
+            if j < len(cells):
+                name = ",".join(c.strip() for c in cells[i : j + 1])
+                span = j - i + 1
+                i = j
+        columns.append((name, span))
+        i += 1
+    return columns
+
+
+def default_metadata_path() -> Path:
+    """``Data_Entry_2017_v2020.csv(.gz)`` inside the installed torchxrayvision package."""
+    from importlib.util import find_spec
+
+    # find_spec, not import: importing torchxrayvision loads torch (seconds) and silences
+    # warnings process-wide; we only need where its data folder is.
+    spec = find_spec("torchxrayvision")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("torchxrayvision is not installed; pass --metadata PATH")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    for name in ("Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017_v2020.csv"):
+        if (folder / name).is_file():
+            return folder / name
+    raise InputError(f"no Data_Entry_2017_v2020.csv(.gz) in {folder}; pass --metadata PATH")
+
+
+def image_media_resource(
+    rec: NihRecord,
+    image: bytes,
+    study_ref: str,
+    patient_ref: str,
+    *,
+    content_type: str = "image/png",
+) -> dict[str, Any]:
+    """The Media holding an NIH image inline, ``partOf`` its study, identified by image index."""
+    import base64
+
+    return {
+        "resourceType": "Media",
+        "identifier": [{"system": IMAGE_MEDIA_SYSTEM, "value": rec.image_index}],
+        "status": "completed",
+        "partOf": [{"reference": study_ref}],
+        "subject": {"reference": patient_ref},
+        "content": {
+            "contentType": content_type,
+            "data": base64.b64encode(image).decode("ascii"),
+            "size": len(image),
+            "title": rec.image_index,
+        },
+    }
+
+
+def media_conditional(rec: NihRecord) -> str:
+    return f"identifier={IMAGE_MEDIA_SYSTEM}|{rec.image_index}"

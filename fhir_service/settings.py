@@ -107,6 +107,17 @@ class Settings(BaseSettings):
     max_image_pixels: int = 50_000_000
     tta: bool = Field(default=True, description="test-time augmentation for the confidence band")
 
+    # --- ingest ---
+    ingest_batch_size: int = Field(
+        default=50, ge=1, description="studies per FHIR transaction in `cxr ingest`"
+    )
+    ingest_concurrency: int = Field(
+        default=2, ge=1, description="transactions `cxr ingest` keeps in flight"
+    )
+    ingest_state_dir: Path | None = Field(
+        default=None, description="resumable `cxr ingest` progress; default {data_dir}/ingest"
+    )
+
     @property
     def model_cache_path(self) -> Path:
         return self.model_cache_dir or self.data_dir / "models"

@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from fhir_service.cli import db, demo, hapi, infer, service
+from fhir_service.cli import db, demo, hapi, infer, ingest, service, similar
 
 app = typer.Typer(
     name="cxr",
@@ -17,8 +17,10 @@ app = typer.Typer(
 app.add_typer(hapi.app, name="hapi", help="Run the HAPI FHIR server (hapi-fhir/).")
 app.add_typer(db.app, name="db", help="Run the embedded PostgreSQL + pgvector server.")
 app.add_typer(demo.app, name="demo", help="Run the whole stack on embedded defaults.")
+app.add_typer(ingest.app, name="ingest", help="Bulk-load an archive (NIH ChestX-ray14) into FHIR.")
 infer.register(app)
 service.register(app)
+similar.register(app)
 
 
 @app.callback()
@@ -27,6 +29,8 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP request drowns the CLI's own output.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main() -> None:

@@ -28,9 +28,13 @@ def serve(
 
     from fhir_service.app import create_app
     from fhir_service.database import start_database
+    from fhir_service.model_config import model_version_for
 
     settings = get_settings()
     with cli_errors():
+        # Refuse to start without weights (unless CXR_MODEL_WEIGHTS=untrained): the error
+        # names the file and directory, instead of a traceback from inside uvicorn.
+        model_version_for(settings)
         start_database(settings)
         app = create_app(settings)
     uvicorn.run(
