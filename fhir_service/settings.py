@@ -6,13 +6,31 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cxr_errors import ConfigError
 
 DEFAULT_SECRET = "dev-only-subscription-secret"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+#: The cxr SMART app's client id in the dev EHR's default registry.
+CXR_APP_CLIENT_ID = "cxr-app"
+#: What the cxr app may be granted: SMART v2 read/search on the patient compartment.
+CXR_APP_SCOPES = (
+    "launch launch/patient openid fhirUser profile offline_access online_access "
+    "patient/Patient.rs patient/ImagingStudy.rs patient/DiagnosticReport.rs "
+    "patient/Observation.rs patient/Media.rs patient/Task.rs"
+)
+
+
+class DevEhrClient(BaseModel):
+    """A SMART client registered with ``cxr dev-ehr`` (public: PKCE, no secret)."""
+
+    client_id: str
+    redirect_uris: list[str]
+    scope: str = Field(default=CXR_APP_SCOPES, description="the most this client may be granted")
 
 
 def _default_shared_dir() -> Path:
@@ -118,6 +136,31 @@ class Settings(BaseSettings):
         default=None, description="resumable `cxr ingest` progress; default {data_dir}/ingest"
     )
 
+    # --- dev EHR (`cxr dev-ehr`: development launcher + SMART authorization server) ---
+    dev_ehr_host: str = "127.0.0.1"
+    dev_ehr_port: int = 10002
+    dev_ehr_public_url: str | None = Field(
+        default=None,
+        description="issuer URL of the dev EHR (FHIR proxy at {url}/fhir); default host/port",
+    )
+    dev_ehr_code_lifetime_s: int = Field(default=60, ge=1, description="authorization codes")
+    dev_ehr_access_token_lifetime_s: int = Field(default=3600, ge=1)
+    dev_ehr_refresh_token_lifetime_s: int = Field(default=86400, ge=1)
+    dev_ehr_launch_lifetime_s: int = Field(default=300, ge=1, description="EHR launch tokens")
+    dev_ehr_user: str = Field(
+        default="Practitioner/cxr-dev-radiologist",
+        description="the one signed-in user of the dev EHR (fhirUser, sub)",
+    )
+    dev_ehr_clients: list[DevEhrClient] = Field(
+        default_factory=list,
+        description="registered SMART clients (JSON list); empty = the cxr app, "
+        "redirect {service}/app/callback",
+    )
+    dev_ehr_app_launch_url: str | None = Field(
+        default=None,
+        description="where the launcher sends EHR launches; default {service}/app/launch",
+    )
+
     @property
     def model_cache_path(self) -> Path:
         return self.model_cache_dir or self.data_dir / "models"
@@ -152,6 +195,31 @@ class Settings(BaseSettings):
     def service_url(self) -> str:
         url = self.service_public_url or f"http://{self.service_host}:{self.service_port}"
         return url.rstrip("/")
+
+    @property
+    def dev_ehr_url(self) -> str:
+        url = self.dev_ehr_public_url or f"http://{self.dev_ehr_host}:{self.dev_ehr_port}"
+        return url.rstrip("/")
+
+    @property
+    def dev_ehr_fhir_url(self) -> str:
+        return f"{self.dev_ehr_url}/fhir"
+
+    @property
+    def dev_ehr_registered_clients(self) -> list[DevEhrClient]:
+        return self.dev_ehr_clients or [
+            DevEhrClient(
+                client_id=CXR_APP_CLIENT_ID, redirect_uris=[f"{self.service_url}/app/callback"]
+            )
+        ]
+
+    @property
+    def dev_ehr_launch_target(self) -> str:
+        return (self.dev_ehr_app_launch_url or f"{self.service_url}/app/launch").rstrip("/")
+
+    @property
+    def dev_ehr_dir(self) -> Path:
+        return self.data_dir / "dev-ehr"
 
     @property
     def hapi_dir(self) -> Path:

@@ -69,3 +69,21 @@ def stop_all(settings: Settings) -> list[str]:
     if service_process(settings).stop():
         stopped.append("service")
     return stopped
+
+
+def dev_ehr_process(settings: Settings) -> ManagedProcess:
+    return ManagedProcess("dev-ehr", settings.run_dir, settings.log_dir)
+
+
+def start_dev_ehr(settings: Settings, *, timeout_s: float = 60) -> float:
+    """Start ``cxr dev-ehr`` (the development SMART launcher/authorization server)."""
+    proc = dev_ehr_process(settings)
+    probe = f"{settings.dev_ehr_fhir_url}/.well-known/smart-configuration"
+    if proc.pid() is not None and _healthy(probe):
+        return 0.0
+    proc.start([*_CXR, "dev-ehr"], env=settings_env(settings), cwd=Path.cwd())
+    return proc.wait_ready(lambda: _healthy(probe), timeout_s=timeout_s)
+
+
+def stop_dev_ehr(settings: Settings) -> bool:
+    return dev_ehr_process(settings).stop()

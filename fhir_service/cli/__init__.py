@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from fhir_service.cli import db, demo, hapi, infer, ingest, service, similar
+from fhir_service.cli import db, demo, dev_ehr, hapi, infer, ingest, service, similar
 
 app = typer.Typer(
     name="cxr",
@@ -21,6 +21,7 @@ app.add_typer(ingest.app, name="ingest", help="Bulk-load an archive (NIH ChestX-
 infer.register(app)
 service.register(app)
 similar.register(app)
+dev_ehr.register(app)
 
 
 @app.callback()

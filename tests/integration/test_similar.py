@@ -173,14 +173,15 @@ def test_image_query(corpus: Corpus, space: str) -> None:
     rec = corpus.stack.records[7]
     png = (corpus.stack.settings.shared_dir / "data" / "nih-sample" / rec.image_index).read_bytes()
     url = f"{service(corpus.stack)}/ImagingStudy/$similar?space={space}"
-    body = image_parameters(png, "image/png", count=3)
+    body = image_parameters(png, "image/png", count=10)
     r = httpx.post(url, json=body, timeout=120)
     assert r.status_code == 200, r.text
     scores = check_bundle(r.json())
-    assert len(scores) == 3
-    # The same image was processed as corpus.ids[7]: it is its own nearest neighbour.
-    assert r.json()["entry"][0]["resource"]["id"] == corpus.ids[7]
-    assert scores[0] > 0.99
+    assert len(scores) == 10
+    # The same image was processed as corpus.ids[7] (and maybe by other tests of the
+    # session, as other studies): it is among the identical nearest neighbours.
+    identical = {e["resource"]["id"] for e in r.json()["entry"] if e["search"]["score"] > 0.99}
+    assert corpus.ids[7] in identical
 
 
 @pytest.mark.parametrize(
