@@ -11,9 +11,10 @@ What one run does, and why it is safe to repeat, interrupt or run twice at once:
   create on an identifier (Patient: NIH patient id; ImagingStudy: image index; Media: image
   index), so a row that is already on the server is matched, not created again.
 * **Concurrent runs** (two ``cxr ingest`` processes, or ``concurrency > 1`` batches that share
-  a patient) cannot duplicate: HAPI (≥ 6.8) stores each conditional create's match URL under a
-  unique index (``HFJ_RES_SEARCH_URL``), so of two racing creates one commits and the other
-  fails; that failure is retried and then *matches* the resource the winner created.
+  a patient) cannot duplicate: HAPI stores each conditional create's match URL under a unique
+  index (``HFJ_RES_SEARCH_URL``, hapi-fhir PR #4609, 2023; HAPI 8.8 here), so of two racing
+  creates one commits and the other fails with 409; that batch is retried and then *matches*
+  what the winner created.
 * **Resume**: the line ranges whose transaction committed are written to a small state file
   (``{ingest_state_dir}/nih-<metadata sha256>-<target>.json``) after every batch, under a file
   lock and merged with what another process wrote. A killed run restarts where it stopped; the

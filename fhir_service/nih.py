@@ -71,7 +71,9 @@ def parse_record(row: dict[str, str]) -> NihRecord:
         for name in names:
             if name in row and row[name] is not None:
                 return row[name].strip()
-        raise InputError(f"missing column {names[0]!r}")
+        # Name the column as the file spells it: NIH's Data_Entry or our manifest.
+        spelled = names[-1] if any(" " in k or "#" in k for k in row) else names[0]
+        raise InputError(f"missing column {spelled!r}")
 
     image_index = col("file", "Image Index")
     if not image_index:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import typer
@@ -18,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cxr_errors import InputError
 from fhir_service.cli._common import cli_errors, console
 from fhir_service.fhir_client import FhirClient
 from fhir_service.ingest import IngestOptions, IngestReport, ingest
@@ -40,7 +43,10 @@ def nih(
     ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N rows."),
     concurrency: int | None = typer.Option(
-        None, "--concurrency", min=1, help="Transactions in flight (default CXR_INGEST_CONCURRENCY)."
+        None,
+        "--concurrency",
+        min=1,
+        help="Transactions in flight (default CXR_INGEST_CONCURRENCY).",
     ),
     batch_size: int | None = typer.Option(
         None, "--batch-size", min=1, help="Studies per transaction (default CXR_INGEST_BATCH_SIZE)."
@@ -74,18 +80,23 @@ def nih(
             max_image_bytes=settings.max_image_bytes,
         )
         if images is not None and not images.is_dir():
-            from cxr_errors import InputError
-
             raise InputError(f"--images {images} is not a directory")
-        process = _bulk_pipeline(settings) if bulk_inference else None
         console.print(f"ingesting [bold]{options.metadata}[/] into {settings.fhir_base_url}")
-        # Enough pooled connections for every worker thread (httpx's default is plenty, but
-        # a long transaction should never wait for a connection).
-        with FhirClient(settings.fhir_base_url, timeout=300) as fhir, _progress_bar() as bar:
-            task = bar.add_task("rows", total=None)
+        with ExitStack() as stack:
+            process = stack.enter_context(bulk_pipeline(settings)) if bulk_inference else None
+            # A generous timeout: a 200-study transaction on a busy H2 can take tens of seconds.
+            fhir = stack.enter_context(FhirClient(settings.fhir_base_url, timeout=300))
+            bar = stack.enter_context(_progress_bar())
+            task = bar.add_task("rows", total=None, rate="")
+            t0 = time.monotonic()
 
             def on_progress(p: IngestProgress) -> None:
-                bar.update(task, total=p.rows_total, completed=p.rows_done)
+                # Rate over the whole run: batches finish in bursts, a short window jitters.
+                elapsed = max(time.monotonic() - t0, 1e-6)
+                rate = (
+                    f"{p.rows_done / elapsed:.0f} rows/s, {p.resources_written / elapsed:.0f} res/s"
+                )
+                bar.update(task, total=p.rows_total, completed=p.rows_done, rate=rate)
 
             result = ingest(fhir, options, progress=on_progress, process_study=process)
     _print_summary(result)
@@ -103,8 +114,7 @@ def _progress_bar() -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        # task.speed is rows/s over rich's recent window, so it tracks the current rate.
-        TextColumn("{task.speed:>7.1f} rows/s" if False else "[cyan]{task.fields[rate]}"),
+        TextColumn("[cyan]{task.fields[rate]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -113,7 +123,8 @@ def _progress_bar() -> Progress:
     )
 
 
-def _bulk_pipeline(settings: Settings) -> Callable[[str, str], str]:
+@contextmanager
+def bulk_pipeline(settings: Settings) -> Iterator[Callable[[str, str], str]]:
     """The worker's own pipeline, in this process: same code, same idempotency keys."""
     from fhir_service.database import database_url, start_database
     from subscriptions.analyzer import build_analyzer
@@ -124,18 +135,20 @@ def _bulk_pipeline(settings: Settings) -> Callable[[str, str], str]:
     start_database(settings)
     dsn = database_url(settings)
     migrate(dsn)
-    pipeline = Pipeline(
-        fhir=FhirClient(settings.fhir_base_url, timeout=120),
-        analyzer=build_analyzer(settings),
-        store=VectorStore(dsn),
-        max_image_bytes=settings.max_image_bytes,
-        image_hosts=frozenset(settings.image_hosts),
-    )
-
-    def process(study_id: str, version_id: str) -> str:
-        return pipeline.process(study_id, version_id)
-
-    return process
+    analyzer = build_analyzer(settings)
+    with FhirClient(settings.fhir_base_url, timeout=120) as fhir:
+        store = VectorStore(dsn)
+        pipeline = Pipeline(
+            fhir=fhir,
+            analyzer=analyzer,
+            store=store,
+            max_image_bytes=settings.max_image_bytes,
+            image_hosts=frozenset(settings.image_hosts),
+        )
+        try:
+            yield lambda study_id, version_id: pipeline.process(study_id, version_id)
+        finally:
+            store.close()
 
 
 def _print_summary(r: IngestReport) -> None:
