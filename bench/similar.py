@@ -13,15 +13,30 @@ asserts.
 The data lives in its own database (``cxr_bench``) on an embedded server in
 ``.cxr-data/bench`` (port 15434), so test and demo data are never touched; ``--database-url``
 uses an existing server instead (the database named there is dropped and recreated).
+
+Then (``--http auto``, the default: whenever HAPI, PostgreSQL and ``cxr serve`` can be
+started) the latency of a full ``$similar`` HTTP call at 112,120 vectors, at the service's
+FHIR base and through HAPI's, next to the direct store query the service makes. That stack
+runs in ``untrained`` mode on its own data dir and ports (``.cxr-data/bench-similar``, HAPI
+18380, PostgreSQL 15580, service 18301; wiped first): the synthetic vectors are loaded into
+``study_embeddings`` under the model version the service searches with, and the exact 15
+nearest neighbours of each query study are real ImagingStudy resources in HAPI (the rest are
+ids HAPI does not have, which the service would silently drop), so each call returns 10
+studies read from HAPI in one search. ``--http off`` skips it, ``--http on`` fails if the
+stack cannot start.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import os
+import shutil
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +132,11 @@ def exact_top_k(
     return out
 
 
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
+
+
 def percentiles_ms(seconds: Sequence[float]) -> tuple[float, float]:
     p50, p99 = np.percentile(np.asarray(seconds) * 1000.0, [50, 99])
     return float(p50), float(p99)
@@ -144,6 +164,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=REPO / ".cxr-data" / "bench")
     parser.add_argument("--port", type=int, default=15434)
     parser.add_argument("--database-url", default=None, help="use this server, not embedded")
+    http = parser.add_argument_group("$similar over HTTP (service and through HAPI)")
+    http.add_argument(
+        "--http",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto: run it when the stack can be started (default); on: fail if it cannot",
+    )
+    http.add_argument("--http-n", type=int, default=112_120, help="stored vectors")
+    http.add_argument("--http-calls", type=int, default=200, help="calls per endpoint")
+    http.add_argument("--http-anchors", type=int, default=20, help="distinct query studies")
+    http.add_argument("--http-data-dir", type=Path, default=REPO / ".cxr-data" / "bench-similar")
+    http.add_argument("--hapi-port", type=int, default=18380)
+    http.add_argument("--http-pg-port", type=int, default=15580)
+    http.add_argument("--service-port", type=int, default=18301)
     return parser.parse_args(argv)
 
 
@@ -216,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     efc = args.ef_construction or DEFAULT_EF_CONSTRUCTION
     ef_values = [int(v) for v in args.ef.split(",")]
     n, k = args.n, 10
+    print(f"load average at start: {load_average()}")
     print(f"similar-case search benchmark: n={n:,} x 512 (halfvec), m={m}, ef_construction={efc},")
     print(
         f"  defaults m={DEFAULT_M} ef_construction={DEFAULT_EF_CONSTRUCTION} "
@@ -356,6 +391,234 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{p50:>7.2f} {p99:>7.2f} {np_p50 / p50:>10.1f}x"
                 )
         store.close()
+    finally:
+        stop()
+
+    if args.http != "off":
+        reuse = (data, meta) if n == args.http_n else None
+        del vectors, queries, stored
+        http_section(args, reuse)
+    print(f"load average at end: {load_average()}")
+
+
+# --- $similar over HTTP ------------------------------------------------------------------------
+
+#: Exact neighbours of each query study that are made real ImagingStudy resources in HAPI.
+REAL_NEIGHBOURS = 15
+
+
+def _http_settings(args: argparse.Namespace) -> Any:
+    from fhir_service.settings import Settings
+
+    return Settings(
+        data_dir=args.http_data_dir,
+        hapi_port=args.hapi_port,
+        pg_port=args.http_pg_port,
+        service_port=args.service_port,
+        model_weights="untrained",
+        clip_weights="untrained",
+        database_url=None,
+        hapi_base_url=None,
+        service_public_url=None,
+    )
+
+
+def _create_studies(fhir: Any, count: int, records: Sequence[Any]) -> list[str]:
+    """``count`` real ImagingStudy resources (NIH sample metadata, one Patient), in batches."""
+    from fhir_service.nih import created_id, imaging_study_resource, patient_resource
+
+    patient = patient_resource(dataclasses.replace(records[0], patient_id="bench-similar"))
+    pid = fhir.create(patient)["id"]
+    ids: list[str] = []
+    for start in range(0, count, 50):
+        entries = []
+        for i in range(start, min(count, start + 50)):
+            rec = records[i % len(records)]
+            rec = dataclasses.replace(rec, image_index=f"{rec.image_index}-sim{i}")
+            entries.append(
+                {
+                    "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                    "resource": imaging_study_resource(rec, f"Patient/{pid}"),
+                    "request": {"method": "POST", "url": "ImagingStudy"},
+                }
+            )
+        response = fhir.transaction(
+            {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        )
+        for entry in response["entry"]:
+            ids.append(created_id({"entry": [entry]}, "ImagingStudy"))
+    return ids
+
+
+def http_section(args: argparse.Namespace, reuse: tuple[Matrix, Metadata] | None) -> None:
+    """Latency of ``GET .../ImagingStudy/{id}/$similar?count=10`` at the service and at HAPI."""
+    import httpx
+
+    from cxr_errors import CxrError
+    from fhir_service import hapi_server
+    from fhir_service.database import start_database, stop_database
+    from fhir_service.fhir_client import FhirClient
+    from fhir_service.model_config import model_version_for
+    from fhir_service.nih import read_manifest
+    from fhir_service.stack import start_service, stop_all
+    from vector_store.migrate import drop_hnsw_index, migrate
+    from vector_store.store import DEFAULT_EF_SEARCH, EmbeddingRecord, SearchFilters, VectorStore
+
+    settings = _http_settings(args)
+    n, k = args.http_n, 10
+    print()
+    print(
+        f"$similar over HTTP: n={n:,} synthetic vectors, {args.http_calls} calls per endpoint "
+        f"over {args.http_anchors} query studies, count={k}, ef_search {DEFAULT_EF_SEARCH}"
+    )
+    print(
+        "  UNTRAINED mode (CXR_MODEL_WEIGHTS=untrained, CLIP untrained): pretrained weights "
+        "cannot be downloaded here; $similar by study never runs a model"
+    )
+    print(f"  load average at start of section: {load_average()}")
+
+    def stop() -> None:
+        stop_all(settings)
+        hapi_server.stop(settings)
+        stop_database(settings)
+
+    stop()
+    for sub in (settings.hapi_dir, settings.pg_dir, settings.log_dir, settings.run_dir):
+        shutil.rmtree(sub, ignore_errors=True)
+    try:
+        try:
+            boot = hapi_server.start(settings, progress=lambda _m: None)
+            db = start_database(settings)
+        except (CxrError, OSError) as exc:
+            if args.http == "on":
+                raise
+            print(f"  skipped: the stack cannot be started here ({exc})")
+            return
+        url = db.url
+        model_version = model_version_for(settings)
+        records = list(read_manifest(settings.shared_dir / "data" / "nih-sample" / "manifest.csv"))
+
+        if reuse is not None:
+            data, meta = reuse
+        else:
+            vectors, _ = clustered_vectors(n)
+            data, meta = vectors, synthetic_metadata(n)
+        stored = data.astype(np.float16).astype(np.float32)
+        stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+        rng = np.random.default_rng(11)
+        anchors = rng.choice(n, size=args.http_anchors, replace=False)
+        # Row 0 of each exact top-(R+1) is the anchor itself: it must exist in HAPI too.
+        neighbours = exact_top_k(stored, stored[anchors], REAL_NEIGHBOURS + 1)
+        real_rows = sorted(set(neighbours.ravel().tolist()) | set(anchors.tolist()))
+
+        t0 = time.perf_counter()
+        with FhirClient(settings.fhir_base_url, timeout=120) as fhir:
+            hapi_ids = _create_studies(fhir, len(real_rows), records)
+        create_s = time.perf_counter() - t0
+        study_ids = [f"syn{i}" for i in range(n)]
+        for row, sid in zip(real_rows, hapi_ids, strict=True):
+            study_ids[row] = sid
+        print(
+            f"  stack: HAPI {settings.fhir_base_url} (boot {boot:.0f} s), PostgreSQL "
+            f":{settings.pg_port}, model version {model_version}"
+        )
+        print(
+            f"  {len(real_rows)} real ImagingStudy resources in HAPI ({create_s:.1f} s, batches "
+            f"of 50): the query studies and their exact {REAL_NEIGHBOURS} nearest neighbours"
+        )
+
+        migrate(url)
+        for space in ("clip", "densenet"):
+            drop_hnsw_index(url, space)
+        records_ = (
+            EmbeddingRecord(
+                study_id=study_ids[i],
+                model_version=model_version,
+                study_version_id="1",
+                clip=data[i],
+                patient_id=meta.patient_ids[i],
+                gender=str(meta.genders[i]),
+                age=int(meta.ages[i]),
+                view_position=str(meta.views[i]),
+                positive_findings=(RARE_FINDING,) if meta.rare[i] else (),
+            )
+            for i in range(n)
+        )
+        with VectorStore(url) as store:
+            t0 = time.perf_counter()
+            store.upsert_many(records_)
+            load_s = time.perf_counter() - t0
+            build_s = store.rebuild_index("clip", maintenance_work_mem="512MB")
+            store.rebuild_index("densenet")
+        print(
+            f"  loaded {n:,} rows in {load_s:.1f} s, HNSW (default m/ef_construction) built in "
+            f"{build_s:.1f} s"
+        )
+        service_s = start_service(settings)
+        print(f"  service {settings.service_url} ready in {service_s:.0f} s")
+
+        queries = [study_ids[int(a)] for a in anchors]
+        calls = args.http_calls
+
+        rows: list[tuple[str, list[float], list[int]]] = []
+        with VectorStore(url) as direct_store:
+
+            def direct(i: int) -> int:
+                # What the service runs in SQL: read the study's embedding, then the k-NN.
+                sid = queries[i % len(queries)]
+                record = direct_store.get(sid, model_version)
+                vector = record.vector("clip") if record is not None else None
+                assert vector is not None
+                hits = direct_store.search(
+                    vector,
+                    space="clip",
+                    k=k,
+                    model_version=model_version,
+                    filters=SearchFilters(exclude_study=sid),
+                )
+                return len(hits)
+
+            for i in range(20):
+                direct(i)
+            times, counts = time_calls(direct, calls)
+            rows.append(("direct: store.get + store.search (SQL only)", times, counts))
+
+        endpoints = [
+            (
+                "service: GET {service}/fhir/ImagingStudy/{id}/$similar",
+                f"{settings.service_url}/fhir",
+            ),
+            ("through HAPI: GET {hapi}/fhir/ImagingStudy/{id}/$similar", settings.fhir_base_url),
+        ]
+        timed: list[tuple[list[float], list[int]]] = [([], []) for _ in endpoints]
+        with httpx.Client(timeout=60, headers={"Accept": "application/fhir+json"}) as http:
+
+            def call(fhir_base: str, i: int) -> int:
+                sid = queries[i % len(queries)]
+                r = http.get(f"{fhir_base}/ImagingStudy/{sid}/$similar", params={"count": k})
+                if r.status_code != 200:
+                    raise SystemExit(f"$similar {r.status_code}: {r.text[:300]}")
+                return len(r.json().get("entry", []))
+
+            for i in range(20):  # warm the connections, the pools and HAPI's JIT
+                for _, fhir_base in endpoints:
+                    call(fhir_base, i)
+            # Interleaved, so that both endpoints see the same (shared, noisy) machine.
+            for i in range(calls):
+                for (_, fhir_base), (times, counts) in zip(endpoints, timed, strict=True):
+                    t0 = time.perf_counter()
+                    counts.append(call(fhir_base, i))
+                    times.append(time.perf_counter() - t0)
+        rows += [(label, *tc) for (label, _), tc in zip(endpoints, timed, strict=True)]
+
+        print()
+        print(f"  {'call':<58} {'p50 ms':>7} {'p99 ms':>7} {'mean':>7} {'entries':>7}")
+        for label, times, counts in rows:
+            p50, p99 = percentiles_ms(times)
+            mean = statistics.fmean(times) * 1000.0
+            entries = statistics.fmean(counts)
+            print(f"  {label:<58} {p50:>7.2f} {p99:>7.2f} {mean:>7.2f} {entries:>7.1f}")
+        print(f"  load average at end of section: {load_average()}")
     finally:
         stop()
 

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cxr_errors import ConfigError
 
 DEFAULT_SECRET = "dev-only-subscription-secret"
+DEFAULT_APP_SESSION_SECRET = "dev-only-app-session-secret-change-me"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -161,6 +162,25 @@ class Settings(BaseSettings):
         description="where the launcher sends EHR launches; default {service}/app/launch",
     )
 
+    # --- app (the SMART app at {service}/app) ---
+    app_session_secret: str = Field(
+        default=DEFAULT_APP_SESSION_SECRET,
+        description="signs the app's session cookie (HS256); refused as the default in prod",
+    )
+    app_client_id: str = Field(default=CXR_APP_CLIENT_ID, description="SMART client id (public)")
+    app_issuers: list[str] = Field(
+        default_factory=list,
+        description="FHIR bases (iss) the app may be launched from; empty = any in dev mode, "
+        "required in prod",
+    )
+    app_session_lifetime_s: int = Field(default=8 * 3600, ge=60)
+    app_poll_interval_s: float = Field(default=3.0, gt=0, description="worklist refresh")
+    app_heatmap_on_demand: bool = Field(
+        default=True,
+        description="render heatmaps the worker did not store (negative findings) by loading "
+        "the classifier in the service process on first use",
+    )
+
     @property
     def model_cache_path(self) -> Path:
         return self.model_cache_dir or self.data_dir / "models"
@@ -184,6 +204,16 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "CXR_SUBSCRIPTION_SECRET is still the development default; "
                 "set a real secret in production (CXR_MODE=prod)"
+            )
+        if self.mode == "prod" and self.app_session_secret == DEFAULT_APP_SESSION_SECRET:
+            raise ConfigError(
+                "CXR_APP_SESSION_SECRET is still the development default; "
+                "set a real secret in production (CXR_MODE=prod)"
+            )
+        if self.mode == "prod" and not self.app_issuers:
+            raise ConfigError(
+                "CXR_APP_ISSUERS is empty; list the EHR FHIR bases the app may be launched "
+                "from in production (CXR_MODE=prod)"
             )
         return self
 

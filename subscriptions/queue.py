@@ -21,7 +21,7 @@ from typing import Any
 import procrastinate
 from procrastinate import RetryStrategy
 from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
-from procrastinate.jobs import Status
+from procrastinate.jobs import JobDeferrer, Status
 
 from cxr_errors import FhirUnavailableError, StoreError
 
@@ -130,29 +130,30 @@ def register_tasks(
     )
 
 
+def _study_job(app: procrastinate.App, study_id: str, version_id: str) -> JobDeferrer:
+    return app.configure_task(
+        PROCESS_TASK,
+        queue=QUEUE,
+        lock=study_lock(study_id),
+        queueing_lock=study_queueing_lock(study_id, version_id),
+    )
+
+
 async def enqueue_study(app: procrastinate.App, study_id: str, version_id: str) -> bool:
     """Queue processing of one study version; False when the same one is already waiting."""
     try:
-        await app.configure_task(
-            PROCESS_TASK,
-            queue=QUEUE,
-            lock=study_lock(study_id),
-            queueing_lock=study_queueing_lock(study_id, version_id),
-        ).defer_async(study_id=study_id, version_id=version_id)
+        await _study_job(app, study_id, version_id).defer_async(
+            study_id=study_id, version_id=version_id
+        )
     except AlreadyEnqueued:
         return False
     return True
 
 
 def enqueue_study_sync(app: procrastinate.App, study_id: str, version_id: str) -> bool:
-    """Synchronous :func:`enqueue_study` for the CLI and the reconciliation sweep."""
+    """Synchronous :func:`enqueue_study` for the CLI (not inside a worker: see register_tasks)."""
     try:
-        app.configure_task(
-            PROCESS_TASK,
-            queue=QUEUE,
-            lock=study_lock(study_id),
-            queueing_lock=study_queueing_lock(study_id, version_id),
-        ).defer(study_id=study_id, version_id=version_id)
+        _study_job(app, study_id, version_id).defer(study_id=study_id, version_id=version_id)
     except AlreadyEnqueued:
         return False
     return True
