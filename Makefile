@@ -9,7 +9,7 @@ HAPI_SOURCES := hapi-fhir/pom.xml $(shell find hapi-fhir/src -type f 2>/dev/null
 # No model hub is reachable here: fail fast instead of retrying for ~46 s.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install jar demo stop test test-unit test-integration lint format bench clean
+.PHONY: help install jar browser demo stop test test-unit test-integration lint format bench clean
 
 help:
 	@echo "make demo   - set up, start HAPI + PostgreSQL + service + worker, run the demo"
@@ -38,7 +38,13 @@ demo: install jar
 stop: install
 	-$(CXR) demo stop
 
-test: install jar
+# Debian's Chromium for the browser test (Playwright never downloads its own browser).
+browser: /usr/bin/chromium
+
+/usr/bin/chromium:
+	apt-get update && apt-get install -y chromium
+
+test: install jar browser
 	$(PY) -m pytest
 
 test-unit: install

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 
 from cxr_errors import CxrError
 from fhir_service.api import health, hook, metadata, similar
+from fhir_service.app_ui import router as app_ui_router
 from fhir_service.database import database_url
 from fhir_service.fhir_client import FhirClient
 from fhir_service.model_config import model_version_for
@@ -64,4 +65,5 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
     app.include_router(health.router)
     app.include_router(similar.router)
     app.include_router(metadata.router)
+    app.include_router(app_ui_router)
     return app

@@ -1,0 +1,66 @@
+"""On-demand heatmaps for findings the worker stored none for.
+
+The worker stores overlay ``Media`` only for positive findings, and CAMs are not stored in
+FHIR. For any other finding the service recomputes them: the same weights and the same
+pixels give the same one DenseNet pass (``CAM_k = w_k · relu(F) + b_k``), so the overlay is
+what the worker would have drawn. The classifier is loaded on the first such request, once
+per process, and rendered overlays are kept in a small LRU cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from cxr_errors import NotFoundError
+from fhir_service.model_config import build_classifier
+from fhir_service.settings import Settings
+
+if TYPE_CHECKING:
+    from models.classifier import Classifier
+
+_CACHE_SIZE = 64
+
+
+class HeatmapRenderer:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._classifier: Classifier | None = None
+        self._load_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+
+    def _model(self) -> Classifier:
+        with self._load_lock:
+            if self._classifier is None:
+                self._classifier = build_classifier(self._settings)
+            return self._classifier
+
+    def render(self, image: bytes, finding: str) -> bytes:
+        """The overlay PNG of ``finding`` on ``image`` (blocking: call it in a thread)."""
+        from models.heatmap import overlay_png
+        from models.preprocess import decode_image
+
+        key = (hashlib.sha256(image).hexdigest(), finding)
+        with self._run_lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
+            model = self._model()
+            pre = model.preprocess
+            decoded = decode_image(
+                image, max_bytes=pre.max_image_bytes, max_pixels=pre.max_image_pixels, name="study"
+            )
+            analysis = model.analyze([decoded])[0]
+            labels = [f.finding for f in analysis.findings]
+            if finding not in labels:
+                raise NotFoundError(f"the model has no finding {finding!r}")
+            # One pass gives every finding's CAM: cache them all for the next clicks.
+            for k, label in enumerate(labels):
+                self._cache[(key[0], label)] = overlay_png(decoded, analysis.cams[k])
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return self._cache[key]

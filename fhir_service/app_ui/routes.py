@@ -1,0 +1,361 @@
+"""``/app``: the SMART launch endpoints, the pages, and the JSON the pages read.
+
+The browser talks only to this server (same origin); this server calls the EHR's FHIR base
+with the session's token (see :mod:`fhir_service.app_ui.service`). Routes::
+
+    GET /app/launch?iss=…&launch=…   EHR launch        (no launch: standalone, launch/patient)
+    GET /app/callback?code=…&state=… code exchange → /app/
+    GET /app/  /app/study/{id}       the worklist and the study viewer (static HTML + JS)
+    GET /app/static/{file}           app.js, app.css (no CDN, no external fonts)
+    GET /app/api/context | worklist | study/{id} | image/{id} | heatmap/{id}/{finding}
+        /app/api/similar?study=…|text=…
+    POST /app/logout
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import io
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from cxr_errors import CxrError, FhirError, NotFoundError
+from fhir_service.app_ui import smart
+from fhir_service.app_ui.service import AppUi, NotSignedIn
+from fhir_service.app_ui.session import COOKIE, AppSession, Pending
+
+log = logging.getLogger(__name__)
+
+_STATIC = files("fhir_service.app_ui") / "static"
+_STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
+_PENDING_LIFETIME_S = 600
+# Everything the pages load comes from this origin; images may be data:/blob: URLs.
+_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'"
+)
+_NO_STORE = {"Cache-Control": "no-store"}
+_SIMILAR_PARAMS = (
+    "count",
+    "exclude-same-patient",
+    "finding",
+    "gender",
+    "view-position",
+    "age-min",
+    "age-max",
+    "space",
+)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    ui = AppUi(app.state.settings)
+    app.state.app_ui = ui
+    yield
+    await ui.aclose()
+
+
+router = APIRouter(prefix="/app", lifespan=lifespan, include_in_schema=False)
+
+
+def _ui(request: Request) -> AppUi:
+    ui: AppUi = request.app.state.app_ui
+    return ui
+
+
+UiDep = Annotated[AppUi, Depends(_ui)]
+
+
+def _session(request: Request, ui: UiDep) -> AppSession:
+    session = ui.sessions.from_cookie(request.cookies.get(COOKIE))
+    if session is None or session.tokens is None:
+        raise NotSignedIn("not signed in")
+    return session
+
+
+def _page(body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(body, status, headers={"Content-Security-Policy": _CSP, **_NO_STORE})
+
+
+def _error_page(title: str, message: str, status: int) -> HTMLResponse:
+    return _page(
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(title)} — cxr</title>"
+        "<link rel='stylesheet' href='/app/static/app.css'></head><body><main class='error'>"
+        f"<h1>{html.escape(title)}</h1><p role='alert'>{html.escape(message)}</p>"
+        "<p>Open the app again from your EHR.</p></main></body></html>",
+        status,
+    )
+
+
+def _set_cookie(response: Response, ui: AppUi, session: AppSession) -> None:
+    response.set_cookie(
+        COOKIE,
+        ui.sessions.cookie_value(session),
+        max_age=ui.settings.app_session_lifetime_s,
+        path="/app",
+        httponly=True,
+        secure=ui.settings.service_url.startswith("https://"),
+        samesite="lax",
+    )
+
+
+@router.get("/launch")
+async def launch(
+    request: Request,
+    ui: UiDep,
+    iss: Annotated[str, Query(min_length=1, max_length=2000)],
+    launch: Annotated[str | None, Query(max_length=2000)] = None,
+) -> Response:
+    iss = iss.rstrip("/")
+    if not ui.issuer_allowed(iss):
+        return _error_page("Unknown EHR", f"{iss} is not an EHR this app trusts.", 400)
+    try:
+        config = await smart.discover(ui.http, iss)
+    except smart.LaunchError as exc:
+        return _error_page("Launch failed", str(exc), 502)
+    # A launch always starts a new session: tokens of an earlier patient must not leak in.
+    old = ui.sessions.from_cookie(request.cookies.get(COOKIE))
+    if old is not None:
+        ui.sessions.drop(old)
+    session = ui.sessions.new()
+    session.pending = Pending(
+        state=secrets.token_urlsafe(24),
+        verifier=smart.new_verifier(),
+        iss=iss,
+        token_endpoint=str(config["token_endpoint"]),
+        created=ui.clock(),
+    )
+    target = smart.authorize_url(
+        config,
+        client_id=ui.settings.app_client_id,
+        redirect_uri=ui.redirect_uri,
+        iss=iss,
+        state=session.pending.state,
+        verifier=session.pending.verifier,
+        launch=launch,
+    )
+    response = RedirectResponse(target, status_code=303, headers=_NO_STORE)
+    _set_cookie(response, ui, session)
+    return response
+
+
+@router.get("/callback")
+async def callback(
+    request: Request,
+    ui: UiDep,
+    state: str | None = None,
+    code: str | None = None,
+    error: str | None = None,
+    error_description: str | None = None,
+) -> Response:
+    session = ui.sessions.from_cookie(request.cookies.get(COOKIE))
+    pending = session.pending if session else None
+    if session is None or pending is None:
+        return _error_page("Launch failed", "no launch in progress in this browser", 400)
+    if not state or not secrets.compare_digest(state, pending.state):
+        session.pending = None
+        return _error_page("Launch failed", "the state parameter does not match", 400)
+    session.pending = None
+    if pending.created + _PENDING_LIFETIME_S < ui.clock():
+        return _error_page("Launch failed", "the launch took too long; start again", 400)
+    if error or not code:
+        return _error_page("Access not granted", error_description or error or "no code", 403)
+    try:
+        body = await smart.token_request(
+            ui.http,
+            pending.token_endpoint,
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": ui.redirect_uri,
+                "client_id": ui.settings.app_client_id,
+                "code_verifier": pending.verifier,
+            },
+            clock=ui.clock,
+        )
+    except smart.LaunchError as exc:
+        return _error_page("Launch failed", str(exc), 502)
+    if not body.get("patient"):
+        return _error_page("Launch failed", "the EHR did not give a patient context", 400)
+    session.iss = pending.iss
+    session.token_endpoint = pending.token_endpoint
+    ui.store_tokens(session, body)
+    return RedirectResponse("/app/", status_code=303, headers=_NO_STORE)
+
+
+@router.post("/logout")
+async def logout(request: Request, ui: UiDep) -> Response:
+    session = ui.sessions.from_cookie(request.cookies.get(COOKIE))
+    if session is not None:
+        ui.sessions.drop(session)
+    response = RedirectResponse("/app/", status_code=303)
+    response.delete_cookie(COOKIE, path="/app")
+    return response
+
+
+def _static_text(name: str) -> str:
+    return (_STATIC / name).read_text(encoding="utf-8")
+
+
+@router.get("/")
+async def worklist_page() -> HTMLResponse:
+    return _page(_static_text("index.html"))
+
+
+@router.get("/study/{study_id}")
+async def study_page(study_id: str) -> HTMLResponse:
+    return _page(_static_text("study.html"))
+
+
+@router.get("/static/{name}")
+async def static(name: str) -> Response:
+    if name not in _STATIC_FILES:
+        return Response(status_code=404)
+    return Response(
+        (_STATIC / name).read_bytes(),
+        media_type=_STATIC_FILES[name],
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+# --- JSON for the pages -----------------------------------------------------------------------
+
+
+def _api_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status, headers=_NO_STORE)
+
+
+async def _guard(call: Any) -> Any:
+    try:
+        return await call
+    except NotSignedIn as exc:
+        return _api_error(401, f"{exc}; open the app again from your EHR")
+    except NotFoundError as exc:
+        return _api_error(404, str(exc))
+    except FhirError as exc:
+        return _api_error(502, str(exc))
+    except CxrError as exc:
+        log.warning("app request failed: %s", exc)
+        return _api_error(500, str(exc))
+
+
+def _json(body: Any) -> JSONResponse:
+    return JSONResponse(body, headers=_NO_STORE)
+
+
+@router.get("/api/context")
+async def context(request: Request, ui: UiDep) -> Response:
+    async def run() -> Response:
+        session = _session(request, ui)
+        tokens = session.tokens
+        assert tokens is not None
+        patient = await ui.fhir(session, f"Patient/{tokens.patient}")
+        names = patient.body.get("name") or [{}]
+        name = (
+            names[0].get("text")
+            or " ".join([*names[0].get("given", []), names[0].get("family", "")]).strip()
+        )
+        return _json(
+            {
+                "patient": {
+                    "id": tokens.patient,
+                    "name": name or f"Patient {tokens.patient}",
+                    "gender": patient.body.get("gender"),
+                    "birthDate": patient.body.get("birthDate"),
+                },
+                "user": tokens.fhir_user,
+                "iss": session.iss,
+                "poll_interval_s": ui.settings.app_poll_interval_s,
+            }
+        )
+
+    result: Response = await _guard(run())
+    return result
+
+
+@router.get("/api/worklist")
+async def worklist(request: Request, ui: UiDep) -> Response:
+    async def run() -> Response:
+        return _json({"studies": await ui.worklist(_session(request, ui))})
+
+    result: Response = await _guard(run())
+    return result
+
+
+@router.get("/api/study/{study_id}")
+async def study(request: Request, ui: UiDep, study_id: str) -> Response:
+    async def run() -> Response:
+        return _json(await ui.study(_session(request, ui), study_id))
+
+    result: Response = await _guard(run())
+    return result
+
+
+def _thumbnail(data: bytes, size: int) -> bytes:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.thumbnail((size, size))
+        out = io.BytesIO()
+        img.convert("L").save(out, format="PNG", optimize=True)
+        return out.getvalue()
+
+
+@router.get("/api/image/{study_id}")
+async def image(
+    request: Request,
+    ui: UiDep,
+    study_id: str,
+    size: Annotated[int | None, Query(ge=32, le=1024)] = None,
+) -> Response:
+    async def run() -> Response:
+        data, content_type = await ui.image(_session(request, ui), study_id)
+        if size is not None:
+            data, content_type = await asyncio.to_thread(_thumbnail, data, size), "image/png"
+        return Response(data, media_type=content_type, headers={"Cache-Control": "private"})
+
+    result: Response = await _guard(run())
+    return result
+
+
+@router.get("/api/heatmap/{study_id}/{finding}")
+async def heatmap(request: Request, ui: UiDep, study_id: str, finding: str) -> Response:
+    async def run() -> Response:
+        png, source = await ui.heatmap(_session(request, ui), study_id, finding)
+        return Response(
+            png,
+            media_type="image/png",
+            headers={"Cache-Control": "private", "X-Cxr-Heatmap": source},
+        )
+
+    result: Response = await _guard(run())
+    return result
+
+
+@router.get("/api/similar")
+async def similar(
+    request: Request,
+    ui: UiDep,
+    study: Annotated[str | None, Query(max_length=64)] = None,
+    text: Annotated[str | None, Query(max_length=500)] = None,
+) -> Response:
+    async def run() -> Response:
+        if bool(study) == bool(text and text.strip()):
+            return _api_error(400, "give either study or text")
+        params = {k: v for k, v in request.query_params.items() if k in _SIMILAR_PARAMS and v}
+        if text:
+            params["text"] = text.strip()
+        return _json({"results": await ui.similar(_session(request, ui), study, params)})
+
+    result: Response = await _guard(run())
+    return result

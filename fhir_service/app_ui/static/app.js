@@ -1,0 +1,258 @@
+// cxr SMART app — plain JS, same-origin JSON only (tokens never reach the browser).
+"use strict";
+
+const FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+  "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
+  "Pleural_Thickening", "Hernia"];
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    // CSSOM, not a style attribute: the page's CSP allows no inline styles.
+    else if (k === "style") Object.assign(node.style, v);
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c);
+  return node;
+}
+
+class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+async function api(path) {
+  const resp = await fetch(path, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new ApiError(resp.status, body.error || `HTTP ${resp.status}`);
+  return body;
+}
+
+function showError(err) {
+  const box = document.getElementById("error");
+  if (!box) return;
+  if (!err) { box.hidden = true; box.textContent = ""; return; }
+  box.hidden = false;
+  box.textContent = err.status === 401 ? "Not signed in: open this app from your EHR." : `Could not load: ${err.message}`;
+}
+
+function fmt(p) { return p === null || p === undefined ? "–" : Number(p).toFixed(2); }
+
+function since(iso) {
+  if (!iso) return "–";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return `${Math.round(s)} s ago`;
+  if (s < 3600) return `${Math.round(s / 60)} min ago`;
+  if (s < 86400) return `${Math.round(s / 3600)} h ago`;
+  return `${Math.round(s / 86400)} d ago`;
+}
+
+function setBanner(untrained) {
+  const banner = document.getElementById("banner");
+  banner.hidden = !untrained;
+  banner.textContent = untrained
+    ? "UNTRAINED MODEL — NOT A FINDING. These AI-generated numbers come from a model without trained weights (test/demo mode) and carry no clinical meaning."
+    : "";
+}
+
+async function loadContext() {
+  const ctx = await api("/app/api/context");
+  const p = ctx.patient;
+  document.getElementById("patient").textContent =
+    `${p.name}${p.gender ? " · " + p.gender : ""}${p.birthDate ? " · born " + p.birthDate : ""}`;
+  return ctx;
+}
+
+// --- worklist -----------------------------------------------------------------------------
+
+function statusBadge(row) {
+  return el("span", { class: `badge status-${row.status}`, title: row.reason || null, text: row.status });
+}
+
+function renderWorklist(rows) {
+  const body = document.querySelector("#worklist tbody");
+  const trs = rows.map((row, i) => {
+    const findings = (row.top_findings || []).map((f) =>
+      `${f.text} ${fmt(f.calibrated_probability)}${f.positive ? " ▲" : ""}`).join(", ");
+    return el("tr", { "data-study": row.id, "data-status": row.status, class: row.pneumothorax_positive ? "critical" : null },
+      el("td", { text: String(i + 1) }),
+      el("td", {}, el("a", { href: `/app/study/${encodeURIComponent(row.id)}` }, `${row.description} (${row.id})`)),
+      el("td", {}, statusBadge(row)),
+      el("td", { class: "num", text: row.status !== "done" ? "–"
+        : `${fmt(row.urgency)}${row.pneumothorax_positive ? " · pneumothorax ▲" : ""}` }),
+      el("td", { text: findings || (row.status === "failed" ? row.reason : "–") }),
+      el("td", { "data-posted": row.posted || "", text: since(row.posted) }));
+  });
+  body.replaceChildren(...trs);
+  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 6, text: "No studies for this patient." })));
+  setBanner(rows.some((r) => r.untrained));
+  document.getElementById("worklist").dataset.rendered = String(rows.length);
+  document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+}
+
+async function worklistPage() {
+  let interval = 3;
+  try { interval = (await loadContext()).poll_interval_s; } catch (err) { showError(err); return; }
+  const poll = async () => {
+    try { renderWorklist((await api("/app/api/worklist")).studies); showError(null); }
+    catch (err) { showError(err); if (err.status === 401) return; }
+    setTimeout(poll, interval * 1000);
+  };
+  await poll();
+}
+
+// --- study viewer -------------------------------------------------------------------------
+
+const viewer = { study: null, xray: null, overlay: null, overlayFinding: null, token: 0 };
+
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error(`cannot load ${src}`));
+    img.src = src;
+  });
+}
+
+function draw() {
+  const canvas = document.getElementById("xray");
+  const ctx = canvas.getContext("2d");
+  ctx.globalAlpha = 1;
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  const img = viewer.xray;
+  if (img) {
+    // The model (and the heatmap) sees the centre square of the image.
+    const side = Math.min(img.naturalWidth, img.naturalHeight);
+    const sx = (img.naturalWidth - side) / 2, sy = (img.naturalHeight - side) / 2;
+    ctx.drawImage(img, sx, sy, side, side, 0, 0, canvas.width, canvas.height);
+  }
+  if (viewer.overlay) {
+    ctx.globalAlpha = Number(document.getElementById("opacity").value) / 100;
+    ctx.drawImage(viewer.overlay, 0, 0, canvas.width, canvas.height);
+    ctx.globalAlpha = 1;
+  }
+  canvas.dataset.overlay = viewer.overlay ? viewer.overlayFinding : "";
+}
+
+async function showHeatmap(finding, button) {
+  const token = ++viewer.token;
+  const status = document.getElementById("overlay-status");
+  document.querySelectorAll(".finding-button").forEach((b) => b.setAttribute("aria-pressed", String(b === button && viewer.overlayFinding !== finding)));
+  if (viewer.overlayFinding === finding) {
+    viewer.overlay = null; viewer.overlayFinding = null; draw();
+    status.textContent = "No heatmap shown."; return;
+  }
+  status.textContent = `Loading heatmap for ${finding.replace("_", " ")}…`;
+  try {
+    const img = await loadImage(`/app/api/heatmap/${encodeURIComponent(viewer.study)}/${encodeURIComponent(finding)}`);
+    if (token !== viewer.token) return;
+    viewer.overlay = img; viewer.overlayFinding = finding; draw();
+    status.textContent = `Heatmap (class activation map): ${finding.replace("_", " ")} — where the model looked, not a segmentation.`;
+  } catch (err) {
+    if (token === viewer.token) status.textContent = `Heatmap unavailable: ${err.message}`;
+  }
+}
+
+function findingItem(f) {
+  const pct = (x) => `${Math.max(0, Math.min(1, Number(x))) * 100}%`;
+  const bar = el("span", { class: "bar", "aria-hidden": "true" },
+    f.band_low !== null && f.band_high !== null
+      ? el("span", { class: "band", style: { left: pct(f.band_low), width: `calc(${pct(f.band_high)} - ${pct(f.band_low)})` } }) : null,
+    el("span", { class: `fill${f.positive ? " positive" : ""}`, style: { width: pct(f.calibrated_probability) } }),
+    f.threshold !== null ? el("span", { class: "threshold", style: { left: pct(f.threshold) } }) : null);
+  const label = `${f.text}: calibrated probability ${fmt(f.calibrated_probability)}, band ${fmt(f.band_low)} to ${fmt(f.band_high)}, operating threshold ${fmt(f.threshold)}${f.positive ? ", at or above threshold" : ""}. Show heatmap.`;
+  const button = el("button", { type: "button", class: "finding-button", "aria-pressed": "false", "aria-label": label, "data-finding": f.finding },
+    el("span", { class: "fname", text: f.text + (f.positive ? " ▲" : "") }),
+    el("span", { class: "fval", text: `${fmt(f.calibrated_probability)} [${fmt(f.band_low)}–${fmt(f.band_high)}] thr ${fmt(f.threshold)}` }),
+    bar);
+  button.addEventListener("click", () => showHeatmap(f.finding, button));
+  return el("li", {}, button);
+}
+
+function renderStudy(s) {
+  document.getElementById("study-title").textContent = `${s.description} (${s.id})`;
+  document.title = `Study ${s.id} — cxr`;
+  document.getElementById("study-meta").textContent =
+    `${s.modality || "X-ray"} · posted ${since(s.posted)} · status ${s.status}`;
+  setBanner(s.untrained);
+  const report = s.report;
+  document.getElementById("report-status").textContent = report
+    ? `AI-generated report, status ${report.status} (not reviewed by a radiologist).`
+    : s.status === "failed" ? `Analysis failed: ${s.failure}` : "Analysis pending…";
+  document.getElementById("conclusion").textContent = report ? report.conclusion : "";
+  const sorted = [...s.findings].sort((a, b) => b.calibrated_probability - a.calibrated_probability);
+  document.getElementById("findings").replaceChildren(...sorted.map(findingItem));
+  document.getElementById("findings").dataset.count = String(sorted.length);
+}
+
+function similarQuery(text) {
+  const q = new URLSearchParams();
+  if (text) q.set("text", text); else q.set("study", viewer.study);
+  q.set("count", document.getElementById("filter-count").value);
+  q.set("exclude-same-patient", document.getElementById("same-patient").checked ? "false" : "true");
+  const finding = document.getElementById("filter-finding").value;
+  if (finding) q.set("finding", finding);
+  const view = document.getElementById("filter-view").value;
+  if (view) q.set("view-position", view);
+  return `/app/api/similar?${q}`;
+}
+
+async function loadSimilar() {
+  const text = document.getElementById("similar-text").value.trim();
+  const note = document.getElementById("similar-note");
+  const list = document.getElementById("similar-results");
+  note.textContent = "Searching…";
+  try {
+    const { results } = await api(similarQuery(text));
+    list.replaceChildren(...results.map((r) => el("li", { "data-study": r.id },
+      el("img", { src: `/app/api/image/${encodeURIComponent(r.id)}?size=96`, alt: `Thumbnail of study ${r.id}`, width: 96, height: 96, loading: "lazy" }),
+      el("div", {},
+        el("a", { href: `/app/study/${encodeURIComponent(r.id)}` }, `${r.description} (${r.id})`),
+        el("div", { class: "muted", text: `score ${fmt(r.score)}${r.same_patient ? " · same patient" : ""} · ${r.status}` }),
+        el("div", { text: r.findings.map((f) => `${f.text} ${fmt(f.calibrated_probability)}`).join(", ") || "–" })))));
+    note.textContent = `${results.length} result(s) ${text ? `for “${text}”` : "similar to this study"}. Only this patient's studies are visible through this launch.`;
+    list.dataset.query = text || `study:${viewer.study}`;
+  } catch (err) {
+    note.textContent = `Similar cases unavailable: ${err.message}`;
+  }
+}
+
+async function studyPage() {
+  viewer.study = decodeURIComponent(location.pathname.split("/").pop());
+  const opacity = document.getElementById("opacity");
+  opacity.addEventListener("input", () => {
+    document.getElementById("opacity-value").textContent = `${opacity.value}%`;
+    draw();
+  });
+  const sel = document.getElementById("filter-finding");
+  for (const f of FINDINGS) sel.append(el("option", { value: f, text: f.replace("_", " ") }));
+  document.getElementById("similar-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadSimilar(); });
+  document.getElementById("similar-reset").addEventListener("click", () => { document.getElementById("similar-text").value = ""; loadSimilar(); });
+  for (const id of ["same-patient", "filter-finding", "filter-view", "filter-count"])
+    document.getElementById(id).addEventListener("change", loadSimilar);
+  let interval = 3;
+  try { interval = (await loadContext()).poll_interval_s; } catch (err) { showError(err); return; }
+  draw();
+  loadImage(`/app/api/image/${encodeURIComponent(viewer.study)}`)
+    .then((img) => { viewer.xray = img; draw(); document.getElementById("xray").dataset.loaded = "true"; })
+    .catch((err) => showError(err));
+  const poll = async () => {
+    try {
+      const s = await api(`/app/api/study/${encodeURIComponent(viewer.study)}`);
+      renderStudy(s); showError(null);
+      if (s.status === "pending") setTimeout(poll, interval * 1000);
+    } catch (err) { showError(err); }
+  };
+  await poll();
+  loadSimilar();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const page = document.body.dataset.page;
+  if (page === "worklist") worklistPage();
+  else if (page === "study") studyPage();
+});
