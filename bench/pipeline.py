@@ -1,0 +1,560 @@
+"""End-to-end pipeline: POST a study to HAPI → DiagnosticReport visible, against a naive loop.
+
+Measured in one run on one machine, on the same NIH sample images:
+
+* **latency**, one study at a time (each waits for its report before the next is posted), split
+  from PostgreSQL's own job events (``procrastinate_events.at``, same clock as this process):
+  HAPI delivery (POST → job deferred by the rest-hook receiver; includes HAPI's transaction
+  and its subscription matching interval), queue wait (deferred → started), inference +
+  write-back (started → succeeded), and the total (POST → report found by polling HAPI);
+* **throughput**: a batch of studies posted at once, time until every report exists in HAPI,
+  with 1 and then 2 ``cxr worker`` processes;
+* **the peer**: a naive loop in this process that polls HAPI for new ImagingStudies (at the
+  same interval as HAPI's subscription matching), runs the same analyzer on the same pixels,
+  and writes the same resources one per request (each entry of ``build_result_transaction``
+  POSTed on its own, urn:uuid references replaced by the ids already created) — timed on the
+  same latency and batch runs while the workers are stopped.
+
+Prints, never asserts. Runs in ``untrained`` mode (pretrained weights cannot be downloaded
+here) and says so. Its own data dir and ports (``.cxr-data/bench-pipeline``, HAPI 18280,
+PostgreSQL 15480, service 18201), wiped at start except the exported ONNX models, so tests and
+the demo running at the same time are not touched.
+
+    .venv/bin/python bench/pipeline.py                  # 20 + 20 studies, ~6-8 min on 2 cores
+    .venv/bin/python bench/pipeline.py --latency-studies 5 --batch 10   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(REPO))
+
+from fhir_service import builders, hapi_server  # noqa: E402
+from fhir_service.database import start_database, stop_database  # noqa: E402
+from fhir_service.fhir_client import FhirClient  # noqa: E402
+from fhir_service.model_config import model_version_for  # noqa: E402
+from fhir_service.nih import NihRecord, created_id, read_manifest, study_transaction  # noqa: E402
+from fhir_service.settings import Settings  # noqa: E402
+from fhir_service.stack import start_service, start_workers, stop_all, worker_process  # noqa: E402
+
+PROCESS_TASK = "cxr.process_study"
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout_s: float, every_s: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)
+
+
+@dataclass
+class Study:
+    """One posted study and what we measured about it (wall-clock epoch seconds)."""
+
+    index: int
+    study_id: str = ""
+    posted: float = 0.0  # before the POST
+    post_done: float = 0.0  # the transaction response arrived
+    visible: float = 0.0  # the report was first found in HAPI
+    deferred: float = 0.0
+    started: float = 0.0
+    succeeded: float = 0.0
+    # naive loop
+    seen: float = 0.0
+    inferred: float = 0.0  # analyze() returned
+    infer_s: float = 0.0
+
+
+class Bench:
+    def __init__(self, settings: Settings, dsn: str, records: list[NihRecord]) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.records = records
+        self.fhir = FhirClient(settings.fhir_base_url, timeout=60)
+        self.model_version = model_version_for(settings)
+        self.images = [
+            (settings.shared_dir / "data" / "nih-sample" / r.image_index).read_bytes()
+            for r in records
+        ]
+        self._tag = 0
+
+    def post(self, study: Study, tag: str) -> None:
+        rec = self.records[study.index % len(self.records)]
+        data = self.images[study.index % len(self.records)]
+        bundle = study_transaction(rec, data, tag=tag)
+        study.posted = time.time()
+        with FhirClient(self.settings.fhir_base_url, timeout=60) as fhir:  # thread-safe per call
+            study.study_id = created_id(fhir.transaction(bundle), "ImagingStudy")
+        study.post_done = time.time()
+
+    def new_tag(self, phase: str) -> str:
+        self._tag += 1
+        return f"bench{int(time.time())}{phase}{self._tag}"
+
+    def report_identifier(self, study_id: str) -> str:
+        system, value = builders.study_model_identifier(study_id, self.model_version)
+        return f"{system}|{value}"
+
+    def has_report(self, study_id: str) -> bool:
+        return (
+            self.fhir.count("DiagnosticReport", {"identifier": self.report_identifier(study_id)})
+            > 0
+        )
+
+    def reported(self, studies: Sequence[Study]) -> int:
+        """How many of ``studies`` have a report, in one search (identifiers OR-ed)."""
+        total = 0
+        for i in range(0, len(studies), 15):  # keeps the URL well under HAPI's 8 KiB limit
+            ids = ",".join(self.report_identifier(s.study_id) for s in studies[i : i + 15])
+            total += self.fhir.count("DiagnosticReport", {"identifier": ids})
+        return total
+
+    def job_events(self, studies: Sequence[Study]) -> None:
+        """Fill deferred / started / succeeded from procrastinate's event table."""
+        import psycopg
+
+        by_id = {s.study_id: s for s in studies}
+        with psycopg.connect(self.dsn) as conn:
+            rows = conn.execute(
+                "SELECT j.args->>'study_id', e.type::text, "
+                "       extract(epoch FROM min(e.at)), extract(epoch FROM max(e.at)) "
+                "FROM procrastinate_jobs j JOIN procrastinate_events e ON e.job_id = j.id "
+                "WHERE j.task_name = %s AND j.args->>'study_id' = ANY(%s) "
+                "GROUP BY 1, 2",
+                (PROCESS_TASK, list(by_id)),
+            ).fetchall()
+        for sid, kind, first, last in rows:
+            s = by_id[sid]
+            if kind == "deferred":
+                s.deferred = float(first)
+            elif kind == "started":
+                s.started = float(first)
+            elif kind == "succeeded":
+                s.succeeded = float(last)
+
+    def workers_alive(self) -> int:
+        import psycopg
+
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM procrastinate_workers "
+                "WHERE last_heartbeat > now() - interval '30 seconds'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+
+# --- the naive peer ------------------------------------------------------------------------
+
+
+class NaiveLoop(threading.Thread):
+    """Poll HAPI for new ImagingStudies, analyze, write every resource with its own POST."""
+
+    def __init__(self, settings: Settings, analyzer: Any, poll_s: float) -> None:
+        super().__init__(daemon=True, name="naive-loop")
+        self.settings = settings
+        self.analyzer = analyzer
+        self.poll_s = poll_s
+        self.since = datetime.now(UTC)
+        self.seen: set[str] = set()
+        self.done: dict[str, dict[str, float]] = {}
+        self.errors: list[str] = []
+        self.cond = threading.Condition()
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        from subscriptions.pixels import fetch_pixels
+
+        fhir = FhirClient(self.settings.fhir_base_url, timeout=60)
+        watermark = self.since.isoformat(timespec="milliseconds")
+        while not self.stop_event.is_set():
+            bundle = fhir.search(
+                "ImagingStudy",
+                {
+                    "_lastUpdated": f"gt{watermark}",
+                    "status": "available",
+                    "_sort": "_lastUpdated",
+                    "_count": "500",
+                },
+            )
+            new = [
+                e["resource"]
+                for e in bundle.get("entry", [])
+                if e["resource"]["id"] not in self.seen
+            ]
+            if not new:
+                self.stop_event.wait(self.poll_s)
+                continue
+            for study in new:
+                sid = study["id"]
+                self.seen.add(sid)
+                timing = {"seen": time.time()}
+                try:
+                    pixels = fetch_pixels(fhir, study, max_bytes=self.settings.max_image_bytes)
+                    t0 = time.perf_counter()
+                    result = self.analyzer.analyze(pixels.data, pixels.source)
+                    timing["infer_s"] = time.perf_counter() - t0
+                    timing["inferred"] = time.time()
+                    bundle_tx = builders.build_result_transaction(
+                        study=study,
+                        analysis=result.analysis,
+                        heatmaps=result.heatmaps,
+                        image_sha256=hashlib.sha256(pixels.data).hexdigest(),
+                        recorded=datetime.now(UTC),
+                    )
+                    self._write_one_by_one(fhir, bundle_tx, timing)
+                    timing["done"] = time.time()
+                except Exception as exc:  # report, keep serving the others
+                    self.errors.append(f"ImagingStudy/{sid}: {exc}")
+                    timing["done"] = time.time()
+                with self.cond:
+                    self.done[sid] = timing
+                    self.cond.notify_all()
+        fhir.close()
+
+    @staticmethod
+    def _write_one_by_one(
+        fhir: FhirClient, bundle: dict[str, Any], timing: dict[str, float]
+    ) -> None:
+        resolved: dict[str, str] = {}
+        for entry in bundle["entry"]:
+            text = json.dumps(entry)
+            for urn, ref in resolved.items():
+                text = text.replace(urn, ref)
+            e = json.loads(text)
+            created = fhir.create(e["resource"], if_none_exist=e["request"].get("ifNoneExist"))
+            resolved[entry["fullUrl"]] = f"{created['resourceType']}/{created['id']}"
+            if created["resourceType"] == "DiagnosticReport":
+                timing["visible"] = time.time()
+
+    def wait(self, study_ids: Sequence[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while not all(s in self.done for s in study_ids):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SystemExit(f"naive loop: timed out after {timeout_s:.0f} s")
+                self.cond.wait(left)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=120)
+
+
+# --- phases --------------------------------------------------------------------------------
+
+
+def latency_ours(bench: Bench, n: int, first: int) -> list[Study]:
+    studies = [Study(first + i) for i in range(n)]
+    tag = bench.new_tag("lat")
+    for s in studies:
+        bench.post(s, tag)
+        wait_for(
+            f"report of ImagingStudy/{s.study_id}", lambda s=s: bench.has_report(s.study_id), 180
+        )
+        s.visible = time.time()
+    # The job is acknowledged (succeeded) after the report is written; wait for the events.
+    wait_for(
+        "job events",
+        lambda: bench.job_events(studies) or all(s.succeeded for s in studies),
+        60,
+        0.2,
+    )
+    return studies
+
+
+def latency_naive(bench: Bench, naive: NaiveLoop, n: int, first: int) -> list[Study]:
+    studies = [Study(first + i) for i in range(n)]
+    tag = bench.new_tag("nlat")
+    for s in studies:
+        bench.post(s, tag)
+        naive.wait([s.study_id], 180)
+        t = naive.done[s.study_id]
+        s.seen, s.inferred = t["seen"], t.get("inferred", 0.0)
+        s.infer_s, s.visible = t.get("infer_s", 0.0), t.get("visible", t["done"])
+        s.succeeded = t["done"]
+    return studies
+
+
+@dataclass
+class Batch:
+    label: str
+    studies: list[Study] = field(default_factory=list)
+    t0: float = 0.0
+    t1: float = 0.0
+
+    @property
+    def wall_s(self) -> float:
+        return self.t1 - self.t0
+
+    @property
+    def per_min(self) -> float:
+        return 60.0 * len(self.studies) / self.wall_s
+
+    def totals(self) -> list[float]:
+        return [s.visible - s.posted for s in self.studies if s.visible]
+
+
+def post_batch(bench: Bench, studies: list[Study], tag: str) -> None:
+    # One patient per study: concurrent conditional creates of one Patient conflict (409).
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda s: bench.post(s, f"{tag}s{s.index}"), studies))
+
+
+def batch_ours(bench: Bench, label: str, n: int, first: int) -> Batch:
+    batch = Batch(label, [Study(first + i) for i in range(n)])
+    tag = bench.new_tag("batch")
+    batch.t0 = time.time()
+    post_batch(bench, batch.studies, tag)
+    wait_for(
+        f"{n} reports",
+        lambda: bench.reported(batch.studies) >= n,
+        60 + 30 * n,
+        0.2,
+    )
+    batch.t1 = time.time()
+    # Per-study "visible" under load: the job's succeeded event (report written just before).
+    wait_for(
+        "job events",
+        lambda: bench.job_events(batch.studies) or all(s.succeeded for s in batch.studies),
+        60,
+        0.2,
+    )
+    for s in batch.studies:
+        s.visible = s.succeeded
+    return batch
+
+
+def batch_naive(bench: Bench, naive: NaiveLoop, n: int, first: int) -> Batch:
+    batch = Batch("naive loop (1 process)", [Study(first + i) for i in range(n)])
+    tag = bench.new_tag("nbatch")
+    batch.t0 = time.time()
+    post_batch(bench, batch.studies, tag)
+    naive.wait([s.study_id for s in batch.studies], 60 + 30 * n)
+    batch.t1 = max(naive.done[s.study_id]["done"] for s in batch.studies)
+    for s in batch.studies:
+        t = naive.done[s.study_id]
+        s.visible = t.get("visible", t["done"])
+    return batch
+
+
+def warm_up(bench: Bench, what: str, first: int, n: int = 1) -> float:
+    """Post ``n`` studies at once (one per worker) and wait for their reports."""
+    studies = [Study(first + i) for i in range(n)]
+    post_batch(bench, studies, bench.new_tag("warm"))
+    wait_for(f"{what} warm-up", lambda: bench.reported(studies) >= n, 600, 0.2)
+    return time.time() - min(s.posted for s in studies)
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def row(label: str, values: Sequence[float]) -> str:
+    ms = [v * 1000.0 for v in values]
+    return f"  {label:<52} {pct(ms, 50):>8.0f} {pct(ms, 95):>8.0f} {len(ms):>4}"
+
+
+def print_latency(ours: list[Study], naive: list[Study], poll_s: float, interval_ms: int) -> None:
+    print()
+    print(f"latency, one study at a time (ms)                      {'p50':>8} {'p95':>8} {'n':>4}")
+    ok = [s for s in ours if s.deferred and s.started and s.succeeded]
+    print("ours: HAPI → rest-hook → queue → cxr worker (1 worker)")
+    print(row("HAPI POST transaction (client → response)", [s.post_done - s.posted for s in ok]))
+    print(
+        row(
+            f"(a) HAPI delivery (POST → job deferred; match {interval_ms} ms)",
+            [s.deferred - s.posted for s in ok],
+        )
+    )
+    print(row("(b) queue wait (deferred → started)", [s.started - s.deferred for s in ok]))
+    print(
+        row(
+            "(c) inference + write-back (started → succeeded)",
+            [s.succeeded - s.started for s in ok],
+        )
+    )
+    print(
+        row(
+            "total (POST → report found in HAPI, polled 50 ms)",
+            [s.visible - s.posted for s in ours],
+        )
+    )
+    print(f"naive loop: poll HAPI every {poll_s:g} s, analyze, one POST per resource")
+    print(row("(a) poll delay (POST → study seen)", [s.seen - s.posted for s in naive]))
+    print(
+        row(
+            "(c1) pixels + inference (seen → analyze() returned)",
+            [s.inferred - s.seen for s in naive],
+        )
+    )
+    print(row("     of which analyze() alone", [s.infer_s for s in naive]))
+    print(
+        row(
+            "(c2) write-back, one POST per resource (→ all written)",
+            [s.succeeded - s.inferred for s in naive],
+        )
+    )
+    print(row("total (POST → DiagnosticReport POSTed)", [s.visible - s.posted for s in naive]))
+
+
+def print_throughput(batches: list[Batch]) -> None:
+    print()
+    print(
+        f"throughput, batch posted at once     {'studies':>7} {'wall s':>7} {'studies/min':>11} "
+        f"{'p50 s':>6} {'p95 s':>6}"
+    )
+    for b in batches:
+        tot = b.totals()
+        print(
+            f"  {b.label:<34} {len(b.studies):>7} {b.wall_s:>7.1f} {b.per_min:>11.1f} "
+            f"{pct(tot, 50):>6.1f} {pct(tot, 95):>6.1f}"
+        )
+    naive = batches[-1]
+    ratios = ", ".join(f"{b.label}: {b.per_min / naive.per_min:.2f}x" for b in batches[:-1])
+    print(f"ratio ours / naive throughput: {ratios}")
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-studies", type=int, default=20, help="posted one at a time")
+    parser.add_argument("--batch", type=int, default=20, help="studies posted at once")
+    parser.add_argument("--naive-poll", type=float, default=0.5, help="naive loop poll interval s")
+    parser.add_argument("--data-dir", type=Path, default=REPO / ".cxr-data" / "bench-pipeline")
+    parser.add_argument("--hapi-port", type=int, default=18280)
+    parser.add_argument("--pg-port", type=int, default=15480)
+    parser.add_argument("--service-port", type=int, default=18201)
+    parser.add_argument("--keep", action="store_true", help="leave the stack running at the end")
+    return parser.parse_args(argv)
+
+
+def _wipe(settings: Settings) -> None:
+    """Fresh HAPI and PostgreSQL state; keep {data_dir}/models (exported ONNX graphs)."""
+    for sub in (settings.hapi_dir, settings.pg_dir, settings.log_dir, settings.run_dir):
+        shutil.rmtree(sub, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    settings = Settings(
+        data_dir=args.data_dir,
+        hapi_port=args.hapi_port,
+        pg_port=args.pg_port,
+        service_port=args.service_port,
+        model_weights="untrained",
+        clip_weights="untrained",
+        database_url=None,
+        hapi_base_url=None,
+        service_public_url=None,
+    )
+    t_start = time.monotonic()
+    print("pipeline benchmark: POST ImagingStudy → DiagnosticReport in HAPI, ours vs a naive loop")
+    print(f"load average at start: {load()}")
+    print(
+        "UNTRAINED weights (CXR_MODEL_WEIGHTS=untrained, CLIP untrained): pretrained weights "
+        "cannot be downloaded here;\n  timings are those of the real architectures, the scores "
+        "are not findings."
+    )
+    records = list(read_manifest(settings.shared_dir / "data" / "nih-sample" / "manifest.csv"))
+
+    stop_all(settings)
+    hapi_server.stop(settings)
+    stop_database(settings)
+    _wipe(settings)
+    try:
+        boot = hapi_server.start(settings, progress=lambda _m: None)
+        db = start_database(settings)
+        service_s = start_service(settings)
+        bench = Bench(settings, db.url, records)
+        sizes = [len(b) for b in bench.images]
+        print(
+            f"stack: HAPI {settings.fhir_base_url} (H2, boot {boot:.0f} s), PostgreSQL "
+            f":{settings.pg_port} (pgvector {db.pgvector}), service {settings.service_url} "
+            f"(ready {service_s:.0f} s); data dir {settings.data_dir}"
+        )
+        print(
+            f"model version {bench.model_version}; images: {len(records)} NIH sample PNGs, "
+            f"{np.mean(sizes) / 1024:.0f} KiB mean, used in order and reused with new "
+            "identifiers per phase"
+        )
+
+        first = 0
+        start_workers(settings, 1)
+        wait_for("worker 0", lambda: bench.workers_alive() >= 1, 300, 0.5)
+        print(f"worker 0 up; first study (model warm-up) {warm_up(bench, 'worker', first):.1f} s")
+        first += 1
+
+        ours_lat = latency_ours(bench, args.latency_studies, first)
+        batches = [batch_ours(bench, "ours, 1 worker", args.batch, first)]
+        start_workers(settings, 2)
+        wait_for("worker 1", lambda: bench.workers_alive() >= 2, 300, 0.5)
+        print(f"worker 1 up; warm-up of both workers {warm_up(bench, 'workers', first, 2):.1f} s")
+        batches.append(batch_ours(bench, "ours, 2 workers", args.batch, first))
+
+        # The peer runs alone: stop the workers (the service keeps receiving rest-hooks and
+        # queueing jobs nobody runs, a few ms each on HAPI and the service).
+        for i in range(2):
+            worker_process(settings, i).stop()
+        from subscriptions.analyzer import build_analyzer
+
+        t0 = time.perf_counter()
+        analyzer = build_analyzer(settings)
+        print(f"naive loop: analyzer loaded in {time.perf_counter() - t0:.1f} s (same settings)")
+        naive = NaiveLoop(settings, analyzer, args.naive_poll)
+        naive.start()
+        s = Study(0)
+        bench.post(s, bench.new_tag("nwarm"))
+        naive.wait([s.study_id], 300)
+        naive_lat = latency_naive(bench, naive, args.latency_studies, first)
+        batches.append(batch_naive(bench, naive, args.batch, first))
+        naive.stop()
+        if naive.errors:
+            print(f"naive loop errors ({len(naive.errors)}): {naive.errors[:3]}")
+
+        print_latency(ours_lat, naive_lat, args.naive_poll, settings.hapi_subscription_interval_ms)
+        print_throughput(batches)
+        print()
+        print(
+            f"load average at end: {load()}; benchmark wall time {time.monotonic() - t_start:.0f} s"
+        )
+    finally:
+        if not args.keep:
+            stop_all(settings)
+            hapi_server.stop(settings)
+            stop_database(settings)
+
+
+if __name__ == "__main__":
+    main()
