@@ -43,12 +43,28 @@ def fhir(hapi: HapiServer) -> Iterator[FhirClient]:
         yield client
 
 
+#: NIH-identified resources other test modules of the session posted before this one (with
+#: tagged identifiers); the counts below are this module's own.
+_BEFORE: dict[str, int] = {}
+
+
+def _count_all(fhir: FhirClient, resource_type: str, system: str) -> int:
+    return fhir.count(resource_type, {"identifier": f"{system}|"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _baseline(hapi: HapiServer) -> None:
+    with FhirClient(hapi.base_url, timeout=120) as fhir:
+        _BEFORE["Patient"] = _count_all(fhir, "Patient", nih.PATIENT_ID_SYSTEM)
+        _BEFORE["ImagingStudy"] = _count_all(fhir, "ImagingStudy", nih.IMAGE_INDEX_SYSTEM)
+
+
 def _patients(fhir: FhirClient) -> int:
-    return fhir.count("Patient", {"identifier": f"{nih.PATIENT_ID_SYSTEM}|"})
+    return _count_all(fhir, "Patient", nih.PATIENT_ID_SYSTEM) - _BEFORE["Patient"]
 
 
 def _studies(fhir: FhirClient) -> int:
-    return fhir.count("ImagingStudy", {"identifier": f"{nih.IMAGE_INDEX_SYSTEM}|"})
+    return _count_all(fhir, "ImagingStudy", nih.IMAGE_INDEX_SYSTEM) - _BEFORE["ImagingStudy"]
 
 
 def _first_rows(n: int) -> list[Row]:
