@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from cxr_errors import CxrError, InputError, NotFoundError
+from cxr_errors import CxrError, FhirError, FhirUnavailableError, InputError, NotFoundError
 from fhir_service import builders
 from fhir_service.fhir_client import FhirClient
 from fhir_service.nih import study_age_and_view
@@ -92,10 +93,7 @@ class Pipeline:
         sha = hashlib.sha256(pixels.data).hexdigest()
         model_version = self.analyzer.model_version
         system, value = builders.report_identifier(study_id, model_version, sha)
-        existing = self.fhir.search(
-            "DiagnosticReport", {"identifier": f"{system}|{value}", "_elements": "id"}
-        )
-        if existing.get("total", len(existing.get("entry", []))):
+        if self._reported(system, value):
             self._complete_task(study)
             return "already reported"
         result = self.analyzer.analyze(pixels.data, pixels.source)
@@ -108,13 +106,37 @@ class Pipeline:
             recorded=datetime.now(UTC),
             supersedes=previous,
         )
-        self.fhir.transaction(bundle)
+        try:
+            self.fhir.transaction(bundle)
+        except FhirError as exc:
+            # Another writer (a second worker without the queue's lock, bulk inference during
+            # ingest) committed the same conditional creates first: HAPI refuses ours with
+            # 409/412. If its report is there, the work is done; otherwise retry later.
+            if exc.http_status not in (409, 412):
+                raise
+            if self._reported(system, value, attempts=3):
+                self._complete_task(study)
+                return "already reported (concurrent writer)"
+            raise FhirUnavailableError(f"conflicting concurrent write: {exc.message}") from exc
         if self.store is not None:
             self.store.upsert(self._record(study, result, sha))
         self._complete_task(study)
         return "reported"
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _reported(self, system: str, value: str, *, attempts: int = 1) -> bool:
+        """Whether the report exists; after a write conflict the winner's commit may take a
+        moment to become visible, hence ``attempts`` (one second apart)."""
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(1.0)
+            found = self.fhir.search(
+                "DiagnosticReport", {"identifier": f"{system}|{value}", "_elements": "id"}
+            )
+            if found.get("total", len(found.get("entry", []))):
+                return True
+        return False
 
     def _current_reports(self, study_id: str, model_version: str) -> list[dict[str, Any]]:
         """Reports for this study and model that are still current (an older image)."""
