@@ -37,7 +37,7 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         app.state.settings = settings
         app.state.fhir = FhirClient(settings.fhir_base_url, timeout=10)
         app.state.queue = queue
-        store = VectorStore(dsn)
+        store = VectorStore(dsn, ef_search=settings.search_ef)
         await asyncio.to_thread(migrate, dsn)
         app.state.similar = SimilarService(
             fhir=app.state.fhir,

