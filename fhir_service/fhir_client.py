@@ -10,6 +10,7 @@ FhirUnavailableError (the caller may retry).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import httpx
 from cxr_errors import FhirError, FhirUnavailableError, NotFoundError
 
 FHIR_JSON = "application/fhir+json"
+_READ_RETRY_DELAYS_S = (0.5, 2.0)
 Resource = dict[str, Any]
 
 
@@ -79,19 +81,28 @@ class FhirClient:
         hdrs = dict(headers or {})
         if json is not None:
             hdrs.setdefault("Content-Type", FHIR_JSON)
-        try:
-            response = self._http.request(
-                method, path.lstrip("/"), json=json, params=params, headers=hdrs
-            )
-        except httpx.TimeoutException as exc:
-            raise FhirUnavailableError(f"FHIR server timed out: {method} {path}") from exc
-        except httpx.TransportError as exc:
-            raise FhirUnavailableError(
-                f"FHIR server unreachable at {self.base_url}: {exc}"
-            ) from exc
-        if response.status_code >= 400:
-            self._raise(method, path, response)
-        return response
+        # Reads are idempotent: a transient failure (5xx, dropped connection) is retried a
+        # couple of times here rather than failing a whole job or page walk. Writes are not.
+        attempts = len(_READ_RETRY_DELAYS_S) + 1 if method == "GET" else 1
+        for attempt in range(attempts):
+            try:
+                response = self._http.request(
+                    method, path.lstrip("/"), json=json, params=params, headers=hdrs
+                )
+                if response.status_code >= 400:
+                    self._raise(method, path, response)
+                return response
+            except httpx.TimeoutException as exc:
+                error = FhirUnavailableError(f"FHIR server timed out: {method} {path}")
+                error.__cause__ = exc
+            except httpx.TransportError as exc:
+                error = FhirUnavailableError(f"FHIR server unreachable at {self.base_url}: {exc}")
+                error.__cause__ = exc
+            except FhirUnavailableError as exc:
+                error = exc
+            if attempt < attempts - 1:
+                time.sleep(_READ_RETRY_DELAYS_S[attempt])
+        raise error
 
     def _raise(self, method: str, path: str, response: httpx.Response) -> None:
         try:
