@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, get_args
+from typing import Any, LiteralString, Protocol, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -332,31 +332,27 @@ def _row(record: EmbeddingRecord) -> tuple[Any, ...]:
     )
 
 
+#: SearchFilters field → the clause it adds; the parameter has the field's name.
+_FILTER_CLAUSES: tuple[tuple[str, LiteralString], ...] = (
+    ("exclude_patient", "patient_id IS DISTINCT FROM %(exclude_patient)s"),
+    ("exclude_study", "study_id <> %(exclude_study)s"),
+    ("gender", "gender = %(gender)s"),
+    ("view_position", "view_position = %(view_position)s"),
+    ("age_min", "age >= %(age_min)s"),
+    ("age_max", "age <= %(age_max)s"),
+    # @> rather than = ANY(...) so the GIN index on positive_findings can serve it.
+    ("finding", "positive_findings @> ARRAY[%(finding)s]::text[]"),
+)
+
+
 def _filter_sql(filters: SearchFilters) -> tuple[list[sql.Composable], dict[str, Any]]:
     clauses: list[sql.Composable] = []
     params: dict[str, Any] = {}
-    if filters.exclude_patient is not None:
-        clauses.append(sql.SQL("patient_id IS DISTINCT FROM %(exclude_patient)s"))
-        params["exclude_patient"] = filters.exclude_patient
-    if filters.exclude_study is not None:
-        clauses.append(sql.SQL("study_id <> %(exclude_study)s"))
-        params["exclude_study"] = filters.exclude_study
-    if filters.gender is not None:
-        clauses.append(sql.SQL("gender = %(gender)s"))
-        params["gender"] = filters.gender
-    if filters.view_position is not None:
-        clauses.append(sql.SQL("view_position = %(view_position)s"))
-        params["view_position"] = filters.view_position
-    if filters.age_min is not None:
-        clauses.append(sql.SQL("age >= %(age_min)s"))
-        params["age_min"] = filters.age_min
-    if filters.age_max is not None:
-        clauses.append(sql.SQL("age <= %(age_max)s"))
-        params["age_max"] = filters.age_max
-    if filters.finding is not None:
-        # @> rather than = ANY(...) so the GIN index on positive_findings can serve it.
-        clauses.append(sql.SQL("positive_findings @> ARRAY[%(finding)s]::text[]"))
-        params["finding"] = filters.finding
+    for field_name, clause in _FILTER_CLAUSES:
+        value = getattr(filters, field_name)
+        if value is not None:
+            clauses.append(sql.SQL(clause))
+            params[field_name] = value
     return clauses, params
 
 
