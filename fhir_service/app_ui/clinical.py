@@ -23,7 +23,9 @@ CRITICAL_FINDINGS = ("Pneumothorax", "Edema", "Pneumonia", "Consolidation", "Eff
 _NIH_SYSTEM = TERMINOLOGY.code_system_url("nih_label")
 _CONFIDENCE_URL = TERMINOLOGY.extension_url("ai_confidence")
 _THRESHOLD = TERMINOLOGY.concept("component_threshold")
-_LIVE_REPORT = ("preliminary", "final", "amended", "corrected", "partial", "registered")
+#: DiagnosticReport statuses that still stand (a superseded report is ``cancelled``).
+LIVE_REPORT_STATUSES = ("preliminary", "final", "amended", "corrected", "partial", "registered")
+_LIVE_REPORT = LIVE_REPORT_STATUSES
 
 
 def entries(bundle: Mapping[str, Any]) -> list[Resource]:
@@ -201,20 +203,51 @@ def input_media(media: Iterable[Mapping[str, Any]], study_id: str) -> Resource |
         and not is_cxr_overlay(m)
         and m.get("status") not in ("entered-in-error", "not-done")
     ]
-    found.sort(key=lambda m: str((m.get("meta") or {}).get("lastUpdated", "")), reverse=True)
+    found.sort(key=_last_updated, reverse=True)
     return found[0] if found else None
 
 
 def heatmap_media(media: Iterable[Mapping[str, Any]], study_id: str) -> dict[str, Resource]:
-    """Finding label → stored heatmap Media of the study."""
+    """Finding label → the study's current stored heatmap Media.
+
+    Only ``completed`` overlays count: a superseded result's overlays are ``stopped`` (see
+    :func:`fhir_service.builders.supersede`) and must not be shown for the new result. Should
+    two current overlays name one finding, the newest wins, whatever the search order.
+    """
     out: dict[str, Resource] = {}
     for m in media:
-        if not is_cxr_overlay(m) or m.get("status") == "entered-in-error":
+        if not is_cxr_overlay(m) or m.get("status", "completed") != "completed":
             continue
         if not any(ref_id(p, "ImagingStudy") == study_id for p in m.get("partOf", [])):
             continue
         for reason in m.get("reasonCode", []):
             label = finding_label({"code": reason})
-            if label:
+            if label and _last_updated(m) >= _last_updated(out.get(label, {})):
                 out[label] = dict(m)
+    return out
+
+
+def _last_updated(resource: Mapping[str, Any]) -> str:
+    return str((resource.get("meta") or {}).get("lastUpdated", ""))
+
+
+def patient_label(patient: Mapping[str, Any] | None, patient_id: str) -> str:
+    """The name to show for a patient: its first name's text, else given + family names,
+    else ``Patient {id}`` (NIH patients carry no name)."""
+    names = (patient or {}).get("name") or [{}]
+    first = names[0]
+    name = first.get("text") or " ".join([*first.get("given", []), first.get("family", "")])
+    return str(name).strip() or f"Patient {patient_id}"
+
+
+def study_patients(
+    studies: Iterable[Mapping[str, Any]], patients: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, str]]:
+    """Study id → ``{"id", "name"}`` of its subject (``patients`` by id: those the user may
+    read; a missing one is shown by its id)."""
+    out: dict[str, dict[str, str]] = {}
+    for study in studies:
+        pid = ref_id(study.get("subject"), "Patient")
+        if pid is not None:
+            out[str(study.get("id"))] = {"id": pid, "name": patient_label(patients.get(pid), pid)}
     return out
