@@ -18,11 +18,14 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: The cxr SMART app's client id in the dev EHR's default registry.
 CXR_APP_CLIENT_ID = "cxr-app"
-#: What the cxr app may be granted: SMART v2 read/search on the patient compartment.
+#: What the cxr app may be granted: SMART v2 read/search of its six resource types, on the
+#: patient compartment (``patient/``) or, for a user-level launch, across patients (``user/``).
 CXR_APP_SCOPES = (
     "launch launch/patient openid fhirUser profile offline_access online_access "
     "patient/Patient.rs patient/ImagingStudy.rs patient/DiagnosticReport.rs "
-    "patient/Observation.rs patient/Media.rs patient/Task.rs"
+    "patient/Observation.rs patient/Media.rs patient/Task.rs "
+    "user/Patient.rs user/ImagingStudy.rs user/DiagnosticReport.rs "
+    "user/Observation.rs user/Media.rs user/Task.rs"
 )
 
 
@@ -142,6 +145,9 @@ class Settings(BaseSettings):
     )
     ingest_state_dir: Path | None = Field(
         default=None, description="resumable `cxr ingest` progress; default {data_dir}/ingest"
+    )
+    ingest_inference_batch_size: int = Field(
+        default=8, ge=1, description="images per model pass of `cxr ingest --bulk-inference`"
     )
 
     # --- dev EHR (`cxr dev-ehr`: development launcher + SMART authorization server) ---

@@ -4,7 +4,7 @@ The browser talks only to this server (same origin); this server calls the EHR's
 with the session's token (see :mod:`fhir_service.app_ui.service`). Routes::
 
     GET /app/launch?iss=…&launch=…   EHR launch        (no launch: standalone, launch/patient)
-    GET /app/callback?code=…&state=… code exchange → /app/
+    GET /app/callback?code=…&state=… code exchange → /app/ in patient or user mode
     GET /app/  /app/study/{id}       the worklist and the study viewer (static HTML + JS)
     GET /app/static/{file}           app.js, app.css (no CDN, no external fonts)
     GET /app/api/context | worklist | study/{id} | image/{id} | heatmap/{id}/{finding}
@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from cxr_errors import CxrError, FhirError, NotFoundError
-from fhir_service.app_ui import smart
+from fhir_service.app_ui import clinical, smart
 from fhir_service.app_ui.service import AppUi, NotSignedIn
 from fhir_service.app_ui.session import COOKIE, AppSession, Pending
 
@@ -185,10 +185,13 @@ async def callback(
         )
     except smart.LaunchError as exc:
         return _error_page("Launch failed", str(exc), 502)
-    if not body.get("patient"):
-        return _error_page("Launch failed", "the EHR did not give a patient context", 400)
+    try:
+        mode = smart.launch_mode(body)
+    except smart.LaunchError as exc:
+        return _error_page("Launch failed", str(exc), 400)
     session.iss = pending.iss
     session.token_endpoint = pending.token_endpoint
+    session.mode = mode
     ui.store_tokens(session, body)
     return RedirectResponse("/app/", status_code=303, headers=_NO_STORE)
 
@@ -259,25 +262,23 @@ async def context(request: Request, ui: UiDep) -> Response:
         session = _session(request, ui)
         tokens = session.tokens
         assert tokens is not None
-        patient = await ui.fhir(session, f"Patient/{tokens.patient}")
-        names = patient.body.get("name") or [{}]
-        name = (
-            names[0].get("text")
-            or " ".join([*names[0].get("given", []), names[0].get("family", "")]).strip()
-        )
-        return _json(
-            {
-                "patient": {
-                    "id": tokens.patient,
-                    "name": name or f"Patient {tokens.patient}",
-                    "gender": patient.body.get("gender"),
-                    "birthDate": patient.body.get("birthDate"),
-                },
-                "user": tokens.fhir_user,
-                "iss": session.iss,
-                "poll_interval_s": ui.settings.app_poll_interval_s,
+        mode = ui.mode(session)
+        context: dict[str, Any] = {
+            "mode": mode,
+            "patient": None,
+            "user": tokens.fhir_user,
+            "iss": session.iss,
+            "poll_interval_s": ui.settings.app_poll_interval_s,
+        }
+        if mode == "patient" and tokens.patient is not None:
+            patient = await ui.fhir(session, f"Patient/{tokens.patient}")
+            context["patient"] = {
+                "id": tokens.patient,
+                "name": clinical.patient_label(patient.body, tokens.patient),
+                "gender": patient.body.get("gender"),
+                "birthDate": patient.body.get("birthDate"),
             }
-        )
+        return _json(context)
 
     result: Response = await _guard(run())
     return result

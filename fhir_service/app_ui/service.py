@@ -1,9 +1,16 @@
 """The app's server side: SMART sessions and FHIR reads made with the user's token.
 
 Every FHIR request goes to the launching EHR's FHIR base (``iss``, for ``cxr dev-ehr`` its
-patient-compartment proxy) with ``Authorization: Bearer <the user's access token>``. The
+token-checking proxy) with ``Authorization: Bearer <the user's access token>``. The
 service's own FHIR client and credentials are never used here, so the app can show nothing
 the user's grant does not allow.
+
+Two modes (:func:`fhir_service.app_ui.smart.launch_mode`): in **patient** mode the searches
+name no patient (the EHR binds them to the launch's patient) and read that patient's whole
+record; in **user** mode (a user-level launch) the worklist is the ``RECENT_STUDIES`` most
+recently updated studies of every patient, with their patients, reports, Observations and
+failed Tasks read for exactly those studies: a fixed number of requests per refresh,
+whatever the size of the archive.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ FHIR_JSON = "application/fhir+json"
 _PAGE = "100"
 _MAX_PAGES = 20
 _IMAGE_CACHE = 8
+#: How many of the most recently updated studies a user-level worklist shows (one page).
+RECENT_STUDIES = 50
+#: Reports per page when reading them by study: with their 14 Observations each, a page
+#: stays under HAPI's default limit of 1000 ``_include``d resources per page.
+_REPORTS_PAGE = "50"
+
+Results = tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]]]
 
 
 class NotSignedIn(Exception):
@@ -73,6 +87,9 @@ class AppUi:
 
     def store_tokens(self, session: AppSession, body: dict[str, Any]) -> None:
         old = session.tokens
+        fhir_user = body.get("fhirUser") or smart.id_token_claims(body.get("id_token")).get(
+            "fhirUser"
+        )
         session.tokens = Tokens(
             access_token=str(body["access_token"]),
             expires_at=float(body["expires_at"]),
@@ -80,8 +97,14 @@ class AppUi:
             patient=body.get("patient") or (old.patient if old else None),
             refresh_token=body.get("refresh_token") or (old.refresh_token if old else None),
             id_token=body.get("id_token") or (old.id_token if old else None),
-            fhir_user=body.get("fhirUser") or (old.fhir_user if old else None),
+            fhir_user=fhir_user or (old.fhir_user if old else None),
         )
+
+    @staticmethod
+    def mode(session: AppSession) -> smart.Mode:
+        if session.mode is None or session.tokens is None:
+            raise NotSignedIn("not signed in")
+        return session.mode
 
     async def access_token(self, session: AppSession, *, force_refresh: bool = False) -> str:
         async with session.lock:
@@ -119,8 +142,9 @@ class AppUi:
         if session.iss is None:
             raise NotSignedIn("not signed in")
         url = path if path.startswith(("http://", "https://")) else f"{session.iss}/{path}"
-        if not url.startswith(session.iss + "/"):
-            # Paging links must stay on the issuer's FHIR base: the token is only for it.
+        if not url.startswith((session.iss + "/", session.iss + "?")):
+            # Paging links must stay on the issuer's FHIR base (HAPI's are ``{base}?_getpages=``):
+            # the token is only for it.
             raise FhirError(f"refusing to send the user's token to {url}")
         for attempt in range(2):
             token = await self.access_token(session, force_refresh=attempt > 0)
@@ -170,26 +194,105 @@ class AppUi:
             self.search(session, "DiagnosticReport", {"_include": "DiagnosticReport:result"}),
             self.search(session, "Task", {"status": "failed"}),
         )
-        reports = [r for r in reports_and_obs if r.get("resourceType") == "DiagnosticReport"]
-        observations = {
-            str(r["id"]): r for r in reports_and_obs if r.get("resourceType") == "Observation"
-        }
+        reports, observations = _split_reports(reports_and_obs)
         return studies, reports, observations, tasks
 
+    async def recent_studies(
+        self, session: AppSession
+    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        """User mode: the ``RECENT_STUDIES`` most recently updated studies of any patient, and
+        their patients by id (those the user may read), in one request without paging."""
+        answer = await self.fhir(
+            session,
+            "ImagingStudy",
+            {
+                "_sort": "-_lastUpdated",
+                "_count": str(RECENT_STUDIES),
+                "_include": "ImagingStudy:subject",
+            },
+        )
+        if answer.status != 200:
+            raise FhirError(f"ImagingStudy search answered {answer.status}")
+        found = clinical.entries(answer.body)
+        studies = [r for r in found if r.get("resourceType") == "ImagingStudy"]
+        patients = {str(r["id"]): r for r in found if r.get("resourceType") == "Patient"}
+        return studies[:RECENT_STUDIES], patients
+
+    async def study_results(self, session: AppSession, study_ids: list[str]) -> Results:
+        """User mode: the live reports, their Observations and the failed Tasks of exactly
+        these studies (bounded by the ids, whatever the patients' other studies)."""
+        if not study_ids:
+            return [], {}, []
+        refs = ",".join(f"ImagingStudy/{sid}" for sid in dict.fromkeys(study_ids))
+        reports_and_obs, tasks = await asyncio.gather(
+            self.search(
+                session,
+                "DiagnosticReport",
+                {
+                    # R4 has no DiagnosticReport search by ImagingStudy; its results are
+                    # derivedFrom the study. The typed chain lets the EHR check the scope.
+                    "result:Observation.derived-from": refs,
+                    "status": ",".join(clinical.LIVE_REPORT_STATUSES),
+                    "_include": "DiagnosticReport:result",
+                    "_count": _REPORTS_PAGE,
+                },
+            ),
+            self.search(session, "Task", {"focus": refs, "status": "failed"}),
+        )
+        reports, observations = _split_reports(reports_and_obs)
+        return reports, observations, tasks
+
+    async def results_for(self, session: AppSession, study_ids: list[str]) -> Results:
+        """Reports, Observations and failed Tasks covering ``study_ids``: the patient's whole
+        record in patient mode (the same searches as the worklist), by study in user mode."""
+        if self.mode(session) == "user":
+            return await self.study_results(session, study_ids)
+        _, reports, observations, tasks = await self.patient_data(session)
+        return reports, observations, tasks
+
+    async def patients(self, session: AppSession, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """User mode: these Patients by id, in one search; empty when the user may not read
+        Patients (the app then shows ids)."""
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return {}
+        answer = await self.fhir(
+            session, "Patient", {"_id": ",".join(unique), "_count": str(len(unique))}
+        )
+        if answer.status == 403:
+            return {}
+        if answer.status != 200:
+            raise FhirError(f"Patient search answered {answer.status}")
+        return {str(r["id"]): r for r in clinical.entries(answer.body)}
+
     async def worklist(self, session: AppSession) -> list[dict[str, Any]]:
+        if self.mode(session) == "user":
+            studies, patients = await self.recent_studies(session)
+            reports, observations, tasks = await self.study_results(
+                session, [str(s["id"]) for s in studies]
+            )
+            rows = clinical.worklist(studies, reports, observations, tasks)
+            subjects = clinical.study_patients(studies, patients)
+            return [{**row, "patient": subjects.get(str(row["id"]))} for row in rows]
         studies, reports, observations, tasks = await self.patient_data(session)
         return clinical.worklist(studies, reports, observations, tasks)
 
     async def study(self, session: AppSession, study_id: str) -> dict[str, Any]:
-        # R4 has no DiagnosticReport search by ImagingStudy: read the patient's reports (the
-        # same searches as the worklist) and pick this study's.
-        study_answer, (_, reports, observations, tasks), media = await asyncio.gather(
+        # R4 has no DiagnosticReport search by ImagingStudy: read the reports covering the
+        # study (see results_for) and pick this study's.
+        study_answer, (reports, observations, tasks), media = await asyncio.gather(
             self.fhir(session, f"ImagingStudy/{study_id}"),
-            self.patient_data(session),
+            self.results_for(session, [study_id]),
             self.study_media(session, study_id),
         )
         if study_answer.status != 200:
             raise NotFoundError(f"ImagingStudy/{study_id} is not available to this user")
+        patient = None
+        if self.mode(session) == "user":
+            pid = clinical.ref_id(study_answer.body.get("subject"), "Patient")
+            if pid is not None:
+                found = await self.patients(session, [pid])
+                patient = {"id": pid, "name": clinical.patient_label(found.get(pid), pid)}
         report = clinical.latest_reports(reports).get(study_id)
         findings = clinical.study_findings(report, observations)
         stored = clinical.heatmap_media(media, study_id)
@@ -214,6 +317,7 @@ class AppUi:
             ),
             "findings": findings,
             "heatmap_on_demand": self.settings.app_heatmap_on_demand,
+            "patient": patient,
         }
 
     async def study_media(self, session: AppSession, study_id: str) -> list[dict[str, Any]]:
@@ -255,31 +359,72 @@ class AppUi:
     async def similar(
         self, session: AppSession, study_id: str | None, params: dict[str, str]
     ) -> list[dict[str, Any]]:
+        """``$similar`` matches with their status and findings. "Same patient" is the
+        launch's patient in patient mode, the queried study's patient in user mode (where
+        matches of other patients come with their patient's name)."""
         path = f"ImagingStudy/{study_id}/$similar" if study_id else "ImagingStudy/$similar"
-        answer, (studies, reports, observations, tasks) = await asyncio.gather(
-            self.fhir(session, path, params), self.patient_data(session)
-        )
+        user_mode = self.mode(session) == "user"
+        if user_mode:
+            answer, query = await asyncio.gather(
+                self.fhir(session, path, params),
+                self.fhir(session, f"ImagingStudy/{study_id}") if study_id else _no_answer(),
+            )
+        else:
+            answer, (_, reports, observations, tasks) = await asyncio.gather(
+                self.fhir(session, path, params), self.patient_data(session)
+            )
         if answer.status != 200:
             issue = (answer.body.get("issue") or [{}])[0]
             raise FhirError(f"$similar answered {answer.status}: {issue.get('diagnostics', '')}")
+        matches = [
+            (entry.get("resource") or {}, (entry.get("search") or {}).get("score"))
+            for entry in answer.body.get("entry", [])
+            if (entry.get("resource") or {}).get("resourceType") == "ImagingStudy"
+        ]
+        studies = [res for res, _ in matches]
+        subjects: dict[str, dict[str, str]] = {}
+        if user_mode:
+            same = (
+                clinical.ref_id(query.body.get("subject"), "Patient")
+                if query.status == 200
+                else None
+            )
+            pids = [p for s in studies if (p := clinical.ref_id(s.get("subject"), "Patient"))]
+            (reports, observations, tasks), patients = await asyncio.gather(
+                self.study_results(session, [str(s.get("id")) for s in studies]),
+                self.patients(session, pids),
+            )
+            subjects = clinical.study_patients(studies, patients)
+        else:
+            same = session.tokens.patient if session.tokens else None
         rows = {str(r["id"]): r for r in clinical.worklist(studies, reports, observations, tasks)}
-        tokens = session.tokens
         out = []
-        for entry in answer.body.get("entry", []):
-            res = entry.get("resource") or {}
-            if res.get("resourceType") != "ImagingStudy":
-                continue
+        for res, score in matches:
             sid = str(res.get("id"))
             row = rows.get(sid, {})
             out.append(
                 {
                     **clinical.study_header(res),
-                    "score": (entry.get("search") or {}).get("score"),
-                    "same_patient": clinical.ref_id(res.get("subject"), "Patient")
-                    == (tokens.patient if tokens else None),
+                    "score": score,
+                    "same_patient": same is not None
+                    and clinical.ref_id(res.get("subject"), "Patient") == same,
+                    "patient": subjects.get(sid),
                     "status": row.get("status", "unknown"),
                     "findings": [f for f in row.get("top_findings", []) if f.get("positive")]
                     or row.get("top_findings", [])[:2],
                 }
             )
         return out
+
+
+def _split_reports(
+    resources: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """A report search with ``_include=DiagnosticReport:result`` → (reports, Observations by id)."""
+    reports = [r for r in resources if r.get("resourceType") == "DiagnosticReport"]
+    observations = {str(r["id"]): r for r in resources if r.get("resourceType") == "Observation"}
+    return reports, observations
+
+
+async def _no_answer() -> FhirAnswer:
+    return FhirAnswer(404, {})

@@ -22,6 +22,8 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import OctKey
 
+from fhir_service.app_ui.smart import Mode
+
 COOKIE = "cxr_app_session"
 
 
@@ -55,6 +57,8 @@ class AppSession:
     iss: str | None = None
     token_endpoint: str | None = None
     tokens: Tokens | None = None
+    #: Set with the first tokens (see :func:`fhir_service.app_ui.smart.launch_mode`).
+    mode: Mode | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -21,7 +21,8 @@ def dev_ehr(
 ) -> None:
     """DEVELOPMENT TOOL: an EHR launcher and SMART App Launch 2.x server for demos and tests.
 
-    Serves /launch (patients, EHR launch links), SMART discovery at
+    Serves /launch (an EHR launch link per patient, and a user-level worklist launch with
+    no patient in context), SMART discovery at
     {url}/fhir/.well-known/smart-configuration, /auth/authorize, /auth/token, a JWKS, and a
     token-checked FHIR proxy in front of HAPI at {url}/fhir. Keys live in {data_dir}/dev-ehr.
     """

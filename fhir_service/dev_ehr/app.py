@@ -5,8 +5,10 @@ Production points the cxr app at a real EHR's authorization server and FHIR base
 
 Routes::
 
-    GET  /launch?patient=…                     patients, each with an "EHR launch" link
+    GET  /launch?patient=…                     patients, each with an "EHR launch" link, and
+                                               the user-level (worklist) launch
     GET  /launch/ehr?patient=…                 mint a launch token → {app}/app/launch?iss&launch
+    GET  /launch/ehr                           the same with no patient: a user-level launch
     GET  /fhir/.well-known/smart-configuration SMART discovery
     GET  /.well-known/openid-configuration     OpenID discovery (id_token issuer)
     GET  /.well-known/jwks.json                the public signing key
@@ -106,21 +108,26 @@ def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
                 fhir_base=ehr.fhir_base,
                 app_launch=ehr.settings.dev_ehr_launch_target,
                 selected=patient,
+                user=ehr.settings.dev_ehr_user,
             )
         )
 
     @app.get("/launch/ehr", response_model=None)
-    async def ehr_launch(ehr: EhrDep, patient: str) -> Response:
-        try:
-            exists = await ehr.patient_exists(patient)
-        except httpx.HTTPError as exc:
-            return HTMLResponse(
-                pages.error_page("FHIR server unavailable", f"cannot check the patient: {exc}"), 502
-            )
-        if not exists:
-            return HTMLResponse(
-                pages.error_page("Unknown patient", f"Patient {patient!r} does not exist."), 404
-            )
+    async def ehr_launch(ehr: EhrDep, patient: str | None = None) -> Response:
+        """An EHR launch with ``patient`` in context, or without (``patient`` absent): a
+        user-level launch, for which the authorization server grants ``user/`` scopes."""
+        if patient is not None:
+            try:
+                exists = await ehr.patient_exists(patient)
+            except httpx.HTTPError as exc:
+                return HTMLResponse(
+                    pages.error_page("FHIR server unavailable", f"cannot check the patient: {exc}"),
+                    502,
+                )
+            if not exists:
+                return HTMLResponse(
+                    pages.error_page("Unknown patient", f"Patient {patient!r} does not exist."), 404
+                )
         launch = ehr.store.put(
             Kind.LAUNCH, {"patient": patient}, ehr.settings.dev_ehr_launch_lifetime_s
         )

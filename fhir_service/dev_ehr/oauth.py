@@ -3,12 +3,16 @@
 - ``authorize``: registered client + exact redirect_uri (else an error page, never a
   redirect: RFC 6749 §4.1.2.1); ``state`` required (SMART) and returned unchanged;
   PKCE ``S256`` required, ``plain`` refused; ``aud`` must be this server's FHIR base; an EHR
-  launch binds the patient of its ``launch`` token, a standalone launch shows a patient
-  picker. The dev EHR has one signed-in user and no consent screen beyond the picker.
+  launch binds the patient of its ``launch`` token (or, for a user-level launch, no patient:
+  ``user/`` scopes, see :mod:`~fhir_service.dev_ehr.scopes`), a standalone launch that asks
+  for a patient shows a patient picker. The dev EHR has one signed-in user and no consent
+  screen beyond the picker.
 - ``token``: ``authorization_code`` with ``code_verifier`` (codes live
   ``dev_ehr_code_lifetime_s``, single-use), ``refresh_token`` (rotated; a replayed code
   or refresh token revokes the whole grant, access tokens included).
-- granted scopes ⊆ requested ∩ the client's registered scopes.
+- granted scopes ⊆ requested ∩ the client's registered scopes, ``patient/`` ones with a
+  patient in context and read/search ``user/`` ones without (the token response then has
+  no ``patient``).
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def smart_configuration(ehr: DevEhr) -> dict[str, Any]:
             "context-standalone-patient",
             "context-banner",
             "permission-patient",
+            "permission-user",
             "permission-v2",
             "permission-v1",
             "permission-offline",
@@ -190,9 +195,15 @@ async def authorize(request: Request, ehr: EhrDep) -> Response:
         found = ehr.store.get(Kind.LAUNCH, launch)
         if found.outcome is not Outcome.OK or found.data is None:
             return fail("invalid_request", f"launch is {found.outcome.value}; launch again")
-        patient = str(found.data["patient"])
+        bound = found.data.get("patient")
+        # None: a user-level launch (the clinician's worklist, no patient in context).
+        patient = None if bound is None else str(bound)
 
-    granted = scopes.grant(params.get("scope"), client.scope, ehr_launch=launch is not None)
+    requested = params.get("scope")
+    context = scopes.launch_context(
+        requested, client.scope, ehr_launch=launch is not None, launch_patient=patient
+    )
+    granted = scopes.grant(requested, client.scope, ehr_launch=launch is not None, context=context)
     if not granted:
         return fail("invalid_scope", "none of the requested scopes can be granted")
 
@@ -267,9 +278,19 @@ def _token_error(error: str, description: str, status: int = 400) -> JSONRespons
     )
 
 
-def _token_response(ehr: DevEhr, grant: dict[str, Any], family: str) -> JSONResponse:
+def _token_response(
+    ehr: DevEhr, grant: dict[str, Any], family: str, *, grant_type: str
+) -> JSONResponse:
     s = ehr.settings
     granted: list[str] = grant["scopes"]
+    # One line per issued token, so a test (or a developer) can see codes and refreshes happen.
+    log.info(
+        "token issued: grant_type=%s client_id=%s patient=%s scope=%s",
+        grant_type,
+        grant["client_id"],
+        grant.get("patient") or "-",
+        " ".join(granted),
+    )
     body: dict[str, Any] = {
         "access_token": ehr.tokens.access_token(
             subject=s.dev_ehr_user,
@@ -340,7 +361,7 @@ async def token(request: Request, ehr: EhrDep) -> Response:
             return _token_error("invalid_grant", "code_verifier is missing or malformed")
         if not hmac.compare_digest(s256(verifier), grant["code_challenge"]):
             return _token_error("invalid_grant", "code_verifier does not match code_challenge")
-        return _token_response(ehr, grant, taken.family)
+        return _token_response(ehr, grant, taken.family, grant_type=grant_type)
 
     if grant_type == "refresh_token":
         refresh_token = form.get("refresh_token")
@@ -360,7 +381,7 @@ async def token(request: Request, ehr: EhrDep) -> Response:
             if not set(narrowed) <= set(grant["scopes"]):
                 return _token_error("invalid_scope", "scope exceeds what was granted")
             grant = {**grant, "scopes": narrowed}
-        return _token_response(ehr, grant, taken.family)
+        return _token_response(ehr, grant, taken.family, grant_type=grant_type)
 
     return _token_error(
         "unsupported_grant_type", "grant_type must be authorization_code or refresh_token"

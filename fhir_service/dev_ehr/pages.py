@@ -27,6 +27,8 @@ def _page(title: str, body: str) -> str:
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        # No favicon: a browser would otherwise ask for /favicon.ico and log a 404.
+        "<link rel='icon' href='data:,'>"
         f"<title>{escape(title)} · cxr dev EHR</title><style>{_STYLE}</style></head><body>"
         f"<div class='banner' role='alert'>{escape(BANNER)}</div>"
         f"<main><h1>{escape(title)}</h1>{body}</main></body></html>"
@@ -61,7 +63,12 @@ _HEAD = (
 
 
 def launcher_page(
-    patients: list[dict[str, Any]], *, fhir_base: str, app_launch: str, selected: str | None
+    patients: list[dict[str, Any]],
+    *,
+    fhir_base: str,
+    app_launch: str,
+    selected: str | None,
+    user: str,
 ) -> str:
     rows = []
     for p in patients:
@@ -76,6 +83,9 @@ def launcher_page(
     body = (
         "<p>Each <em>EHR launch</em> mints a launch token bound to the patient and opens "
         f"<code>{escape(app_launch)}</code> with <code>iss</code> and <code>launch</code>.</p>"
+        "<p><a id='user-launch' href='/launch/ehr'>Worklist launch: all recent studies</a> "
+        f"— no patient in context; signed in as <code>{escape(user)}</code>, the app is "
+        "granted <code>user/</code> read scopes across patients.</p>"
         f"<table>{_HEAD}<tbody>{''.join(rows)}</tbody></table>"
         f"<p class='muted'>FHIR base (a proxy in front of HAPI): <code>{escape(fhir_base)}</code>"
         f"<br>Standalone launch: <a href='{escape(standalone)}'>{escape(standalone)}</a></p>"

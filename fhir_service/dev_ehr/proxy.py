@@ -3,14 +3,21 @@ access token.
 
 - No token, or one that is not a valid, unexpired, unrevoked access token signed by our key
   → 401 with ``WWW-Authenticate: Bearer`` (RFC 6750 §3).
-- The token's ``patient`` bounds what can be read (SMART ``patient/`` scopes, v1 or v2):
-  ``Patient/{pid}``; searches of compartment types get ``patient={pid}`` added, and any
-  other patient in ``patient``/``subject`` is refused; single resources are checked against
-  their subject after the fetch, and search bundles lose any entry outside the compartment
-  (e.g. ``_include``/``_revinclude`` or ``$similar`` matches of other patients).
+- A token with a ``patient`` (patient context) is judged by its ``patient/`` scopes (v1 or
+  v2), and the patient bounds what can be read: ``Patient/{pid}``; searches of compartment
+  types get ``patient={pid}`` added, and any other patient in ``patient``/``subject`` is
+  refused; single resources are checked against their subject after the fetch, and search
+  bundles lose any entry outside the compartment (e.g. ``_include``/``_revinclude`` or
+  ``$similar`` matches of other patients).
+- A token without a ``patient`` (a user-level launch) is judged by its ``user/`` scopes: it
+  reads and searches the resource types they grant, across patients (403 for any other
+  type); bundles lose only entries of types not granted, so ``$similar`` answers whole. A
+  chained search parameter must name each link's target type (``subject:Patient.name``),
+  and the token must be granted search on it: a chain reads the type it passes through.
 - Reads and searches only: every write is refused (403), since only ``.rs`` is granted.
-  ``ImagingStudy/$similar`` and ``ImagingStudy/{id}/$similar`` (the patient's study) are
-  allowed, GET or POST, as they do not change state.
+  ``ImagingStudy/$similar`` and ``ImagingStudy/{id}/$similar`` are allowed, GET or POST, as
+  they do not change state. ``_format``/``_pretty`` are dropped and ``_has``, ``_filter``,
+  ``_query``, ``_contained`` refused whatever the token.
 - ``metadata`` needs no token (FHIR), and carries SMART's oauth-uris extension.
 
 HAPI's own URLs in the bodies (paging links, fullUrl) are rewritten to the proxy's, so a
@@ -24,6 +31,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -147,17 +155,71 @@ def compartment_params(
     return out
 
 
-def filter_bundle(bundle: dict[str, Any], claims: AccessClaims, pid: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Access:
+    """What one access token may read: its patient's compartment through its ``patient/``
+    scopes, or, without a patient (a user-level launch), any patient's resources of the
+    types its ``user/`` scopes grant."""
+
+    claims: AccessClaims
+
+    @property
+    def patient(self) -> str | None:
+        return self.claims.patient
+
+    @property
+    def context(self) -> scopes.Context:
+        return "user" if self.claims.patient is None else "patient"
+
+    def permits(self, rtype: str, permission: str) -> bool:
+        return scopes.permits(self.claims.scopes, rtype, permission, context=self.context)
+
+    def sees(self, resource: dict[str, Any]) -> bool:
+        """Whether ``resource`` may be passed on: its type granted, and in the compartment."""
+        if not self.permits(str(resource.get("resourceType", "")), "r"):
+            return False
+        return self.patient is None or belongs(resource, self.patient)
+
+    def __str__(self) -> str:
+        return f"Patient/{self.patient}" if self.patient else f"user {self.claims.subject}"
+
+
+def user_params(params: list[tuple[str, str]], access: Access) -> list[tuple[str, str]]:
+    """Search parameters of a user-level token (or Denied): no compartment to bind, but a
+    chain may only pass through types the token may search."""
+    out: list[tuple[str, str]] = []
+    for key, value in params:
+        links = key.split(".")
+        name = links[0].partition(":")[0]
+        if name in _DROPPED_PARAMS:
+            continue
+        if name in _REFUSED_PARAMS:
+            raise Denied(403, f"search parameter {name} is not allowed through the dev EHR")
+        for link in links[:-1]:
+            target = link.partition(":")[2]
+            if not _RESOURCE_TYPE.fullmatch(target):
+                raise Denied(
+                    403,
+                    f"chained parameter {key}: name each link's target type "
+                    "(e.g. subject:Patient.name) so its scope can be checked",
+                )
+            if not access.permits(target, "s"):
+                raise Denied(403, f"{key} searches {target}, which the token's scopes do not allow")
+        out.append((key, value))
+    return out
+
+
+def filter_bundle(bundle: dict[str, Any], access: Access) -> dict[str, Any]:
     kept = []
     for entry in bundle.get("entry", []):
         resource = entry.get("resource") or {}
         rtype = resource.get("resourceType", "")
         outcome = entry.get("search", {}).get("mode") == "outcome" or rtype == "OperationOutcome"
-        if outcome or (scopes.permits(claims.scopes, rtype, "r") and belongs(resource, pid)):
+        if outcome or access.sees(resource):
             kept.append(entry)
     dropped = len(bundle.get("entry", [])) - len(kept)
     if dropped:
-        log.info("withheld %d bundle entries outside Patient/%s", dropped, pid)
+        log.info("withheld %d bundle entries not readable by %s", dropped, access)
         bundle = {k: v for k, v in bundle.items() if k != "total"}
         bundle["entry"] = kept
     return bundle
@@ -248,25 +310,31 @@ async def fhir_proxy(request: Request, ehr: EhrDep, path: str = "") -> Response:
         return _denied_response(exc)
 
 
-def _require(claims: AccessClaims, rtype: str, permission: str) -> None:
-    if not scopes.permits(claims.scopes, rtype, permission):
+def _require(access: Access, rtype: str, permission: str) -> None:
+    if not access.permits(rtype, permission):
         what = "read" if permission == "r" else "search"
         raise Denied(403, f"the token's scopes do not allow {what} of {rtype}")
 
 
-async def _read_checked(
-    up: Upstream, claims: AccessClaims, pid: str, path: str
-) -> tuple[int, dict[str, Any]]:
+async def _read_checked(up: Upstream, access: Access, path: str) -> tuple[int, dict[str, Any]]:
     status, body = await up.call("GET", path, [])
-    if status == 200 and not belongs(body, pid):
+    if status == 200 and access.patient is not None and not belongs(body, access.patient):
         raise Denied(403, f"{path} is outside the token's patient compartment")
     return status, body
 
 
+def _search_params(
+    access: Access, rtype: str, params: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    if access.patient is None:
+        return user_params(params, access)
+    return compartment_params(rtype, params, access.patient)
+
+
 async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str) -> Response:
-    pid = claims.patient
-    if pid is None:
-        raise Denied(403, "the token has no patient context")
+    access = Access(claims)
+    if access.patient is None and not scopes.scopes_in(claims.scopes, "user"):
+        raise Denied(403, "the token has no patient context and no user/ scopes")
     up = Upstream(ehr)
     method = request.method
     segments = [s for s in path.split("/") if s]
@@ -276,8 +344,8 @@ async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str)
         # Only HAPI's paging links live at the base; their entries are filtered like a search.
         if method == "GET" and any(k == "_getpages" for k, _ in params):
             status, body = await up.call("GET", "", params)
-            return _fhir(filter_bundle(body, claims, pid) if status == 200 else body, status)
-        raise Denied(403, "only reads and searches within the patient compartment are allowed")
+            return _fhir(filter_bundle(body, access) if status == 200 else body, status)
+        raise Denied(403, "only reads and searches are allowed through the dev EHR")
 
     rtype = segments[0]
     type_level_op = segments[1:] == ["$similar"] and rtype == "ImagingStudy"
@@ -288,10 +356,10 @@ async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str)
     if rtype == "ImagingStudy" and segments[-1] == "$similar" and len(segments) in (2, 3):
         if method not in ("GET", "POST"):
             raise Denied(403, "$similar is GET or POST")
-        _require(claims, "ImagingStudy", "s")
+        _require(access, "ImagingStudy", "s")
         if len(segments) == 3:
-            _require(claims, "ImagingStudy", "r")
-            status, body = await _read_checked(up, claims, pid, f"ImagingStudy/{segments[1]}")
+            _require(access, "ImagingStudy", "r")
+            status, body = await _read_checked(up, access, f"ImagingStudy/{segments[1]}")
             if status != 200:
                 return _fhir(body, status)
         sim_body = await request.body() if method == "POST" else None
@@ -302,23 +370,23 @@ async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str)
             body=sim_body,
             content_type=request.headers.get("content-type"),
         )
-        return _fhir(filter_bundle(body, claims, pid) if status == 200 else body, status)
+        return _fhir(filter_bundle(body, access) if status == 200 else body, status)
 
     if method != "GET":
         raise Denied(403, "the dev EHR grants read/search scopes only; writes are refused")
-    if rtype != "Patient" and rtype not in COMPARTMENT:
+    if access.patient is not None and rtype != "Patient" and rtype not in COMPARTMENT:
         raise Denied(403, f"{rtype} is not in the patient compartment this dev EHR serves")
 
     if len(segments) == 1:
-        _require(claims, rtype, "s")
-        status, body = await up.call("GET", rtype, compartment_params(rtype, params, pid))
-        return _fhir(filter_bundle(body, claims, pid) if status == 200 else body, status)
+        _require(access, rtype, "s")
+        status, body = await up.call("GET", rtype, _search_params(access, rtype, params))
+        return _fhir(filter_bundle(body, access) if status == 200 else body, status)
     if len(segments) == 2 or (
         len(segments) == 4 and segments[2] == "_history" and is_fhir_id(segments[3])
     ):
-        _require(claims, rtype, "r")
-        if rtype == "Patient" and segments[1] != pid:
+        _require(access, rtype, "r")
+        if rtype == "Patient" and access.patient is not None and segments[1] != access.patient:
             raise Denied(403, f"Patient/{segments[1]} is not the token's patient")
-        status, body = await _read_checked(up, claims, pid, "/".join(segments))
+        status, body = await _read_checked(up, access, "/".join(segments))
         return _fhir(body, status)
     raise Denied(403, f"{path} is not a read or search this dev EHR allows")

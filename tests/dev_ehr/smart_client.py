@@ -18,8 +18,14 @@ RESOURCE_SCOPES = (
     "patient/Patient.rs patient/ImagingStudy.rs patient/DiagnosticReport.rs "
     "patient/Observation.rs patient/Media.rs"
 )
+USER_RESOURCE_SCOPES = (
+    "user/Patient.rs user/ImagingStudy.rs user/DiagnosticReport.rs "
+    "user/Observation.rs user/Media.rs"
+)
 EHR_SCOPES = f"launch openid fhirUser online_access {RESOURCE_SCOPES}"
 STANDALONE_SCOPES = f"launch/patient openid fhirUser online_access {RESOURCE_SCOPES}"
+#: What the cxr app asks for in an EHR launch: the EHR grants one half or the other.
+BOTH_SCOPES = f"{EHR_SCOPES} {USER_RESOURCE_SCOPES}"
 
 
 def new_verifier() -> str:
@@ -80,9 +86,11 @@ class SmartClient:
             self._config = resp.json()
         return self._config
 
-    def ehr_launch(self, patient: str) -> dict[str, str]:
-        """What the EHR's launch link sends the app: ``iss`` and ``launch``."""
-        resp = self.http.get("/launch/ehr", params={"patient": patient})
+    def ehr_launch(self, patient: str | None) -> dict[str, str]:
+        """What the EHR's launch link sends the app: ``iss`` and ``launch``. Without a
+        patient: the user-level (worklist) launch."""
+        params = {} if patient is None else {"patient": patient}
+        resp = self.http.get("/launch/ehr", params=params)
         assert resp.status_code == 303, resp.text
         return query_of(resp.headers["location"])
 
@@ -152,7 +160,7 @@ class SmartClient:
             form["scope"] = scope
         return self.http.post(self.config["token_endpoint"], data=form)
 
-    def ehr_launch_token(self, patient: str, scope: str = EHR_SCOPES) -> dict[str, Any]:
+    def ehr_launch_token(self, patient: str | None, scope: str = EHR_SCOPES) -> dict[str, Any]:
         """The whole EHR launch: launch link → authorize → callback → token."""
         launched = self.ehr_launch(patient)
         assert launched["iss"] == self.iss
@@ -163,6 +171,10 @@ class SmartClient:
         assert resp.status_code == 200, resp.text
         token: dict[str, Any] = resp.json()
         return token
+
+    def user_launch_token(self, scope: str = BOTH_SCOPES) -> dict[str, Any]:
+        """An EHR launch with no patient in context (the clinician's worklist)."""
+        return self.ehr_launch_token(None, scope)
 
     def standalone_token(self, patient: str, scope: str = STANDALONE_SCOPES) -> dict[str, Any]:
         attempt = self.authorize(scope=scope)

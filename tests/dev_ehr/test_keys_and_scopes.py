@@ -88,3 +88,69 @@ def test_wildcard_client_and_permits() -> None:
     assert not scopes.permits(["patient/*.rs"], "Observation", "c")
     assert not scopes.permits(["user/*.rs"], "Observation", "r")
     assert scopes.permits(["patient/Observation.read"], "Observation", "s")
+
+
+@pytest.mark.parametrize(
+    ("requested", "granted"),
+    [
+        ("user/Observation.rs", ["user/Observation.rs"]),
+        ("user/Observation.read", ["user/Observation.read"]),  # v1 read = r + s
+        ("user/Observation.r user/Observation.s", ["user/Observation.r", "user/Observation.s"]),
+        ("user/Observation.cruds user/Observation.write user/Observation.*", []),
+        ("user/Observation.rs?category=imaging", []),
+        ("user/*.rs user/Device.rs", []),  # the client may only have its named types
+        ("patient/Observation.rs system/Observation.rs", []),  # no patient in context
+        ("launch launch/patient openid fhirUser", ["launch", "openid", "fhirUser"]),
+    ],
+)
+def test_user_context_grants_only_read_search_user_scopes(
+    requested: str, granted: list[str]
+) -> None:
+    got = scopes.grant(requested, CXR_APP_SCOPES, ehr_launch=True, context="user")
+    assert got == granted
+    assert set(got) <= set(requested.split())
+
+
+def test_user_scopes_need_user_scopes_allowed_and_never_write() -> None:
+    assert scopes.grant("user/Media.rs", "patient/Media.rs", ehr_launch=True, context="user") == []
+    assert scopes.grant("user/Media.cud", "user/*.cruds", ehr_launch=True, context="user") == []
+    assert scopes.grant("user/Media.rs", "user/*.cruds", ehr_launch=True, context="user") == [
+        "user/Media.rs"
+    ]
+    # With a patient in context nothing changes: patient/ scopes only.
+    both = "patient/Media.rs user/Media.rs"
+    assert scopes.grant(both, CXR_APP_SCOPES, ehr_launch=True, context="patient") == [
+        "patient/Media.rs"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("requested", "ehr_launch", "patient", "context"),
+    [
+        ("launch patient/Media.rs user/Media.rs", True, "p1", "patient"),
+        ("launch patient/Media.rs user/Media.rs", True, None, "user"),
+        ("launch/patient user/Media.rs", False, None, "patient"),  # the picker chooses one
+        ("patient/Media.rs user/Media.rs", False, None, "patient"),
+        ("openid user/Media.rs", False, None, "user"),
+        ("openid", False, None, "user"),
+        # patient/ scopes the client may not have do not ask for a patient
+        ("patient/Device.rs user/Media.rs", False, None, "user"),
+    ],
+)
+def test_launch_context(
+    requested: str, ehr_launch: bool, patient: str | None, context: scopes.Context
+) -> None:
+    got = scopes.launch_context(
+        requested, CXR_APP_SCOPES, ehr_launch=ehr_launch, launch_patient=patient
+    )
+    assert got == context
+
+
+def test_permits_judges_each_context_by_its_own_scopes() -> None:
+    user = ["user/Observation.rs", "patient/Media.rs"]
+    assert scopes.permits(user, "Observation", "r", context="user")
+    assert not scopes.permits(user, "Observation", "r", context="patient")
+    assert not scopes.permits(user, "Media", "r", context="user")
+    assert scopes.permits(user, "Media", "s", context="patient")
+    assert scopes.permits(["user/Observation.read"], "Observation", "s", context="user")
+    assert not scopes.permits(["user/Observation.rs"], "Observation", "u", context="user")

@@ -15,7 +15,14 @@ from joserfc.jwk import KeySet
 from fhir_service.dev_ehr import build_ehr, create_app
 from fhir_service.settings import Settings
 from tests.dev_ehr.conftest import APP, DEV_EHR, FakeClock, FakeHapi
-from tests.dev_ehr.smart_client import EHR_SCOPES, STANDALONE_SCOPES, SmartClient, query_of
+from tests.dev_ehr.smart_client import (
+    BOTH_SCOPES,
+    EHR_SCOPES,
+    STANDALONE_SCOPES,
+    USER_RESOURCE_SCOPES,
+    SmartClient,
+    query_of,
+)
 
 
 def test_discovery_document(smart: SmartClient) -> None:
@@ -31,6 +38,7 @@ def test_discovery_document(smart: SmartClient) -> None:
         "context-ehr-patient",
         "context-standalone-patient",
         "permission-v2",
+        "permission-user",
         "sso-openid-connect",
     ):
         assert capability in cfg["capabilities"]
@@ -359,3 +367,70 @@ def test_tokens_survive_a_restart(
         smart = SmartClient(after, iss=f"{DEV_EHR}/fhir", redirect_uri=f"{APP}/app/callback")
         assert smart.fhir("Patient/p1", issued["access_token"]).status_code == 200
         assert smart.refresh(issued["refresh_token"]).status_code == 200
+
+
+def test_user_level_ehr_launch_grants_user_scopes_and_no_patient(smart: SmartClient) -> None:
+    launcher = smart.http.get("/launch")
+    assert "href='/launch/ehr'" in launcher.text, "the launcher offers the worklist launch"
+    launched = smart.ehr_launch(None)
+    assert launched["iss"] == f"{DEV_EHR}/fhir"
+    attempt = smart.authorize(scope=BOTH_SCOPES, launch=launched["launch"])
+    back = smart.redirected(attempt.response)  # a code straight away: no patient picker
+    resp = smart.exchange(back["code"], attempt.verifier)
+    assert resp.status_code == 200, resp.text
+    token = resp.json()
+    assert "patient" not in token and "need_patient_banner" not in token
+    granted = token["scope"].split()
+    assert granted == [
+        "launch",
+        "openid",
+        "fhirUser",
+        "online_access",
+        *USER_RESOURCE_SCOPES.split(),
+    ]
+    keys = KeySet.import_key_set(smart.http.get(smart.config["jwks_uri"]).json())
+    access = jwt.decode(token["access_token"], keys, algorithms=["RS256"])
+    assert "patient" not in access.claims
+    assert access.claims["sub"] == "Practitioner/cxr-dev-radiologist"
+
+    # A refresh keeps the user context: still no patient, the same user/ scopes.
+    refreshed = smart.refresh(token["refresh_token"]).json()
+    assert "patient" not in refreshed
+    assert refreshed["scope"].split() == granted
+
+
+def test_user_level_launch_grants_only_read_search_user_scopes(smart: SmartClient) -> None:
+    requested = (
+        "launch launch/patient openid user/ImagingStudy.rs user/Observation.cruds "
+        "user/Observation.read patient/Media.rs user/Device.rs user/*.rs system/*.rs "
+        "user/Task.rs?status=failed user/Media.write"
+    )
+    token = smart.user_launch_token(scope=requested)
+    assert token["scope"].split() == [
+        "launch",
+        "openid",
+        "user/ImagingStudy.rs",
+        "user/Observation.read",
+    ]
+    assert "patient" not in token
+
+
+def test_patient_launch_with_both_scope_kinds_grants_patient_scopes_only(
+    smart: SmartClient,
+) -> None:
+    token = smart.ehr_launch_token("p1", scope=BOTH_SCOPES)
+    assert token["patient"] == "p1"
+    granted = token["scope"].split()
+    assert not [s for s in granted if s.startswith("user/")]
+    assert granted == EHR_SCOPES.split()
+
+
+def test_standalone_launch_without_launch_patient_is_user_level(smart: SmartClient) -> None:
+    attempt = smart.authorize(scope=f"openid fhirUser {USER_RESOURCE_SCOPES}")
+    back = smart.redirected(attempt.response)  # no picker
+    token = smart.exchange(back["code"], attempt.verifier).json()
+    assert "patient" not in token
+    assert token["scope"].split() == ["openid", "fhirUser", *USER_RESOURCE_SCOPES.split()]
+    # Asking for a patient still means the picker, and patient/ scopes only.
+    picker = smart.authorize(scope=f"{STANDALONE_SCOPES} {USER_RESOURCE_SCOPES}").response
+    assert picker.status_code == 200 and "Choose a patient" in picker.text

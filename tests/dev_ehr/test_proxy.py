@@ -1,5 +1,6 @@
 """The dev EHR's FHIR proxy: only valid tokens (401 otherwise), only the token's patient
-compartment (403 outside), reads and searches only."""
+compartment (403 outside) or, for a user-level token, the types its user/ scopes grant;
+reads and searches only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 from joserfc.jws import extract_compact
 
+from fhir_service.dev_ehr.proxy import Access, filter_bundle
+from fhir_service.dev_ehr.tokens import AccessClaims
 from tests.dev_ehr.conftest import DEV_EHR, FakeClock, FakeHapi
 from tests.dev_ehr.smart_client import SmartClient
 
@@ -218,3 +221,157 @@ def test_hapi_down_is_502_not_500(smart: SmartClient, p1_token: str, fake_hapi: 
     assert smart.fhir("metadata", None).status_code == 502
     assert smart.http.get("/launch").status_code == 502
     assert smart.http.get("/launch/ehr", params={"patient": "p1"}).status_code == 502
+
+
+# --- user-level tokens (an EHR launch with no patient: user/ scopes) ---------------------------
+
+
+@pytest.fixture
+def user_token(smart: SmartClient) -> str:
+    token = smart.user_launch_token()
+    assert "patient" not in token
+    access: str = token["access_token"]
+    return access
+
+
+def test_user_token_reads_and_searches_across_patients(
+    smart: SmartClient, user_token: str, fake_hapi: FakeHapi
+) -> None:
+    for pid in ("p1", "p2"):
+        for path in (f"Patient/{pid}", f"ImagingStudy/study-{pid}", f"Observation/obs-{pid}"):
+            assert smart.fhir(path, user_token).status_code == 200, path
+    studies = smart.fhir("ImagingStudy", user_token).json()
+    assert sorted(e["resource"]["id"] for e in studies["entry"]) == ["study-p1", "study-p2"]
+    assert "patient" not in fake_hapi.requests[-1].url.params, "no compartment is bound"
+    # Naming a patient is an ordinary search, not a compartment check.
+    one = smart.fhir("DiagnosticReport?patient=p2", user_token).json()
+    assert [e["resource"]["id"] for e in one["entry"]] == ["report-p2"]
+
+
+def test_user_token_similar_is_not_filtered(smart: SmartClient, user_token: str) -> None:
+    for path in ("ImagingStudy/study-p2/$similar?count=5", "ImagingStudy/$similar?text=x"):
+        resp = smart.fhir(path, user_token)
+        assert resp.status_code == 200, resp.text
+        ids = sorted(e["resource"]["id"] for e in resp.json()["entry"])
+        assert ids == ["study-p1", "study-p2"], path
+
+
+def test_user_token_is_403_for_types_not_granted(smart: SmartClient) -> None:
+    token = smart.user_launch_token(scope="launch user/ImagingStudy.rs")["access_token"]
+    assert smart.fhir("ImagingStudy/study-p2", token).status_code == 200
+    for path in ("Patient/p1", "Observation", "Observation/obs-p2", "Device/model", "Device"):
+        resp = smart.fhir(path, token)
+        assert resp.status_code == 403, path
+        assert 'error="insufficient_scope"' in resp.headers["www-authenticate"]
+    # v2 permissions count: read without search is no search.
+    read_only = smart.user_launch_token(scope="launch user/ImagingStudy.r")["access_token"]
+    assert smart.fhir("ImagingStudy/study-p1", read_only).status_code == 200
+    assert smart.fhir("ImagingStudy", read_only).status_code == 403
+
+
+def test_user_token_chains_only_through_granted_types(
+    smart: SmartClient, user_token: str, fake_hapi: FakeHapi
+) -> None:
+    assert smart.fhir("ImagingStudy?patient:Patient.gender=male", user_token).status_code == 200
+    typed = "DiagnosticReport?result:Observation.derived-from=ImagingStudy/study-p1"
+    assert smart.fhir(typed, user_token).status_code == 200
+    assert fake_hapi.requests[-1].url.params["result:Observation.derived-from"] == (
+        "ImagingStudy/study-p1"
+    )
+    # An untyped link could lead anywhere: refused before HAPI sees it.
+    before = len(fake_hapi.requests)
+    assert smart.fhir("ImagingStudy?patient.gender=male", user_token).status_code == 403
+    narrow = smart.user_launch_token(scope="launch user/ImagingStudy.rs")["access_token"]
+    assert smart.fhir("ImagingStudy?patient:Patient.gender=male", narrow).status_code == 403
+    assert len(fake_hapi.requests) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "Observation?_has:DiagnosticReport:result:status=final",
+        "Observation?_filter=status eq final",
+        "Observation?_query=x",
+        "Observation?_contained=true",
+        "Patient/$everything",
+        "Patient/p1/$everything",
+        "ImagingStudy/_history",
+        "",
+    ],
+)
+def test_user_token_refusals_that_are_not_about_the_compartment(
+    smart: SmartClient, user_token: str, query: str
+) -> None:
+    assert smart.fhir(query, user_token).status_code == 403, query
+
+
+def test_user_token_format_is_dropped(
+    smart: SmartClient, user_token: str, fake_hapi: FakeHapi
+) -> None:
+    assert smart.fhir("ImagingStudy?_format=xml&_pretty=true", user_token).status_code == 200
+    sent = fake_hapi.requests[-1].url.params
+    assert "_format" not in sent and "_pretty" not in sent
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+def test_user_token_writes_are_refused(
+    smart: SmartClient, user_token: str, fake_hapi: FakeHapi, method: str
+) -> None:
+    before = len(fake_hapi.requests)
+    path = "Observation" if method == "POST" else "Observation/obs-p2"
+    resp = smart.fhir(path, user_token, method=method, json={"resourceType": "Observation"})
+    assert resp.status_code == 403
+    assert len(fake_hapi.requests) == before
+
+
+def test_user_token_expires_and_is_revocable(
+    smart: SmartClient, user_token: str, clock: FakeClock
+) -> None:
+    assert smart.fhir("Patient/p2", user_token).status_code == 200
+    clock.advance(3601)
+    _assert_401(smart.fhir("Patient/p2", user_token))
+
+
+def test_token_without_patient_or_user_scopes_is_403(smart: SmartClient) -> None:
+    token = smart.user_launch_token(scope="launch openid fhirUser patient/Patient.rs")
+    assert token["scope"].split() == ["launch", "openid", "fhirUser"]
+    resp = smart.fhir("Patient/p1", token["access_token"])
+    assert resp.status_code == 403
+    assert "no user/ scopes" in resp.json()["issue"][0]["diagnostics"]
+
+
+def test_bundle_filter_drops_types_not_granted_and_keeps_other_patients() -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "total": 3,
+        "entry": [
+            {
+                "resource": {
+                    "resourceType": "ImagingStudy",
+                    "id": "s1",
+                    "subject": {"reference": "Patient/p1"},
+                }
+            },
+            {
+                "resource": {
+                    "resourceType": "ImagingStudy",
+                    "id": "s2",
+                    "subject": {"reference": "Patient/p2"},
+                }
+            },
+            {"resource": {"resourceType": "Patient", "id": "p2"}, "search": {"mode": "include"}},
+            {"resource": {"resourceType": "OperationOutcome"}, "search": {"mode": "outcome"}},
+        ],
+    }
+
+    def kept(scopes: list[str], patient: str | None) -> list[str]:
+        claims = AccessClaims("u", "c", scopes, patient, None, 0)
+        out = filter_bundle(bundle, Access(claims))
+        return [e["resource"].get("id", "outcome") for e in out["entry"]]
+
+    assert kept(["user/ImagingStudy.rs"], None) == ["s1", "s2", "outcome"]
+    assert kept(["user/ImagingStudy.rs", "user/Patient.rs"], None) == ["s1", "s2", "p2", "outcome"]
+    assert kept(["patient/ImagingStudy.rs", "patient/Patient.rs"], "p2") == ["s2", "p2", "outcome"]
+    # A patient token is judged by patient/ scopes only, a user token by user/ ones only.
+    assert kept(["user/ImagingStudy.rs", "user/Patient.rs"], "p2") == ["outcome"]
+    assert kept(["patient/ImagingStudy.rs"], None) == ["outcome"]

@@ -1,6 +1,7 @@
-"""``cxr dev-ehr`` in front of the real HAPI server: EHR and standalone launch end to end,
-the picker listing HAPI's patients, compartment enforcement on real data, paging behind the
-proxy, and the CLI process itself over real HTTP."""
+"""``cxr dev-ehr`` in front of the real HAPI server: EHR (patient and user-level) and
+standalone launch end to end, the picker listing HAPI's patients, compartment and scope
+enforcement on real data, paging behind the proxy, and the CLI process itself over real
+HTTP."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fhir_service.fhir_client import FhirClient
 from fhir_service.nih import created_id, read_manifest, study_transaction
 from fhir_service.settings import Settings
 from fhir_service.stack import dev_ehr_process, start_dev_ehr, stop_dev_ehr
-from tests.dev_ehr.smart_client import SmartClient
+from tests.dev_ehr.smart_client import BOTH_SCOPES, USER_RESOURCE_SCOPES, SmartClient
 from tests.factories import unique_suffix
 from tests.integration.conftest import HapiServer
 
@@ -104,6 +105,63 @@ def test_standalone_picker_lists_hapi_patients(smart: SmartClient, patients: Pat
     assert _ids(smart.fhir("ImagingStudy", token["access_token"]).json()) == [patients.b_study]
     other = smart.fhir(f"ImagingStudy/{patients.a_studies[0]}", token["access_token"])
     assert other.status_code == 403
+
+
+def test_user_level_launch_reads_across_patients(smart: SmartClient, patients: Patients) -> None:
+    token = smart.user_launch_token()
+    assert "patient" not in token
+    granted = token["scope"].split()
+    assert [s for s in granted if "/" in s] == USER_RESOURCE_SCOPES.split()
+    access = token["access_token"]
+    # Two patients' studies and records, read and searched with the one token.
+    for sid in (patients.a_studies[0], patients.b_study):
+        assert smart.fhir(f"ImagingStudy/{sid}", access).status_code == 200, sid
+    for pid in (patients.a, patients.b):
+        assert smart.fhir(f"Patient/{pid}", access).status_code == 200, pid
+    both = smart.fhir(f"ImagingStudy?_id={patients.a_studies[0]},{patients.b_study}", access)
+    assert _ids(both.json()) == sorted([patients.a_studies[0], patients.b_study])
+    with_patients = smart.fhir(
+        f"ImagingStudy?_id={patients.b_study}&_include=ImagingStudy:subject", access
+    ).json()
+    assert _ids(with_patients) == sorted([patients.b, patients.b_study])
+    # The app's by-study report search (a typed chain) is accepted by the proxy and HAPI.
+    chained = smart.fhir(
+        f"DiagnosticReport?result:Observation.derived-from=ImagingStudy/{patients.b_study}"
+        "&_include=DiagnosticReport:result",
+        access,
+    )
+    assert chained.status_code == 200, chained.text
+    assert smart.fhir("ImagingStudy?patient.gender=male", access).status_code == 403
+    # Still read-only.
+    write = smart.fhir(
+        "Patient", access, method="POST", json={"resourceType": "Patient", "gender": "other"}
+    )
+    assert write.status_code == 403
+
+    # A patient token still stops at its patient.
+    patient_token = smart.ehr_launch_token(patients.a, scope=BOTH_SCOPES)
+    assert patient_token["patient"] == patients.a
+    assert (
+        smart.fhir(f"ImagingStudy/{patients.b_study}", patient_token["access_token"]).status_code
+        == 403
+    )
+    assert smart.fhir(f"Patient/{patients.b}", patient_token["access_token"]).status_code == 403
+
+
+def test_user_level_token_is_403_for_types_not_granted(
+    smart: SmartClient, patients: Patients
+) -> None:
+    token = smart.user_launch_token(scope="launch openid user/ImagingStudy.rs")
+    assert token["scope"].split() == ["launch", "openid", "user/ImagingStudy.rs"]
+    access = token["access_token"]
+    assert smart.fhir(f"ImagingStudy/{patients.b_study}", access).status_code == 200
+    for path in (f"Patient/{patients.b}", "Media", f"Observation?subject=Patient/{patients.a}"):
+        assert smart.fhir(path, access).status_code == 403, path
+    # An _include of a type not granted is dropped from the bundle, not leaked.
+    included = smart.fhir(
+        f"ImagingStudy?_id={patients.b_study}&_include=ImagingStudy:subject", access
+    ).json()
+    assert _ids(included) == [patients.b_study]
 
 
 def test_paging_links_stay_behind_the_proxy(smart: SmartClient, patients: Patients) -> None:

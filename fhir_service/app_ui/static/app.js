@@ -39,6 +39,9 @@ function showError(err) {
   box.textContent = err.status === 401 ? "Not signed in: open this app from your EHR." : `Could not load: ${err.message}`;
 }
 
+// "patient": one patient's record (a patient launch); "user": all recent studies.
+const app = { mode: "patient" };
+
 function fmt(p) { return p === null || p === undefined ? "–" : Number(p).toFixed(2); }
 
 function since(iso) {
@@ -60,9 +63,16 @@ function setBanner(untrained) {
 
 async function loadContext() {
   const ctx = await api("/app/api/context");
-  const p = ctx.patient;
-  document.getElementById("patient").textContent =
-    `${p.name}${p.gender ? " · " + p.gender : ""}${p.birthDate ? " · born " + p.birthDate : ""}`;
+  app.mode = ctx.mode;
+  document.body.dataset.mode = ctx.mode;
+  const label = document.getElementById("patient");
+  if (ctx.mode === "user") {
+    label.textContent = `All patients · signed in as ${ctx.user || "the EHR user"}`;
+  } else {
+    const p = ctx.patient;
+    label.textContent =
+      `${p.name}${p.gender ? " · " + p.gender : ""}${p.birthDate ? " · born " + p.birthDate : ""}`;
+  }
   return ctx;
 }
 
@@ -74,11 +84,15 @@ function statusBadge(row) {
 
 function renderWorklist(rows) {
   const body = document.querySelector("#worklist tbody");
+  const user = app.mode === "user";
   const trs = rows.map((row, i) => {
     const findings = (row.top_findings || []).map((f) =>
       `${f.text} ${fmt(f.calibrated_probability)}${f.positive ? " ▲" : ""}`).join(", ");
-    return el("tr", { "data-study": row.id, "data-status": row.status, class: row.pneumothorax_positive ? "critical" : null },
+    const patient = row.patient || null;
+    return el("tr", { "data-study": row.id, "data-status": row.status, "data-patient": patient ? patient.id : null,
+      class: row.pneumothorax_positive ? "critical" : null },
       el("td", { text: String(i + 1) }),
+      user ? el("td", { class: "patient-cell", text: patient ? patient.name : "–" }) : null,
       el("td", {}, el("a", { href: `/app/study/${encodeURIComponent(row.id)}` }, `${row.description} (${row.id})`)),
       el("td", {}, statusBadge(row)),
       el("td", { class: "num", text: row.status !== "done" ? "–"
@@ -87,15 +101,28 @@ function renderWorklist(rows) {
       el("td", { "data-posted": row.posted || "", text: since(row.posted) }));
   });
   body.replaceChildren(...trs);
-  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 6, text: "No studies for this patient." })));
+  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: user ? 7 : 6, text: user ? "No recent studies." : "No studies for this patient." })));
   setBanner(rows.some((r) => r.untrained));
-  document.getElementById("worklist").dataset.rendered = String(rows.length);
+  const table = document.getElementById("worklist");
+  table.dataset.rendered = String(rows.length);
+  table.dataset.polls = String(Number(table.dataset.polls || 0) + 1);
   document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+}
+
+function showMode() {
+  const user = app.mode === "user";
+  document.getElementById("col-patient").hidden = !user;
+  const note = document.getElementById("scope-note");
+  note.hidden = !user;
+  note.textContent = user ? "User-level launch: the most recently updated studies of every patient." : "";
+  document.getElementById("worklist-caption").textContent = user
+    ? "Recent studies of all patients, most urgent first" : "Studies of the launched patient, most urgent first";
 }
 
 async function worklistPage() {
   let interval = 3;
   try { interval = (await loadContext()).poll_interval_s; } catch (err) { showError(err); return; }
+  showMode();
   const poll = async () => {
     try { renderWorklist((await api("/app/api/worklist")).studies); showError(null); }
     catch (err) { showError(err); if (err.status === 401) return; }
@@ -177,7 +204,7 @@ function renderStudy(s) {
   document.getElementById("study-title").textContent = `${s.description} (${s.id})`;
   document.title = `Study ${s.id} — cxr`;
   document.getElementById("study-meta").textContent =
-    `${s.modality || "X-ray"} · posted ${since(s.posted)} · status ${s.status}`;
+    `${s.patient ? s.patient.name + " · " : ""}${s.modality || "X-ray"} · posted ${since(s.posted)} · status ${s.status}`;
   setBanner(s.untrained);
   const report = s.report;
   document.getElementById("report-status").textContent = report
@@ -208,13 +235,17 @@ async function loadSimilar() {
   note.textContent = "Searching…";
   try {
     const { results } = await api(similarQuery(text));
-    list.replaceChildren(...results.map((r) => el("li", { "data-study": r.id },
+    list.replaceChildren(...results.map((r) => el("li", { "data-study": r.id,
+      "data-patient": r.patient ? r.patient.id : null, "data-same-patient": String(r.same_patient) },
       el("img", { src: `/app/api/image/${encodeURIComponent(r.id)}?size=96`, alt: `Thumbnail of study ${r.id}`, width: 96, height: 96, loading: "lazy" }),
       el("div", {},
         el("a", { href: `/app/study/${encodeURIComponent(r.id)}` }, `${r.description} (${r.id})`),
-        el("div", { class: "muted", text: `score ${fmt(r.score)}${r.same_patient ? " · same patient" : ""} · ${r.status}` }),
+        el("div", { class: "muted", text: `score ${fmt(r.score)}${r.patient ? " · " + r.patient.name : ""}${r.same_patient ? " · same patient" : ""} · ${r.status}` }),
         el("div", { text: r.findings.map((f) => `${f.text} ${fmt(f.calibrated_probability)}`).join(", ") || "–" })))));
-    note.textContent = `${results.length} result(s) ${text ? `for “${text}”` : "similar to this study"}. Only this patient's studies are visible through this launch.`;
+    const visible = app.mode === "user"
+      ? "Studies of every patient are visible through this user-level launch."
+      : "Only this patient's studies are visible through this launch.";
+    note.textContent = `${results.length} result(s) ${text ? `for “${text}”` : "similar to this study"}. ${visible}`;
     list.dataset.query = text || `study:${viewer.study}`;
   } catch (err) {
     note.textContent = `Similar cases unavailable: ${err.message}`;
