@@ -138,13 +138,14 @@ class FhirClient:
             self.request("POST", resource["resourceType"], json=resource, headers=headers).json()
         )
 
-    def update(self, resource: Resource) -> Resource:
+    def update(self, resource: Resource, *, if_match: str | None = None) -> Resource:
+        """PUT the resource; with ``if_match`` (a version id) only if that is still the current
+        version — a concurrent writer's newer version makes HAPI answer 409/412, not lose it."""
         path = f"{resource['resourceType']}/{resource['id']}"
-        return dict(
-            self.request(
-                "PUT", path, json=resource, headers={"Prefer": "return=representation"}
-            ).json()
-        )
+        headers = {"Prefer": "return=representation"}
+        if if_match is not None:
+            headers["If-Match"] = f'W/"{if_match}"'
+        return dict(self.request("PUT", path, json=resource, headers=headers).json())
 
     def search(self, resource_type: str, params: Mapping[str, Any] | None = None) -> Resource:
         """One page of a search: the searchset Bundle."""

@@ -13,8 +13,11 @@ What one run does, and why it is safe to repeat, interrupt or run twice at once:
 * **Concurrent runs** (two ``cxr ingest`` processes, or ``concurrency > 1`` batches that share
   a patient) cannot duplicate: HAPI stores each conditional create's match URL under a unique
   index (``HFJ_RES_SEARCH_URL``, hapi-fhir PR #4609, 2023; HAPI 8.8 here), so of two racing
-  creates one commits and the other fails with 409; that batch is retried and then *matches*
-  what the winner created.
+  creates one commits and the other's whole transaction fails with 409 and is rolled back.
+  That transaction is sent again (up to :data:`CONFLICT_RETRIES` times, jittered backoff);
+  HAPI resolves every ``ifNoneExist`` afresh, so the retry *matches* what the winner created
+  and reports it as already present. Updates of existing studies (activation, boxes) carry
+  ``If-Match``, so two runs never overwrite each other's version either.
 * **Resume**: the line ranges whose transaction committed are written to a small state file
   (``{ingest_state_dir}/nih-<metadata sha256>-<target>.json``) after every batch, under a file
   lock and merged with what another process wrote. A killed run restarts where it stopped; the
@@ -31,35 +34,44 @@ What one run does, and why it is safe to repeat, interrupt or run twice at once:
   (vs 42 GB of PNGs) — a Binary would be stored in the same database, so it saves only the
   base64 overhead. When images arrive for a study that was loaded earlier without them, the
   Media is added and the study is updated ``registered`` → ``available``, which notifies.
+* **Bounding boxes** (``bbox``: NIH's ``BBox_List_2017.csv``): each image's boxes ride on its
+  ImagingStudy as ``nih-bounding-box`` extensions (:func:`fhir_service.nih.bbox_extension`).
+  A new study is created with them; a study already on the server (an earlier run without
+  boxes, rows resumed from the state file) is read and updated only if its boxes differ, so a
+  re-run adds missing boxes and otherwise writes nothing. Box lines that cannot be attached
+  (unknown finding, image not among the rows, its row skipped or failed) are listed with
+  line number and reason.
+* **Bulk inference** (``process_studies``): studies that got their pixels are collected across
+  batches and handed over ``inference_batch_size`` at a time, for one batched model pass.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
-import gzip
 import hashlib
-import io
 import json
 import logging
 import os
+import random
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from cxr_errors import CxrError, FhirError, FhirUnavailableError, InputError
 from fhir_service import nih
 from fhir_service.fhir_client import FhirClient
-from fhir_service.nih import NihRecord
+from fhir_service.nih import BadBox, BoundingBox, NihRecord
 
 __all__ = [
+    "BadBox",
     "BadRow",
     "IngestOptions",
     "IngestReport",
@@ -69,14 +81,21 @@ __all__ = [
     "build_transaction",
     "file_sha256",
     "ingest",
+    "load_boxes",
     "read_rows",
 ]
 
 log = logging.getLogger(__name__)
 
-#: How often a batch that HAPI answered with 5xx / timeout / conflict is retried before its
-#: rows are tried one by one (and then reported as failed).
+#: How often a batch that HAPI answered with 5xx / timeout is retried before its rows are
+#: tried one by one (and then reported as failed).
 RETRIES = 3
+#: How often a transaction that lost a race (409/412 from a concurrent run's conditional
+#: create or update of the same identifier) is sent again; each retry re-resolves every
+#: conditional create, so it matches what the winner wrote.
+CONFLICT_RETRIES = 6
+#: Identifiers per ``identifier=a,b,…`` search when boxes are checked on existing studies.
+_SEARCH_CHUNK = 50
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -100,12 +119,6 @@ class BadRow:
     reason: str
 
 
-def _open_text(path: Path) -> TextIO:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open(encoding="utf-8", newline="")
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -122,7 +135,7 @@ def read_rows(path: Path, *, limit: int | None = None) -> Iterator[Row | BadRow]
     """
     if not path.is_file():
         raise InputError(f"metadata file not found: {path}")
-    with _open_text(path) as fh:
+    with nih.open_text(path) as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)
@@ -221,6 +234,10 @@ def _urn(kind: str, key: str) -> str:
     return f"urn:uuid:{uuid.uuid5(nih.DICOM_UID_ROOT, f'{kind}:{key}')}"
 
 
+#: image index → its boxes, in file order
+BoxIndex = dict[str, tuple[BoundingBox, ...]]
+
+
 @dataclass(frozen=True)
 class _Planned:
     """Which request entries belong to which row, to read the response back."""
@@ -231,11 +248,14 @@ class _Planned:
 
 
 def build_transaction(
-    rows: list[Row], images: dict[str, bytes]
+    rows: list[Row],
+    images: dict[str, bytes],
+    boxes: BoxIndex | None = None,
 ) -> tuple[dict[str, Any], list[_Planned]]:
-    """One transaction for ``rows``: each Patient once, then each study (and Media) in
-    follow-up order — the ``Follow-up #`` column, not the filename suffix, which differs for
-    24,106 NIH rows — so HAPI's ids and ``_lastUpdated`` follow the clinical order."""
+    """One transaction for ``rows``: each Patient once, then each study (with its boxes, and
+    its Media) in follow-up order — the ``Follow-up #`` column, not the filename suffix, which
+    differs for 24,106 NIH rows — so HAPI's ids and ``_lastUpdated`` follow the clinical
+    order."""
     entries: list[dict[str, Any]] = []
     patients: set[str] = set()
     planned: list[_Planned] = []
@@ -261,7 +281,9 @@ def build_transaction(
         entries.append(
             {
                 "fullUrl": study_urn,
-                "resource": nih.imaging_study_resource(rec, patient_urn, status=status),
+                "resource": nih.imaging_study_resource(
+                    rec, patient_urn, status=status, boxes=(boxes or {}).get(rec.image_index, ())
+                ),
                 "request": {
                     "method": "POST",
                     "url": "ImagingStudy",
@@ -369,6 +391,10 @@ class IngestOptions:
     concurrency: int = 2
     resume: bool = True
     max_image_bytes: int = 64 * 1024 * 1024
+    bbox: Path | None = None
+    """NIH's ``BBox_List_2017.csv(.gz)``; ``None`` loads no boxes and checks none"""
+    inference_batch_size: int = 8
+    """studies per ``process_studies`` call (one batched model pass)"""
 
 
 @dataclass
@@ -381,14 +407,49 @@ class Progress:
 
 
 @dataclass
-class _Tally:
+class _Counts:
+    """What a batch (or the run so far) did; batch counts are merged into the run's."""
+
     created: Counter[str] = field(default_factory=Counter)
     present: Counter[str] = field(default_factory=Counter)
     rows_created: int = 0
     rows_present: int = 0
     activated: int = 0
+    boxes_written: int = 0
+    boxes_present: int = 0
+    studies_boxed: int = 0
     failed: list[BadRow] = field(default_factory=list)
-    inference: Counter[str] = field(default_factory=Counter)
+    bad_boxes: list[BadBox] = field(default_factory=list)
+
+    def merge(self, other: _Counts) -> None:
+        self.created.update(other.created)
+        self.present.update(other.present)
+        self.rows_created += other.rows_created
+        self.rows_present += other.rows_present
+        self.activated += other.activated
+        self.boxes_written += other.boxes_written
+        self.boxes_present += other.boxes_present
+        self.studies_boxed += other.studies_boxed
+        self.failed.extend(other.failed)
+        self.bad_boxes.extend(other.bad_boxes)
+
+    def add_change(self, change: _Change) -> None:
+        self.activated += change.activated
+        self.boxes_written += change.boxes_written
+        self.boxes_present += change.boxes_present
+        self.studies_boxed += change.boxes_written > 0
+
+
+class _Races:
+    """How often this run's threads lost a race to a concurrent writer and tried again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def lost(self) -> None:
+        with self._lock:
+            self.count += 1
 
 
 @dataclass
@@ -418,6 +479,18 @@ class IngestReport:
     failed: list[BadRow]
     inference: dict[str, int]
     state_file: str
+    conflicts_retried: int = 0
+    """transactions and updates sent again after a concurrent writer won a race (409/412)"""
+    bbox: str | None = None
+    boxes_read: int = 0
+    """box lines in the bounding-box file (valid or not)"""
+    boxes_written: int = 0
+    """boxes this run put on studies (new studies, or existing ones that lacked them)"""
+    boxes_already_present: int = 0
+    studies_boxes_updated: int = 0
+    """existing studies updated because their boxes differed from the file"""
+    boxes_skipped: list[BadBox] = field(default_factory=list)
+    """box lines not attached, with the reason (boxes_read = written + present + skipped)"""
 
     @property
     def resources_written(self) -> int:
@@ -427,12 +500,17 @@ class IngestReport:
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(_reason_kind(b.reason) for b in self.skipped).most_common())
 
+    @property
+    def boxes_skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(_box_reason_kind(b.reason) for b in self.boxes_skipped).most_common())
+
     def as_json(self) -> dict[str, Any]:
         return {
             "metadata": self.metadata,
             "metadata_sha256": self.metadata_sha256,
             "fhir_base_url": self.fhir_base_url,
             "images": self.images,
+            "bbox": self.bbox,
             "started": self.started,
             "wall_s": round(self.wall_s, 3),
             "resources_per_s": round(self.resources_written / self.wall_s, 1)
@@ -451,9 +529,19 @@ class IngestReport:
             },
             "created": self.created,
             "already_present": self.already_present,
+            "conflicts_retried": self.conflicts_retried,
             "skipped_by_reason": self.skipped_by_reason,
             "skipped": [b.__dict__ for b in self.skipped],
             "failed": [b.__dict__ for b in self.failed],
+            "boxes": {
+                "read": self.boxes_read,
+                "written": self.boxes_written,
+                "already_present": self.boxes_already_present,
+                "skipped": len(self.boxes_skipped),
+                "studies_updated": self.studies_boxes_updated,
+            },
+            "boxes_skipped_by_reason": self.boxes_skipped_by_reason,
+            "boxes_skipped": [b.__dict__ for b in self.boxes_skipped],
             "inference": self.inference,
             "state_file": self.state_file,
         }
@@ -479,6 +567,28 @@ def _reason_kind(reason: str) -> str:
     return reason
 
 
+_BOX_REASONS = (
+    "unknown finding",
+    "image not among the metadata rows read",
+    "image index not in the metadata",
+    "metadata row was skipped",
+    "its row failed",
+    "study is not on the server",
+    "duplicate box",
+    "outside the",
+    "empty box",
+    "finite",
+    "bad number",
+    "a box needs",
+    "unexpected values",
+    "empty image index",
+)
+
+
+def _box_reason_kind(reason: str) -> str:
+    return next((kind for kind in _BOX_REASONS if kind in reason), reason)
+
+
 def _image_index(folder: Path) -> dict[str, Path]:
     """File name → path for every image under ``folder`` (NIH ships images_001/images/…)."""
     found: dict[str, Path] = {}
@@ -492,7 +602,8 @@ def _image_index(folder: Path) -> dict[str, Path]:
 def _state_for(options: IngestOptions, sha: str, base_url: str) -> ProgressState:
     images = str(options.images.resolve()) if options.images else ""
     # One state per (file, server, images dir): loading metadata alone and later with images
-    # are different jobs, and so are two servers.
+    # are different jobs, and so are two servers. Not per bbox file: boxes of resumed rows
+    # are checked on the server instead (few), so adding boxes never re-sends 112k rows.
     target = hashlib.sha256(f"{base_url}\n{images}".encode()).hexdigest()[:12]
     path = options.state_dir / f"nih-{sha[:16]}-{target}.json"
     return ProgressState(
@@ -514,7 +625,66 @@ def _state_is_live(fhir: FhirClient, state: ProgressState, rows: dict[int, NihRe
     return found > 0
 
 
-ProcessStudy = Callable[[str, str], str]
+def load_boxes(
+    path: Path, valid: list[Row], skipped: list[BadRow], limit: int | None
+) -> tuple[BoxIndex, int, list[BadBox]]:
+    """Boxes per image index of this run's rows, the number of box lines, and the lines that
+    cannot be attached (bad lines, images without a valid row here) with the reason."""
+    rows = {r.rec.image_index for r in valid}
+    skipped_rows = {b.image_index: b for b in skipped if b.image_index}
+    boxes: dict[str, list[BoundingBox]] = {}
+    bad: list[BadBox] = []
+    read = 0
+    for item in nih.read_bboxes(path):
+        read += 1
+        if isinstance(item, BadBox):
+            log.warning("box line %d (%s) skipped: %s", item.line, item.image_index, item.reason)
+            bad.append(item)
+        elif item.image_index in rows:
+            boxes.setdefault(item.image_index, []).append(item)
+        elif (row := skipped_rows.get(item.image_index)) is not None:
+            reason = f"its metadata row was skipped (line {row.line}: {row.reason})"
+            bad.append(BadBox(item.line, item.image_index, reason))
+        elif limit is not None:
+            reason = f"image not among the metadata rows read (--limit {limit})"
+            bad.append(BadBox(item.line, item.image_index, reason))
+        else:
+            bad.append(BadBox(item.line, item.image_index, "image index not in the metadata"))
+    return {k: tuple(v) for k, v in boxes.items()}, read, bad
+
+
+ProcessStudies = Callable[[Sequence[tuple[str, str]]], list[str]]
+
+
+class _Inference:
+    """Studies with pixels, collected across committed batches and handed to
+    ``process_studies`` ``batch_size`` at a time (the last call takes the rest)."""
+
+    def __init__(self, process: ProcessStudies | None, batch_size: int) -> None:
+        self.process = process
+        self.batch_size = max(1, batch_size)
+        self.pending: list[tuple[str, str]] = []
+        self.outcomes: Counter[str] = Counter()
+
+    def add(self, studies: list[tuple[str, str]]) -> None:
+        if self.process is None:
+            return
+        self.pending.extend(studies)
+        while len(self.pending) >= self.batch_size:
+            self._run(self.batch_size)
+
+    def flush(self) -> None:
+        while self.pending:
+            self._run(self.batch_size)
+
+    def _run(self, n: int) -> None:
+        assert self.process is not None
+        batch, self.pending = self.pending[:n], self.pending[n:]
+        outcomes = self.process(batch)
+        if len(outcomes) != len(batch):
+            raise CxrError(f"bulk inference returned {len(outcomes)} outcomes for {len(batch)}")
+        for outcome in outcomes:
+            self.outcomes[outcome.split(":")[0]] += 1
 
 
 def ingest(
@@ -522,14 +692,15 @@ def ingest(
     options: IngestOptions,
     *,
     progress: Callable[[Progress], None] | None = None,
-    process_study: ProcessStudy | None = None,
+    process_studies: ProcessStudies | None = None,
     on_batch_committed: Callable[[int], None] | None = None,
 ) -> IngestReport:
-    """Load the metadata (and images) into ``fhir``; see the module docstring.
+    """Load the metadata (and images, and boxes) into ``fhir``; see the module docstring.
 
-    ``process_study(study_id, version_id)`` (bulk inference) is called for every study of a
-    committed batch that has its image, from this thread; ``on_batch_committed(n)`` after the
-    n-th batch of this run is recorded (tests use it to interrupt a run half-way).
+    ``process_studies([(study_id, version_id), …])`` (bulk inference) is called from this
+    thread with up to ``options.inference_batch_size`` committed studies that have their image,
+    and returns one outcome per study; ``on_batch_committed(n)`` after the n-th batch of this
+    run is recorded (tests use it to interrupt a run half-way).
     """
     started = datetime.now(UTC)
     t0 = time.monotonic()
@@ -542,6 +713,11 @@ def ingest(
     rows_read = len(valid) + len(skipped)
     for bad in skipped:
         log.warning("line %d (%s) skipped: %s", bad.line, bad.image_index or "?", bad.reason)
+    boxes: BoxIndex | None = None
+    boxes_read = 0
+    tally = _Counts()
+    if options.bbox is not None:
+        boxes, boxes_read, tally.bad_boxes = load_boxes(options.bbox, valid, skipped, options.limit)
 
     if options.resume:
         state.load()
@@ -556,12 +732,17 @@ def ingest(
         state.reset()
     todo = [r for r in valid if not state.contains(r.line)]
     resumed = len(valid) - len(todo)
+    races = _Races()
+    if boxes:
+        # Rows an earlier run committed are not sent again; their studies may predate boxes.
+        done = [r for r in valid if state.contains(r.line) and r.rec.image_index in boxes]
+        tally.merge(_boxes_on_committed(fhir, done, boxes, races))
 
     image_paths = _image_index(options.images) if options.images else {}
     with_images = sum(1 for r in valid if r.rec.image_index in image_paths)
-    tally = _Tally()
     total = len(todo)
     done_rows = 0
+    inference = _Inference(process_studies, options.inference_batch_size)
 
     def load_images(rows: list[Row]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
@@ -576,7 +757,7 @@ def ingest(
         return out
 
     def run_batch(rows: list[Row]) -> _BatchResult:
-        return _send_batch(fhir, rows, load_images)
+        return _send_batch(fhir, rows, load_images, boxes, races)
 
     batches = build_batches(todo, max(1, options.batch_size))
     committed_batches = 0
@@ -598,15 +779,12 @@ def ingest(
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     result = future.result()
-                    result.apply(tally)
+                    tally.merge(result.counts)
                     if result.committed_lines:
                         state.add(result.committed_lines)
                     done_rows += len(result.rows)
                     committed_batches += 1
-                    if process_study is not None:
-                        for study_id, version in result.image_studies:
-                            outcome = process_study(study_id, version)
-                            tally.inference[outcome.split(":")[0]] += 1
+                    inference.add(result.image_studies)
                     if progress is not None:
                         progress(
                             Progress(
@@ -617,13 +795,25 @@ def ingest(
                         )
                     if on_batch_committed is not None:
                         on_batch_committed(committed_batches)
+            inference.flush()
         except BaseException:
             # Interrupted (Ctrl-C, a test hook): what committed is recorded; let in-flight
             # batches finish rather than abandon transactions whose outcome we never learn.
             for future in pending:
                 future.cancel()
+            if inference.pending:
+                log.warning(
+                    "%d committed studies were not run through bulk inference; the rest-hook "
+                    "or `cxr reconcile` will process them",
+                    len(inference.pending),
+                )
             raise
 
+    if boxes:
+        for bad in tally.failed:
+            for box in boxes.get(bad.image_index or "", ()):
+                reason = f"not attached: its row failed (line {bad.line})"
+                tally.bad_boxes.append(BadBox(box.line, box.image_index, reason))
     return IngestReport(
         metadata=str(options.metadata),
         metadata_sha256=sha,
@@ -642,8 +832,15 @@ def ingest(
         already_present=dict(sorted(tally.present.items())),
         skipped=skipped,
         failed=tally.failed,
-        inference=dict(tally.inference),
+        inference=dict(inference.outcomes),
         state_file=str(state.path),
+        conflicts_retried=races.count,
+        bbox=str(options.bbox) if options.bbox else None,
+        boxes_read=boxes_read,
+        boxes_written=tally.boxes_written,
+        boxes_already_present=tally.boxes_present,
+        studies_boxes_updated=tally.studies_boxed,
+        boxes_skipped=sorted(tally.bad_boxes, key=lambda b: b.line),
     )
 
 
@@ -651,93 +848,110 @@ def ingest(
 class _BatchResult:
     rows: list[Row]
     committed_lines: list[int] = field(default_factory=list)
-    created: Counter[str] = field(default_factory=Counter)
-    present: Counter[str] = field(default_factory=Counter)
-    rows_created: int = 0
-    rows_present: int = 0
-    activated: int = 0
-    failed: list[BadRow] = field(default_factory=list)
+    counts: _Counts = field(default_factory=_Counts)
     image_studies: list[tuple[str, str]] = field(default_factory=list)
 
-    def apply(self, tally: _Tally) -> None:
-        tally.created.update(self.created)
-        tally.present.update(self.present)
-        tally.rows_created += self.rows_created
-        tally.rows_present += self.rows_present
-        tally.activated += self.activated
-        tally.failed.extend(self.failed)
+    def merge(self, other: _BatchResult) -> None:
+        self.committed_lines += other.committed_lines
+        self.counts.merge(other.counts)
+        self.image_studies += other.image_studies
 
 
 def _send_batch(
-    fhir: FhirClient, rows: list[Row], load_images: Callable[[list[Row]], dict[str, bytes]]
+    fhir: FhirClient,
+    rows: list[Row],
+    load_images: Callable[[list[Row]], dict[str, bytes]],
+    boxes: BoxIndex | None,
+    races: _Races,
 ) -> _BatchResult:
-    result = _BatchResult(rows)
     try:
-        images = load_images(rows)
-        _commit(fhir, rows, images, result)
-        return result
+        return _commit(fhir, rows, load_images(rows), boxes, races)
     except CxrError as exc:
         if len(rows) == 1:
-            result.failed.append(BadRow(rows[0].line, rows[0].rec.image_index, exc.message))
+            result = _BatchResult(rows)
+            result.counts.failed.append(BadRow(rows[0].line, rows[0].rec.image_index, exc.message))
             return result
         log.warning("batch of %d rows failed (%s); retrying row by row", len(rows), exc.message)
-    # One bad row refuses the whole transaction: find it, and still load the others.
+    # One bad row refuses the whole transaction: find it, and still load the others. (If the
+    # batch did commit and a later step failed, the rows now match: nothing is created twice.)
+    result = _BatchResult(rows)
     for row in rows:
-        sub = _send_batch(fhir, [row], load_images)
-        result.committed_lines += sub.committed_lines
-        result.created.update(sub.created)
-        result.present.update(sub.present)
-        result.rows_created += sub.rows_created
-        result.rows_present += sub.rows_present
-        result.activated += sub.activated
-        result.failed += sub.failed
-        result.image_studies += sub.image_studies
+        result.merge(_send_batch(fhir, [row], load_images, boxes, races))
     return result
 
 
-def _transaction_with_retry(fhir: FhirClient, bundle: dict[str, Any]) -> dict[str, Any]:
-    for attempt in range(RETRIES + 1):
+def _backoff(attempt: int) -> float:
+    """Seconds before retry ``attempt`` (0-based) after a lost race: jittered, so two runs
+    that collided do not collide again in lockstep."""
+    return min(4.0, 0.25 * 2.0**attempt) * random.uniform(0.5, 1.5)
+
+
+def _transaction_with_retry(
+    fhir: FhirClient, bundle: dict[str, Any], races: _Races
+) -> dict[str, Any]:
+    transient = conflicts = 0
+    while True:
         try:
             return fhir.transaction(bundle)
         except FhirUnavailableError:
-            if attempt == RETRIES:
+            transient += 1
+            if transient > RETRIES:
                 raise
+            delay = 0.5 * 2 ** (transient - 1)
         except FhirError as exc:
             # 409/412: a concurrent conditional create of the same identifier won the race
-            # (HAPI's unique match-URL index); the retry will match what it created.
-            if getattr(exc, "http_status", None) not in (409, 412) or attempt == RETRIES:
+            # (HAPI's unique match-URL index) and HAPI rolled this transaction back whole.
+            # Sent again, every ifNoneExist is resolved afresh and matches the winner's.
+            if exc.http_status not in (409, 412):
                 raise
-        time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
+            conflicts += 1
+            if conflicts > CONFLICT_RETRIES:
+                raise
+            races.lost()
+            log.debug("transaction lost a race to a concurrent writer; sending it again")
+            delay = _backoff(conflicts - 1)
+        time.sleep(delay)
 
 
 def _commit(
-    fhir: FhirClient, rows: list[Row], images: dict[str, bytes], result: _BatchResult
-) -> None:
-    bundle, planned = build_transaction(rows, images)
-    response = _transaction_with_retry(fhir, bundle)
+    fhir: FhirClient,
+    rows: list[Row],
+    images: dict[str, bytes],
+    boxes: BoxIndex | None,
+    races: _Races,
+) -> _BatchResult:
+    bundle, planned = build_transaction(rows, images, boxes)
+    response = _transaction_with_retry(fhir, bundle, races)
     answers = response.get("entry", [])
+    result = _BatchResult(rows)
+    counts = result.counts
     for i, entry in enumerate(bundle["entry"]):
         status = str(answers[i].get("response", {}).get("status", "")) if i < len(answers) else ""
         kind = entry["resource"]["resourceType"]
-        (result.created if status.startswith("201") else result.present)[kind] += 1
+        (counts.created if status.startswith("201") else counts.present)[kind] += 1
     for plan in planned:
+        row_boxes = boxes.get(plan.row.rec.image_index) if boxes is not None else None
         study = answers[plan.study_entry].get("response", {})
-        created = str(study.get("status", "")).startswith("201")
-        if created:
-            result.rows_created += 1
-        else:
-            result.rows_present += 1
-        if plan.media_entry is None:
-            continue
         study_id, version = _location(study.get("location", ""))
-        if not created:
-            new_version = _activate(fhir, study_id)
-            if new_version is not None:
-                version = new_version
-                result.activated += 1
-        result.image_studies.append((study_id, version))
+        if str(study.get("status", "")).startswith("201"):
+            counts.rows_created += 1
+            counts.boxes_written += len(row_boxes or ())
+        else:
+            counts.rows_present += 1
+            if plan.media_entry is not None or row_boxes:
+                change = _update_existing(
+                    fhir,
+                    study_id,
+                    activate=plan.media_entry is not None,
+                    boxes=row_boxes,
+                    races=races,
+                )
+                counts.add_change(change)
+                version = change.version or version
+        if plan.media_entry is not None:
+            result.image_studies.append((study_id, version))
     result.committed_lines.extend(r.line for r in rows)
+    return result
 
 
 def _location(location: str) -> tuple[str, str]:
@@ -748,15 +962,92 @@ def _location(location: str) -> tuple[str, str]:
     return study_id, version
 
 
-def _activate(fhir: FhirClient, study_id: str) -> str | None:
-    """An existing ``registered`` study now has its pixels: make it ``available``.
+@dataclass(frozen=True)
+class _Change:
+    """What :func:`_update_existing` did to one study."""
 
-    The update is what wakes the rest-hook (the Subscription matches ``status=available``);
-    the Media committed first, so the worker it notifies finds the pixels.
+    version: str | None
+    """the new version id, or None when the study was left as it was"""
+    activated: bool
+    boxes_written: int
+    boxes_present: int
+
+
+def _update_existing(
+    fhir: FhirClient,
+    study_id: str,
+    *,
+    activate: bool,
+    boxes: tuple[BoundingBox, ...] | None,
+    races: _Races,
+    study: dict[str, Any] | None = None,
+) -> _Change:
+    """Bring a study that was already on the server up to date, in at most one update.
+
+    ``activate``: its pixels are now there, so a ``registered`` study becomes ``available``
+    (the update is what wakes the rest-hook; the Media committed first, so the worker finds
+    the pixels). ``boxes``: the study must carry exactly these boxes (None: not checked).
+    The update carries ``If-Match``: if a concurrent run changed the study first, it is read
+    again and the decision made again, usually "nothing left to do".
     """
-    study = fhir.read("ImagingStudy", study_id)
-    if study.get("status") != "registered":
-        return None
-    study["status"] = "available"
-    updated = fhir.update(study)
-    return str(updated.get("meta", {}).get("versionId", ""))
+    for attempt in range(CONFLICT_RETRIES + 1):
+        current = study if study is not None else fhir.read("ImagingStudy", study_id)
+        study = None
+        wanted = dict(current)
+        activated = activate and current.get("status") == "registered"
+        if activated:
+            wanted["status"] = "available"
+        add_boxes = boxes is not None and not nih.has_boxes(current, boxes)
+        if add_boxes:
+            wanted = nih.with_boxes(wanted, boxes or ())
+        if not activated and not add_boxes:
+            return _Change(None, False, 0, len(boxes or ()))
+        version = str(current.get("meta", {}).get("versionId", "")) or None
+        try:
+            updated = fhir.update(wanted, if_match=version)
+        except FhirError as exc:
+            if exc.http_status not in (409, 412) or attempt == CONFLICT_RETRIES:
+                raise
+            races.lost()
+            time.sleep(_backoff(attempt))
+            continue
+        written = len(boxes or ()) if add_boxes else 0
+        return _Change(
+            str(updated.get("meta", {}).get("versionId", "")),
+            activated,
+            written,
+            len(boxes or ()) - written,
+        )
+    raise AssertionError("unreachable")
+
+
+def _boxes_on_committed(
+    fhir: FhirClient, rows: list[Row], boxes: BoxIndex, races: _Races
+) -> _Counts:
+    """Make the studies of already committed rows carry their boxes: one identifier search
+    per :data:`_SEARCH_CHUNK` rows, and an update only where the boxes differ."""
+    counts = _Counts()
+    for start in range(0, len(rows), _SEARCH_CHUNK):
+        chunk = rows[start : start + _SEARCH_CHUNK]
+        values = ",".join(f"{nih.IMAGE_INDEX_SYSTEM}|{r.rec.image_index}" for r in chunk)
+        found: dict[str, dict[str, Any]] = {}
+        params = {"identifier": values, "_count": len(chunk)}
+        for resource in fhir.search_all("ImagingStudy", params):
+            for ident in resource.get("identifier", []):
+                if ident.get("system") == nih.IMAGE_INDEX_SYSTEM:
+                    found[str(ident.get("value"))] = resource
+        for row in chunk:
+            row_boxes = boxes[row.rec.image_index]
+            study = found.get(row.rec.image_index)
+            if study is None:
+                reason = (
+                    f"not attached: the progress file says line {row.line} was loaded, but its "
+                    "study is not on the server (run with --restart)"
+                )
+                counts.bad_boxes += [BadBox(b.line, b.image_index, reason) for b in row_boxes]
+                continue
+            change = _update_existing(
+                fhir, str(study["id"]), activate=False, boxes=row_boxes, races=races, study=study
+            )
+            counts.add_change(change)
+    return counts

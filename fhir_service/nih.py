@@ -10,13 +10,17 @@ follow-up number. Study and instance UIDs are derived from the image index
 from __future__ import annotations
 
 import csv
+import gzip
+import io
+import math
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cxr_errors import InputError
+from models.types import NIH_FINDINGS
 
 #: Our namespace for identifiers and extensions (not NIH's; NIH publishes no FHIR URIs).
 CXR_NS = "https://cxr-fhir.example.org/fhir"
@@ -25,11 +29,13 @@ IMAGE_INDEX_SYSTEM = f"{CXR_NS}/sid/nih-image-index"
 #: The Media that carries an NIH image's pixels (one per image index), for conditional creates.
 IMAGE_MEDIA_SYSTEM = f"{CXR_NS}/sid/nih-image-media"
 EXT_AGE_AT_STUDY = f"{CXR_NS}/StructureDefinition/patient-age-at-study"
+UCUM = "http://unitsofmeasure.org"
 EXT_VIEW_POSITION = f"{CXR_NS}/StructureDefinition/view-position"
 EXT_FOLLOW_UP = f"{CXR_NS}/StructureDefinition/nih-follow-up"
 DICOM_UID_ROOT = uuid.UUID("6f1c3a52-8d0e-4a8e-9d55-2c1c7a0b9e11")
 _GENDER = {"M": "male", "F": "female"}
 _VIEWS = {"PA", "AP", "LL"}
+_NIH_LABELS = frozenset(NIH_FINDINGS)
 
 
 @dataclass(frozen=True)
@@ -128,9 +134,13 @@ def study_conditional(rec: NihRecord) -> str:
 
 
 def imaging_study_resource(
-    rec: NihRecord, patient_ref: str, *, status: str = "available"
+    rec: NihRecord,
+    patient_ref: str,
+    *,
+    status: str = "available",
+    boxes: Sequence[BoundingBox] = (),
 ) -> dict[str, Any]:
-    """A DX chest study with one series and one instance.
+    """A DX chest study with one series and one instance, and the image's NIH boxes.
 
     ``status="registered"`` is for a study whose pixels are not on the server (the metadata
     alone was loaded): R4 defines it as "the existence of the imaging study is registered, but
@@ -142,15 +152,11 @@ def imaging_study_resource(
         "extension": [
             {
                 "url": EXT_AGE_AT_STUDY,
-                "valueAge": {
-                    "value": rec.age_years,
-                    "unit": "years",
-                    "system": "http://unitsofmeasure.org",
-                    "code": "a",
-                },
+                "valueAge": age_at_study(rec.age_years),
             },
             {"url": EXT_VIEW_POSITION, "valueCode": rec.view_position},
             {"url": EXT_FOLLOW_UP, "valueInteger": rec.follow_up},
+            *(bbox_extension(b) for b in boxes),
         ],
         "identifier": [
             {"system": IMAGE_INDEX_SYSTEM, "value": rec.image_index},
@@ -271,14 +277,32 @@ def created_id(response: dict[str, Any], resource_type: str) -> str:
     raise KeyError(f"no {resource_type} in the transaction response")
 
 
+def age_at_study(years: int) -> dict[str, Any]:
+    """NIH's age in completed years as a FHIR Age.
+
+    R4's ``age-1`` invariant requires a positive value, so NIH's age 0 (14 rows) is written as
+    "less than one year" (``comparator <``, value 1) rather than refused or rounded up.
+    """
+    age: dict[str, Any] = {"value": years, "unit": "years", "system": UCUM, "code": "a"}
+    if years == 0:
+        age.update(value=1, comparator="<")
+    return age
+
+
 def study_age_and_view(study: dict[str, Any]) -> tuple[int | None, str | None]:
     """Patient age at the study (years) and view position, from our ImagingStudy extensions."""
     age: int | None = None
     view: str | None = None
     for ext in study.get("extension", []):
         if ext.get("url") == EXT_AGE_AT_STUDY:
-            value = ext.get("valueAge", {}).get("value")
-            age = int(value) if value is not None else None
+            value_age = ext.get("valueAge", {})
+            value = value_age.get("value")
+            if value is None:
+                age = None
+            elif value_age.get("comparator") == "<":
+                age = max(math.ceil(value) - 1, 0)  # "< 1 a" is age 0 in completed years
+            else:
+                age = int(value)
         elif ext.get("url") == EXT_VIEW_POSITION:
             view = ext.get("valueCode")
     return age, view
@@ -371,3 +395,193 @@ def image_media_resource(
 
 def media_conditional(rec: NihRecord) -> str:
     return f"identifier={IMAGE_MEDIA_SYSTEM}|{rec.image_index}"
+
+
+# --- NIH bounding boxes (BBox_List_2017.csv) --------------------------------------------------
+
+#: One extension per box on the ImagingStudy (see README, "Bounding boxes").
+EXT_BOUNDING_BOX = f"{CXR_NS}/StructureDefinition/nih-bounding-box"
+#: NIH distributes every image as a 1024 × 1024 PNG; the boxes are in those pixels.
+NIH_IMAGE_SIZE = 1024
+#: BBox_List_2017 spells one label differently from Data_Entry_2017 and our codes.
+BBOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
+_BOX_PARTS = ("x", "y", "width", "height")
+
+
+@dataclass(frozen=True)
+class BoundingBox:
+    """One NIH box: a finding and a rectangle in the pixels of the 1024² NIH PNG."""
+
+    image_index: str
+    finding: str
+    """our NIH label (``NIH_FINDINGS`` spelling: 'Infiltration', not the file's 'Infiltrate')"""
+    x: float
+    y: float
+    width: float
+    height: float
+    line: int = field(default=0, compare=False)
+    """line in the bbox file (header = 1); 0 when read back from FHIR"""
+
+    @property
+    def key(self) -> tuple[str, float, float, float, float]:
+        return (self.finding, self.x, self.y, self.width, self.height)
+
+
+@dataclass(frozen=True)
+class BadBox:
+    """A box line that was not attached, with the reason."""
+
+    line: int
+    image_index: str | None
+    reason: str
+
+
+def open_text(path: Path) -> TextIO:
+    """A CSV file as text, plain or gzip-compressed (by its ``.gz`` suffix)."""
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return path.open(encoding="utf-8", newline="")
+
+
+def default_bbox_path() -> Path:
+    """``BBox_List_2017.csv(.gz)`` next to Data_Entry in the installed torchxrayvision."""
+    folder = default_metadata_path().parent
+    for name in ("BBox_List_2017.csv.gz", "BBox_List_2017.csv"):
+        if (folder / name).is_file():
+            return folder / name
+    raise InputError(f"no BBox_List_2017.csv(.gz) in {folder}; pass --bbox PATH or --no-bbox")
+
+
+def read_bboxes(path: Path) -> Iterator[BoundingBox | BadBox]:
+    """Every box line of NIH's ``BBox_List_2017.csv`` (plain or .gz), with its line number.
+
+    The header is unquoted (``Image Index,Finding Label,Bbox [x,y,w,h],,,``): the bracketed
+    name splits into four cells and three empty names trail it. The original file ends every
+    data row with the matching empty cells; torchxrayvision's copy drops them. Both read the
+    same; a non-empty cell past ``h`` is a bad line, never ignored.
+    """
+    if not path.is_file():
+        raise InputError(f"bounding-box file not found: {path}")
+    with open_text(path) as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise InputError(f"{path} is empty")
+        names = [name for name, _span in header_columns(header)]
+        if names[:3] != ["Image Index", "Finding Label", "Bbox [x,y,w,h]"]:
+            raise InputError(
+                f"{path}: line 1 is not NIH's bounding-box header "
+                f"(Image Index, Finding Label, Bbox [x,y,w,h]): {header[:6]}"
+            )
+        first_at: dict[tuple[str, tuple[str, float, float, float, float]], int] = {}
+        for cells in reader:
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            item = _parse_box(reader.line_num, cells)
+            if isinstance(item, BoundingBox):
+                seen = first_at.setdefault((item.image_index, item.key), item.line)
+                if seen != item.line:
+                    item = BadBox(
+                        item.line, item.image_index, f"duplicate box (first at line {seen})"
+                    )
+            yield item
+
+
+def _parse_box(line: int, cells: list[str]) -> BoundingBox | BadBox:
+    image_index = cells[0].strip() or None
+    if image_index is None:
+        return BadBox(line, None, "empty image index")
+    if len(cells) < 6:
+        return BadBox(line, image_index, f"{len(cells)} fields, a box needs 6")
+    extra = [c for c in cells[6:] if c.strip()]
+    if extra:
+        return BadBox(line, image_index, f"unexpected values after h: {extra[:3]}")
+    label = cells[1].strip()
+    finding = BBOX_LABEL_ALIASES.get(label, label)
+    if finding not in _NIH_LABELS:
+        return BadBox(line, image_index, f"unknown finding {label!r}")
+    try:
+        x, y, w, h = (float(c) for c in cells[2:6])
+    except ValueError as exc:
+        return BadBox(line, image_index, f"bad number: {exc}")
+    problem = _box_problem(x, y, w, h)
+    if problem:
+        return BadBox(line, image_index, problem)
+    return BoundingBox(image_index, finding, x, y, w, h, line)
+
+
+def _box_problem(x: float, y: float, w: float, h: float) -> str | None:
+    import math
+
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return "coordinates must be finite numbers"
+    if w <= 0 or h <= 0:
+        return f"empty box: width {w:g}, height {h:g}"
+    size = NIH_IMAGE_SIZE
+    if x < 0 or y < 0 or x + w > size or y + h > size:
+        return f"box [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the {size}×{size} image"
+    return None
+
+
+def bbox_extension(box: BoundingBox) -> dict[str, Any]:
+    """The ImagingStudy extension for one box: the finding coded exactly as our Observations
+    code it (standard codings + the NIH label coding), x/y/width/height as decimals in pixels
+    of the 1024² NIH PNG, origin at the top-left corner."""
+    from fhir_service.builders import finding_code
+
+    values = dict(zip(_BOX_PARTS, (box.x, box.y, box.width, box.height), strict=True))
+    return {
+        "url": EXT_BOUNDING_BOX,
+        "extension": [
+            {"url": "finding", "valueCodeableConcept": finding_code(box.finding)},
+            *({"url": part, "valueDecimal": value} for part, value in values.items()),
+        ],
+    }
+
+
+def study_boxes(study: dict[str, Any]) -> list[BoundingBox | None]:
+    """Boxes on an ImagingStudy as our extension holds them; ``None`` for one that is not in
+    that shape (edited by hand, an older format), so a comparison never matches it."""
+    from fhir_service.builders import TERMINOLOGY
+
+    label_system = TERMINOLOGY.code_system_url("nih_label")
+    image_index = next(
+        (
+            i.get("value", "")
+            for i in study.get("identifier", [])
+            if i.get("system") == IMAGE_INDEX_SYSTEM
+        ),
+        "",
+    )
+    out: list[BoundingBox | None] = []
+    for ext in study.get("extension", []):
+        if ext.get("url") != EXT_BOUNDING_BOX:
+            continue
+        parts = {e.get("url"): e for e in ext.get("extension", [])}
+        codings = parts.get("finding", {}).get("valueCodeableConcept", {}).get("coding", [])
+        finding = next((c.get("code") for c in codings if c.get("system") == label_system), None)
+        values = [parts.get(p, {}).get("valueDecimal") for p in _BOX_PARTS]
+        if (
+            finding not in _NIH_LABELS
+            or len(parts) != 1 + len(_BOX_PARTS)
+            or not all(isinstance(v, int | float) for v in values)
+        ):
+            out.append(None)
+            continue
+        x, y, w, h = (float(v) for v in values)
+        out.append(BoundingBox(image_index, str(finding), x, y, w, h))
+    return out
+
+
+def has_boxes(study: dict[str, Any], boxes: Sequence[BoundingBox]) -> bool:
+    """Whether the study carries exactly ``boxes`` (in any order) and no other box."""
+    found = study_boxes(study)
+    if any(b is None for b in found):
+        return False
+    return sorted(b.key for b in found if b is not None) == sorted(b.key for b in boxes)
+
+
+def with_boxes(study: dict[str, Any], boxes: Sequence[BoundingBox]) -> dict[str, Any]:
+    """A copy of ``study`` whose box extensions are exactly ``boxes`` (others untouched)."""
+    kept = [e for e in study.get("extension", []) if e.get("url") != EXT_BOUNDING_BOX]
+    return {**study, "extension": [*kept, *(bbox_extension(b) for b in boxes)]}

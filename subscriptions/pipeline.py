@@ -6,6 +6,11 @@ twice — duplicate notifications, a worker killed after writing, a sweep that o
 hook — changes nothing the second time. Failures that retrying cannot fix become one
 failed ``Task`` per study (updated, never duplicated); transient ones are raised for the
 queue to retry with backoff.
+
+:meth:`Pipeline.process_batch` is the bulk path (``cxr ingest --bulk-inference``): the same
+steps for many studies, except that the model sees all their images in one batched pass.
+Reading, checking and writing are the very functions :meth:`Pipeline.process` uses, so a
+study's results and identifiers do not depend on the path that produced them.
 """
 
 from __future__ import annotations
@@ -13,22 +18,32 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from cxr_errors import CxrError, FhirError, FhirUnavailableError, InputError, NotFoundError
+from cxr_errors import (
+    CxrError,
+    FhirError,
+    FhirUnavailableError,
+    InputError,
+    ModelError,
+    NotFoundError,
+)
 from fhir_service import builders
 from fhir_service.fhir_client import FhirClient
 from fhir_service.nih import study_age_and_view
 from models.types import ImageAnalysis
-from subscriptions.pixels import fetch_pixels
+from subscriptions.pixels import Pixels, fetch_pixels
 from vector_store.store import EmbeddingRecord
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,21 @@ class Analyzer(Protocol):
     def model_version(self) -> str: ...
 
     def analyze(self, data: bytes, name: str) -> AnalyzedImage: ...
+
+    def analyze_many(self, images: Sequence[tuple[bytes, str]]) -> list[AnalyzedImage | InputError]:
+        """One batched pass over ``(data, name)`` images; an image that cannot be decoded
+        gets its InputError in its place instead of failing the others."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A study that needs analysing: its current version and its pixels."""
+
+    study: dict[str, Any]
+    pixels: Pixels
+    sha256: str
+    identifier: tuple[str, str]
 
 
 class EmbeddingSink(Protocol):
@@ -68,6 +98,41 @@ class Pipeline:
         Out-of-order notifications are harmless: whichever version a job names, it reads
         the study as it is now, and the identifier keeps the result unique.
         """
+        study = self._current(study_id)
+        if isinstance(study, str):
+            return study
+        return self._guarded(study, final_attempt, lambda: self._process(study))
+
+    def process_batch(self, studies: Sequence[tuple[str, str]]) -> list[str]:
+        """The bulk path: :meth:`process` for each study, with one batched model pass over
+        the images of those not yet reported. Returns one outcome per study, in order.
+
+        A study that fails does not stop the others: bad input gets its failed Task, as on
+        the worker; a transient failure only a ``"failed: …"`` outcome, because the study
+        stays ``available`` without a report, which the rest-hook's queued job (or ``cxr
+        reconcile``) retries with backoff.
+        """
+        outcomes: list[str] = [""] * len(studies)
+        jobs: list[tuple[int, _Job]] = []
+        for i, (study_id, _version) in enumerate(studies):
+            study = self._current(study_id)
+            if isinstance(study, str):
+                outcomes[i] = study
+                continue
+            job = self._bulk_step(study, partial(self._prepare, study))
+            if isinstance(job, _Job):
+                jobs.append((i, job))
+            else:
+                outcomes[i] = job
+        if not jobs:
+            return outcomes
+        results = self.analyzer.analyze_many([(j.pixels.data, j.pixels.source) for _, j in jobs])
+        for (i, job), result in zip(jobs, results, strict=True):
+            outcomes[i] = self._bulk_step(job.study, partial(self._write, job, result))
+        return outcomes
+
+    def _current(self, study_id: str) -> dict[str, Any] | str:
+        """The study as it is now, or why there is nothing to do."""
         try:
             study = self.fhir.read("ImagingStudy", study_id)
         except NotFoundError:
@@ -75,8 +140,15 @@ class Pipeline:
             return "gone"
         if study.get("status") != "available":
             return f"skipped: status {study.get('status')!r}"
+        return study
+
+    def _guarded(
+        self, study: dict[str, Any], final_attempt: bool, step: Callable[[], T]
+    ) -> T | str:
+        """Run one step of a job: bad input → failed Task; other errors → failed Task on the
+        final attempt, raised either way (the queue retries)."""
         try:
-            return self._process(study)
+            return step()
         except InputError as exc:
             self._fail(study, exc.message, "input-rejected")
             return f"failed: {exc.message}"
@@ -85,19 +157,40 @@ class Pipeline:
                 self._fail(study, f"gave up after retries: {exc.message}", "retries-exhausted")
             raise
 
+    def _bulk_step(self, study: dict[str, Any], step: Callable[[], T]) -> T | str:
+        """:meth:`_guarded` for one study of a batch: a transient error becomes its outcome
+        instead of stopping the batch (see :meth:`process_batch`)."""
+        try:
+            return self._guarded(study, False, step)
+        except ModelError:
+            raise  # the model itself is broken: no point going on with other studies
+        except CxrError as exc:
+            return f"failed: {exc.message} (left to the worker's retries)"
+
     def _process(self, study: dict[str, Any]) -> str:
-        study_id = study["id"]
+        job = self._prepare(study)
+        if isinstance(job, str):
+            return job
+        return self._write(job, self.analyzer.analyze(job.pixels.data, job.pixels.source))
+
+    def _prepare(self, study: dict[str, Any]) -> _Job | str:
+        """The study's pixels and report key, or "already reported"."""
         pixels = fetch_pixels(
             self.fhir, study, max_bytes=self.max_image_bytes, allowed_hosts=self.image_hosts
         )
         sha = hashlib.sha256(pixels.data).hexdigest()
-        model_version = self.analyzer.model_version
-        system, value = builders.report_identifier(study_id, model_version, sha)
-        if self._reported(system, value):
+        identifier = builders.report_identifier(study["id"], self.analyzer.model_version, sha)
+        if self._reported(*identifier):
             self._complete_task(study)
             return "already reported"
-        result = self.analyzer.analyze(pixels.data, pixels.source)
-        previous = self._current_reports(study_id, model_version)
+        return _Job(study, pixels, sha, identifier)
+
+    def _write(self, job: _Job, result: AnalyzedImage | InputError) -> str:
+        """One transaction with the study's results, then its embeddings."""
+        if isinstance(result, InputError):
+            raise result
+        study, sha = job.study, job.sha256
+        previous = self._current_reports(study["id"], self.analyzer.model_version)
         bundle = builders.build_result_transaction(
             study=study,
             analysis=result.analysis,
@@ -114,7 +207,7 @@ class Pipeline:
             # 409/412. If its report is there, the work is done; otherwise retry later.
             if exc.http_status not in (409, 412):
                 raise
-            if self._reported(system, value, attempts=3):
+            if self._reported(*job.identifier, attempts=3):
                 self._complete_task(study)
                 return "already reported (concurrent writer)"
             raise FhirUnavailableError(f"conflicting concurrent write: {exc.message}") from exc

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import (
@@ -26,6 +27,9 @@ from fhir_service.fhir_client import FhirClient
 from fhir_service.ingest import IngestOptions, IngestReport, ingest
 from fhir_service.ingest import Progress as IngestProgress
 from fhir_service.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from subscriptions.pipeline import Pipeline
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -51,11 +55,25 @@ def nih(
     batch_size: int | None = typer.Option(
         None, "--batch-size", min=1, help="Studies per transaction (default CXR_INGEST_BATCH_SIZE)."
     ),
+    bbox: Path | None = typer.Option(
+        None,
+        "--bbox",
+        help="NIH's BBox_List_2017.csv(.gz): boxes go on their studies "
+        "(default: the copy inside the installed torchxrayvision).",
+    ),
+    no_bbox: bool = typer.Option(False, "--no-bbox", help="Load no bounding boxes."),
     bulk_inference: bool = typer.Option(
         False,
         "--bulk-inference",
-        help="Run the model on studies with images here, batch by batch, instead of waiting "
-        "for the worker (same pipeline, same idempotent results).",
+        help="Run the model here on the studies with images, several images per batched "
+        "pass, instead of waiting for the worker (same pipeline, same idempotent results).",
+    ),
+    inference_batch_size: int | None = typer.Option(
+        None,
+        "--inference-batch-size",
+        min=1,
+        help="Images per model pass with --bulk-inference "
+        "(default CXR_INGEST_INFERENCE_BATCH_SIZE).",
     ),
     report: Path | None = typer.Option(
         None, "--report", help="Write the machine-readable report (JSON) here."
@@ -69,6 +87,8 @@ def nih(
 
     settings = get_settings()
     with cli_errors():
+        if bbox is not None and no_bbox:
+            raise InputError("--bbox and --no-bbox exclude each other")
         options = IngestOptions(
             metadata=metadata or nih_meta.default_metadata_path(),
             state_dir=settings.ingest_state_dir or settings.data_dir / "ingest",
@@ -78,12 +98,18 @@ def nih(
             concurrency=concurrency or settings.ingest_concurrency,
             resume=not restart,
             max_image_bytes=settings.max_image_bytes,
+            bbox=None if no_bbox else bbox or nih_meta.default_bbox_path(),
+            inference_batch_size=inference_batch_size or settings.ingest_inference_batch_size,
         )
         if images is not None and not images.is_dir():
             raise InputError(f"--images {images} is not a directory")
         console.print(f"ingesting [bold]{options.metadata}[/] into {settings.fhir_base_url}")
         with ExitStack() as stack:
-            process = stack.enter_context(bulk_pipeline(settings)) if bulk_inference else None
+            process = (
+                stack.enter_context(bulk_pipeline(settings)).process_batch
+                if bulk_inference
+                else None
+            )
             # A generous timeout: a 200-study transaction on a busy H2 can take tens of seconds.
             fhir = stack.enter_context(FhirClient(settings.fhir_base_url, timeout=300))
             bar = stack.enter_context(_progress_bar())
@@ -98,7 +124,7 @@ def nih(
                 )
                 bar.update(task, total=p.rows_total, completed=p.rows_done, rate=rate)
 
-            result = ingest(fhir, options, progress=on_progress, process_study=process)
+            result = ingest(fhir, options, progress=on_progress, process_studies=process)
     _print_summary(result)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -124,8 +150,9 @@ def _progress_bar() -> Progress:
 
 
 @contextmanager
-def bulk_pipeline(settings: Settings) -> Iterator[Callable[[str, str], str]]:
-    """The worker's own pipeline, in this process: same code, same idempotency keys."""
+def bulk_pipeline(settings: Settings) -> Iterator[Pipeline]:
+    """The worker's own pipeline, in this process: same code, same idempotency keys. Its
+    ``process_batch`` takes several studies and runs the model once over all their images."""
     from fhir_service.database import database_url, start_database
     from subscriptions.analyzer import build_analyzer
     from subscriptions.pipeline import Pipeline
@@ -146,7 +173,7 @@ def bulk_pipeline(settings: Settings) -> Iterator[Callable[[str, str], str]]:
             image_hosts=frozenset(settings.image_hosts),
         )
         try:
-            yield lambda study_id, version_id: pipeline.process(study_id, version_id)
+            yield pipeline
         finally:
             store.close()
 
@@ -169,8 +196,26 @@ def _print_summary(r: IngestReport) -> None:
         table.add_row(f"  skipped: {reason}", str(n))
     for outcome, n in r.inference.items():
         table.add_row(f"  inference: {outcome}", str(n))
+    if r.conflicts_retried:
+        table.add_row("writes retried after a concurrent writer won", str(r.conflicts_retried))
+    if r.bbox is not None:
+        table.add_row("box lines read", str(r.boxes_read))
+        table.add_row("  boxes written", str(r.boxes_written))
+        table.add_row("  boxes already present", str(r.boxes_already_present))
+        table.add_row("  existing studies given their boxes", str(r.studies_boxes_updated))
+        for reason, n in r.boxes_skipped_by_reason.items():
+            table.add_row(f"  boxes not attached: {reason}", str(n))
     console.print(table)
     if r.wall_s:
         console.print(f"{r.resources_written / r.wall_s:.1f} resources/s")
     for bad in r.failed[:20]:
         console.print(f"[red]failed[/] line {bad.line} ({bad.image_index}): {bad.reason}")
+    # Boxes of images that are not among this run's rows are expected with --limit or a
+    # partial metadata file: counted above, listed in --report. Anything else is shown.
+    odd = [b for b in r.boxes_skipped if "metadata rows read" not in b.reason]
+    odd = [b for b in odd if "not in the metadata" not in b.reason]
+    for box in odd[:20]:
+        console.print(
+            f"[yellow]box not attached[/] {r.bbox} line {box.line} ({box.image_index}): "
+            f"{box.reason}"
+        )

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from fhir_service import nih
 from fhir_service.builders import (
     TERMINOLOGY,
     build_completed_task,
@@ -294,3 +295,16 @@ def test_failed_task_is_updated_not_duplicated_then_completed(client: FhirClient
     stored = client.request("PUT", url, json=done).json()
     assert stored["id"] == created["id"] and stored["status"] == "completed"
     assert client.count("Task", {"focus": f"ImagingStudy/{study['id']}"}) == 1
+
+
+def test_nih_infant_study_is_accepted(client: FhirClient) -> None:
+    # NIH has 14 rows with Patient Age 0; R4's age-1 invariant refuses a zero Age value.
+    rec = nih.NihRecord("99999999_000.png", "99999999", 0, 0, "female", "AP", ())
+    response = client.transaction(nih.study_transaction(rec, None, tag="infant"))
+    location = next(
+        e["response"]["location"]
+        for e in response["entry"]
+        if e["response"]["location"].startswith("ImagingStudy/")
+    )
+    stored = client.read("ImagingStudy", location.split("/")[1])
+    assert nih.study_age_and_view(stored) == (0, "AP")

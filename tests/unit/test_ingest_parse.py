@@ -157,3 +157,13 @@ def test_state_merges_and_survives_other_writers(tmp_path: Path) -> None:
     a.add([5, 6, 7, 8, 9])
     fresh.load()
     assert fresh.done == [(2, 11)]
+
+
+@pytest.mark.parametrize("years", [0, 1, 95])
+def test_age_at_study_round_trips_and_is_always_positive(years: int) -> None:
+    # R4 age-1: an Age value must be positive; NIH records 14 infants as age 0.
+    age = nih.age_at_study(years)
+    assert age["value"] > 0 and age["code"] == "a" and age["system"] == nih.UCUM
+    assert age.get("comparator") == ("<" if years == 0 else None)
+    study = {"extension": [{"url": nih.EXT_AGE_AT_STUDY, "valueAge": age}]}
+    assert nih.study_age_and_view(study) == (years, None)
