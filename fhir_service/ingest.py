@@ -68,11 +68,10 @@ from typing import Any
 from cxr_errors import CxrError, FhirError, FhirUnavailableError, InputError
 from fhir_service import nih
 from fhir_service.fhir_client import FhirClient
-from fhir_service.nih import BadBox, BoundingBox, NihRecord
+from fhir_service.nih import BadLine, BoundingBox, NihRecord
 
 __all__ = [
-    "BadBox",
-    "BadRow",
+    "BadLine",
     "IngestOptions",
     "IngestReport",
     "Progress",
@@ -110,15 +109,6 @@ class Row:
     rec: NihRecord
 
 
-@dataclass(frozen=True)
-class BadRow:
-    """A row that was skipped, with the reason."""
-
-    line: int
-    image_index: str | None
-    reason: str
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -127,7 +117,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_rows(path: Path, *, limit: int | None = None) -> Iterator[Row | BadRow]:
+def read_rows(path: Path, *, limit: int | None = None) -> Iterator[Row | BadLine]:
     """Every data row of ``path`` (Data_Entry_2017 or the sample manifest, plain or .gz).
 
     ``limit`` counts data rows read, bad ones included, so ``--limit 500`` always means the
@@ -170,7 +160,7 @@ def _check_row(
     seen_image: dict[str, int],
     patient_sex: dict[str, tuple[str, int]],
     follow_ups: dict[tuple[str, int], int],
-) -> Row | BadRow:
+) -> Row | BadLine:
     row: dict[str, str] = {}
     i = 0
     for name, span in columns:
@@ -180,25 +170,25 @@ def _check_row(
         i += span
     image_index = (row.get("Image Index") or row.get("file") or "").strip() or None
     if len(cells) > width:
-        return BadRow(line, image_index, f"{len(cells)} fields, the header has {width}")
+        return BadLine(line, image_index, f"{len(cells)} fields, the header has {width}")
     try:
         rec = nih.parse_record(row)
     except InputError as exc:
-        return BadRow(line, image_index, exc.message)
+        return BadLine(line, image_index, exc.message)
     first = seen_image.get(rec.image_index)
     if first is not None:
-        return BadRow(line, rec.image_index, f"duplicate image index (first at line {first})")
+        return BadLine(line, rec.image_index, f"duplicate image index (first at line {first})")
     seen_image[rec.image_index] = line
     sex, sex_line = patient_sex.setdefault(rec.patient_id, (rec.sex, line))
     if sex != rec.sex:
-        return BadRow(
+        return BadLine(
             line,
             rec.image_index,
             f"gender {rec.sex} contradicts {sex} for patient {rec.patient_id} (line {sex_line})",
         )
     fu_line = follow_ups.setdefault((rec.patient_id, rec.follow_up), line)
     if fu_line != line:
-        return BadRow(
+        return BadLine(
             line,
             rec.image_index,
             f"follow-up #{rec.follow_up} of patient {rec.patient_id} already at line {fu_line}",
@@ -418,8 +408,8 @@ class _Counts:
     boxes_written: int = 0
     boxes_present: int = 0
     studies_boxed: int = 0
-    failed: list[BadRow] = field(default_factory=list)
-    bad_boxes: list[BadBox] = field(default_factory=list)
+    failed: list[BadLine] = field(default_factory=list)
+    bad_boxes: list[BadLine] = field(default_factory=list)
 
     def merge(self, other: _Counts) -> None:
         self.created.update(other.created)
@@ -475,8 +465,8 @@ class IngestReport:
     """existing ``registered`` studies whose image arrived in this run (now ``available``)"""
     created: dict[str, int]
     already_present: dict[str, int]
-    skipped: list[BadRow]
-    failed: list[BadRow]
+    skipped: list[BadLine]
+    failed: list[BadLine]
     inference: dict[str, int]
     state_file: str
     conflicts_retried: int = 0
@@ -489,7 +479,7 @@ class IngestReport:
     boxes_already_present: int = 0
     studies_boxes_updated: int = 0
     """existing studies updated because their boxes differed from the file"""
-    boxes_skipped: list[BadBox] = field(default_factory=list)
+    boxes_skipped: list[BadLine] = field(default_factory=list)
     """box lines not attached, with the reason (boxes_read = written + present + skipped)"""
 
     @property
@@ -626,30 +616,30 @@ def _state_is_live(fhir: FhirClient, state: ProgressState, rows: dict[int, NihRe
 
 
 def load_boxes(
-    path: Path, valid: list[Row], skipped: list[BadRow], limit: int | None
-) -> tuple[BoxIndex, int, list[BadBox]]:
+    path: Path, valid: list[Row], skipped: list[BadLine], limit: int | None
+) -> tuple[BoxIndex, int, list[BadLine]]:
     """Boxes per image index of this run's rows, the number of box lines, and the lines that
     cannot be attached (bad lines, images without a valid row here) with the reason."""
     rows = {r.rec.image_index for r in valid}
     skipped_rows = {b.image_index: b for b in skipped if b.image_index}
     boxes: dict[str, list[BoundingBox]] = {}
-    bad: list[BadBox] = []
+    bad: list[BadLine] = []
     read = 0
     for item in nih.read_bboxes(path):
         read += 1
-        if isinstance(item, BadBox):
+        if isinstance(item, BadLine):
             log.warning("box line %d (%s) skipped: %s", item.line, item.image_index, item.reason)
             bad.append(item)
         elif item.image_index in rows:
             boxes.setdefault(item.image_index, []).append(item)
         elif (row := skipped_rows.get(item.image_index)) is not None:
             reason = f"its metadata row was skipped (line {row.line}: {row.reason})"
-            bad.append(BadBox(item.line, item.image_index, reason))
+            bad.append(BadLine(item.line, item.image_index, reason))
         elif limit is not None:
             reason = f"image not among the metadata rows read (--limit {limit})"
-            bad.append(BadBox(item.line, item.image_index, reason))
+            bad.append(BadLine(item.line, item.image_index, reason))
         else:
-            bad.append(BadBox(item.line, item.image_index, "image index not in the metadata"))
+            bad.append(BadLine(item.line, item.image_index, "image index not in the metadata"))
     return {k: tuple(v) for k, v in boxes.items()}, read, bad
 
 
@@ -707,7 +697,7 @@ def ingest(
     sha = file_sha256(options.metadata)
     state = _state_for(options, sha, fhir.base_url)
     valid: list[Row] = []
-    skipped: list[BadRow] = []
+    skipped: list[BadLine] = []
     for item in read_rows(options.metadata, limit=options.limit):
         (valid if isinstance(item, Row) else skipped).append(item)  # type: ignore[arg-type]
     rows_read = len(valid) + len(skipped)
@@ -813,7 +803,7 @@ def ingest(
         for bad in tally.failed:
             for box in boxes.get(bad.image_index or "", ()):
                 reason = f"not attached: its row failed (line {bad.line})"
-                tally.bad_boxes.append(BadBox(box.line, box.image_index, reason))
+                tally.bad_boxes.append(BadLine(box.line, box.image_index, reason))
     return IngestReport(
         metadata=str(options.metadata),
         metadata_sha256=sha,
@@ -869,7 +859,7 @@ def _send_batch(
     except CxrError as exc:
         if len(rows) == 1:
             result = _BatchResult(rows)
-            result.counts.failed.append(BadRow(rows[0].line, rows[0].rec.image_index, exc.message))
+            result.counts.failed.append(BadLine(rows[0].line, rows[0].rec.image_index, exc.message))
             return result
         log.warning("batch of %d rows failed (%s); retrying row by row", len(rows), exc.message)
     # One bad row refuses the whole transaction: find it, and still load the others. (If the
@@ -1044,7 +1034,7 @@ def _boxes_on_committed(
                     f"not attached: the progress file says line {row.line} was loaded, but its "
                     "study is not on the server (run with --restart)"
                 )
-                counts.bad_boxes += [BadBox(b.line, b.image_index, reason) for b in row_boxes]
+                counts.bad_boxes += [BadLine(b.line, b.image_index, reason) for b in row_boxes]
                 continue
             change = _update_existing(
                 fhir, str(study["id"]), activate=False, boxes=row_boxes, races=races, study=study

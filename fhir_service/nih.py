@@ -428,8 +428,8 @@ class BoundingBox:
 
 
 @dataclass(frozen=True)
-class BadBox:
-    """A box line that was not attached, with the reason."""
+class BadLine:
+    """A line of an NIH CSV that was not used (a row skipped, a box not attached), and why."""
 
     line: int
     image_index: str | None
@@ -452,7 +452,7 @@ def default_bbox_path() -> Path:
     raise InputError(f"no BBox_List_2017.csv(.gz) in {folder}; pass --bbox PATH or --no-bbox")
 
 
-def read_bboxes(path: Path) -> Iterator[BoundingBox | BadBox]:
+def read_bboxes(path: Path) -> Iterator[BoundingBox | BadLine]:
     """Every box line of NIH's ``BBox_List_2017.csv`` (plain or .gz), with its line number.
 
     The header is unquoted (``Image Index,Finding Label,Bbox [x,y,w,h],,,``): the bracketed
@@ -481,32 +481,32 @@ def read_bboxes(path: Path) -> Iterator[BoundingBox | BadBox]:
             if isinstance(item, BoundingBox):
                 seen = first_at.setdefault((item.image_index, item.key), item.line)
                 if seen != item.line:
-                    item = BadBox(
+                    item = BadLine(
                         item.line, item.image_index, f"duplicate box (first at line {seen})"
                     )
             yield item
 
 
-def _parse_box(line: int, cells: list[str]) -> BoundingBox | BadBox:
+def _parse_box(line: int, cells: list[str]) -> BoundingBox | BadLine:
     image_index = cells[0].strip() or None
     if image_index is None:
-        return BadBox(line, None, "empty image index")
+        return BadLine(line, None, "empty image index")
     if len(cells) < 6:
-        return BadBox(line, image_index, f"{len(cells)} fields, a box needs 6")
+        return BadLine(line, image_index, f"{len(cells)} fields, a box needs 6")
     extra = [c for c in cells[6:] if c.strip()]
     if extra:
-        return BadBox(line, image_index, f"unexpected values after h: {extra[:3]}")
+        return BadLine(line, image_index, f"unexpected values after h: {extra[:3]}")
     label = cells[1].strip()
     finding = BBOX_LABEL_ALIASES.get(label, label)
     if finding not in _NIH_LABELS:
-        return BadBox(line, image_index, f"unknown finding {label!r}")
+        return BadLine(line, image_index, f"unknown finding {label!r}")
     try:
         x, y, w, h = (float(c) for c in cells[2:6])
     except ValueError as exc:
-        return BadBox(line, image_index, f"bad number: {exc}")
+        return BadLine(line, image_index, f"bad number: {exc}")
     problem = _box_problem(x, y, w, h)
     if problem:
-        return BadBox(line, image_index, problem)
+        return BadLine(line, image_index, problem)
     return BoundingBox(image_index, finding, x, y, w, h, line)
 
 

@@ -11,7 +11,7 @@ import pytest
 from cxr_errors import InputError
 from fhir_service import nih
 from fhir_service.ingest import (
-    BadRow,
+    BadLine,
     ProgressState,
     Row,
     build_batches,
@@ -84,7 +84,7 @@ def test_gzip_and_limit(tmp_path: Path) -> None:
 def test_bad_rows_are_reported_with_line_and_reason(tmp_path: Path, row: str, reason: str) -> None:
     after = "00000003_001.png,No Finding,8,3,81,F,PA,1,1,0.1,0.1"
     rows = list(read_rows(_csv(tmp_path, *GOOD, row, after)))
-    bad = [r for r in rows if isinstance(r, BadRow)]
+    bad = [r for r in rows if isinstance(r, BadLine)]
     assert len(bad) == 1, bad
     assert bad[0].line == 5
     assert reason in bad[0].reason
@@ -95,8 +95,8 @@ def test_bad_rows_are_reported_with_line_and_reason(tmp_path: Path, row: str, re
 def test_duplicate_names_first_line(tmp_path: Path) -> None:
     rows = list(read_rows(_csv(tmp_path, *GOOD, GOOD[0])))
     bad = rows[-1]
-    assert isinstance(bad, BadRow)
-    assert bad == BadRow(5, "00000001_000.png", "duplicate image index (first at line 2)")
+    assert isinstance(bad, BadLine)
+    assert bad == BadLine(5, "00000001_000.png", "duplicate image index (first at line 2)")
 
 
 def test_header_without_image_index_is_refused(tmp_path: Path) -> None:

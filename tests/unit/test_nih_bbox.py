@@ -14,8 +14,8 @@ import pytest
 from cxr_errors import InputError
 from fhir_service import nih
 from fhir_service.builders import finding_code
-from fhir_service.ingest import BadRow, Row, build_transaction, load_boxes
-from fhir_service.nih import BadBox, BoundingBox
+from fhir_service.ingest import Row, build_transaction, load_boxes
+from fhir_service.nih import BadLine, BoundingBox
 
 BBOX = nih.default_bbox_path()
 # The original BBox_List_2017.csv header, exactly: unquoted, so "Bbox [x,y,w,h]" splits into
@@ -88,7 +88,7 @@ def test_bad_lines_are_reported_with_line_and_reason(
     tmp_path: Path, line: str, reason: str
 ) -> None:
     items = list(nih.read_bboxes(_write(tmp_path, FIRST, line, INFILTRATE)))
-    bad = [b for b in items if isinstance(b, BadBox)]
+    bad = [b for b in items if isinstance(b, BadLine)]
     assert len(bad) == 1, bad
     assert bad[0].line == 3
     assert reason in bad[0].reason
@@ -171,7 +171,7 @@ def test_boxes_a_run_cannot_attach_are_listed_with_the_reason(tmp_path: Path) ->
         "00000001_000.png,Tumour,1,1,10,10,,,",  # line 5: unknown finding
     )
     valid = [Row(2, nih.NihRecord("00000001_000.png", "1", 0, 40, "male", "PA", ()))]
-    skipped = [BadRow(3, "00000002_000.png", "age 130 out of range 0..120")]
+    skipped = [BadLine(3, "00000002_000.png", "age 130 out of range 0..120")]
     boxes, read, bad = load_boxes(path, valid, skipped, limit=None)
     assert read == 4
     assert [b.line for b in boxes["00000001_000.png"]] == [2]
