@@ -17,11 +17,16 @@ Prints, never asserts. Untrained mode (weights cannot be downloaded here). Own d
 ports (``.cxr-data/bench-app``, HAPI 19480, PostgreSQL 19680, service 19401, dev EHR 19402),
 wiped at start except the exported ONNX models.
 
-    .venv/bin/python bench/app.py
+    .venv/bin/python bench/app.py                # p50 over 20 launches / clicks
+    .venv/bin/python bench/app.py --repeat 5     # a quicker look
+
+Options: ``--repeat`` (20), ``--chromium`` (the browser binary, /usr/bin/chromium),
+``--data-dir``, ``--hapi-port``, ``--pg-port``, ``--service-port``, ``--dev-ehr-port``.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import os
 import secrets
@@ -29,7 +34,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -56,6 +61,7 @@ from fhir_service.stack import (  # noqa: E402
 )
 
 CHROMIUM = "/usr/bin/chromium"
+#: Default repeats per measurement (p50 over this many).
 N = 20
 
 
@@ -63,7 +69,7 @@ def p50_ms(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1000:8.1f} ms (min {min(xs) * 1000:.1f}, n={len(xs)})"
 
 
-def timed(fn: Callable[[], object], n: int = N) -> list[float]:
+def timed(fn: Callable[[], object], n: int) -> list[float]:
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -107,16 +113,35 @@ def peer_token(s: Settings, http: httpx.Client, patient: str) -> str:
     return str(token["access_token"])
 
 
-def main() -> None:
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--repeat", type=int, default=N, help=f"launches / clicks per p50 (default {N})"
+    )
+    parser.add_argument("--chromium", default=CHROMIUM, help=f"browser binary (default {CHROMIUM})")
+    parser.add_argument("--data-dir", type=Path, default=REPO / ".cxr-data" / "bench-app")
+    parser.add_argument("--hapi-port", type=int, default=19480)
+    parser.add_argument("--pg-port", type=int, default=19680)
+    parser.add_argument("--service-port", type=int, default=19401)
+    parser.add_argument("--dev-ehr-port", type=int, default=19402)
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    n = args.repeat
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
     from playwright.sync_api import sync_playwright
 
     s = Settings(
-        data_dir=REPO / ".cxr-data" / "bench-app",
-        hapi_port=19480,
-        pg_port=19680,
-        service_port=19401,
-        dev_ehr_port=19402,
+        data_dir=args.data_dir,
+        hapi_port=args.hapi_port,
+        pg_port=args.pg_port,
+        service_port=args.service_port,
+        dev_ehr_port=args.dev_ehr_port,
         model_weights="untrained",
         clip_weights="untrained",
         database_url=None,
@@ -165,7 +190,7 @@ def main() -> None:
         launch_url = f"{s.dev_ehr_url}/launch/ehr?patient={patient}"
 
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
 
             def app_launch() -> None:
                 ctx = browser.new_context(viewport={"width": 1280, "height": 800})
@@ -175,7 +200,7 @@ def main() -> None:
                 ctx.close()
 
             app_launch()  # warm-up (first page load, connection set-up)
-            app_launch_s = timed(app_launch)
+            app_launch_s = timed(app_launch, n)
 
             ctx = browser.new_context(viewport={"width": 1280, "height": 800})
             page = ctx.new_page()
@@ -206,7 +231,7 @@ def main() -> None:
                     out.append(time.perf_counter() - t)
                 return out
 
-            app_stored = clicks(stored, N) if stored.count() >= 2 else []
+            app_stored = clicks(stored, n) if stored.count() >= 2 else []
             cold: list[float] = []
             warm: list[float] = []
             if others.count() >= 2:
@@ -214,7 +239,7 @@ def main() -> None:
                 t = time.perf_counter()
                 click(b, str(b.get_attribute("data-finding")))
                 cold.append(time.perf_counter() - t)
-                warm = clicks(others, N)
+                warm = clicks(others, n)
             ctx.close()
             browser.close()
 
@@ -240,14 +265,14 @@ def main() -> None:
                     base64.b64decode(m["content"]["data"])
 
             peer_launch()
-            peer_launch_s = timed(peer_launch)
-            peer_overlay_s = timed(peer_overlay)
+            peer_launch_s = timed(peer_launch, n)
+            peer_overlay_s = timed(peer_overlay, n)
 
         print()
-        print(f"launch URL → worklist rendered, p50 over {N}")
+        print(f"launch URL → worklist rendered, p50 over {n}")
         print(f"  app (Chromium, launch + token + page + JSON + table) {p50_ms(app_launch_s)}")
         print(f"  peer (httpx: launch + token + 3 FHIR searches)       {p50_ms(peer_launch_s)}")
-        print(f"click → overlay shown (stored heatmap Media), p50 over {N}")
+        print(f"click → overlay shown (stored heatmap Media), p50 over {n}")
         if app_stored:
             print(f"  app (Chromium, /app/api/heatmap → canvas)            {p50_ms(app_stored)}")
         else:
