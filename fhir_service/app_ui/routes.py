@@ -171,16 +171,13 @@ async def callback(
     if error or not code:
         return _error_page("Access not granted", error_description or error or "no code", 403)
     try:
-        body = await smart.token_request(
+        body = await smart.exchange_code(
             ui.http,
             pending.token_endpoint,
-            {
-                "grant_type": "authorization_code",
-                "code": code,
-                "redirect_uri": ui.redirect_uri,
-                "client_id": ui.settings.app_client_id,
-                "code_verifier": pending.verifier,
-            },
+            client_id=ui.settings.app_client_id,
+            redirect_uri=ui.redirect_uri,
+            code=code,
+            verifier=pending.verifier,
             clock=ui.clock,
         )
     except smart.LaunchError as exc:

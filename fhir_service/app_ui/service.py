@@ -64,6 +64,8 @@ class AppUi:
     ) -> None:
         self.settings = settings
         self.clock = clock
+        # The app's one HTTP client and transport: discovery, the token endpoint (requests
+        # that Authlib builds, see smart.SmartClient) and the FHIR calls.
         self.http = httpx.AsyncClient(timeout=30.0, transport=transport)
         self.sessions = SessionStore(
             settings.app_session_secret, lifetime_s=settings.app_session_lifetime_s, clock=clock
@@ -117,14 +119,11 @@ class AppUi:
             if not tokens.refresh_token:
                 raise NotSignedIn("the access token expired and there is no refresh token")
             try:
-                body = await smart.token_request(
+                body = await smart.refresh(
                     self.http,
                     session.token_endpoint,
-                    {
-                        "grant_type": "refresh_token",
-                        "refresh_token": tokens.refresh_token,
-                        "client_id": self.settings.app_client_id,
-                    },
+                    client_id=self.settings.app_client_id,
+                    refresh_token=tokens.refresh_token,
                     clock=self.clock,
                 )
             except smart.LaunchError as exc:

@@ -1,8 +1,16 @@
 """The SMART App Launch 2.x client side: discovery, PKCE S256, code exchange, refresh, and
 which mode a launch gives.
 
-Discovery is read from ``{iss}/.well-known/smart-configuration`` (SMART 2.x), not from the
-CapabilityStatement. The app is a public client (no secret), so PKCE carries the proof.
+Discovery is ours: one GET of ``{iss}/.well-known/smart-configuration`` (SMART 2.x, not the
+CapabilityStatement) with errors that say what is wrong with the EHR. The OAuth 2.0 protocol is
+Authlib's (:class:`authlib.oauth2.client.OAuth2Client`): the PKCE S256 challenge (RFC 7636),
+the authorization URL, the token request bodies of the code exchange and the refresh, public
+client authentication (``token_endpoint_auth_method="none"``: ``client_id`` in the body, no
+secret, so PKCE carries the proof) and the parsing of token and error responses.
+:class:`SmartClient` only binds it to the app's one ``httpx.AsyncClient`` (Authlib's own httpx
+integration binds ``httpx2`` where installed, so it could not share that client's transport)
+and adds what SMART asks of the answer: a ``bearer`` token, ``expires_at`` from our clock,
+and every refusal as a :class:`TokenError`.
 
 Scopes: an EHR launch asks for read/search of the app's six resource types both as
 ``patient/`` and as ``user/`` scopes, and lets the EHR grant what its launch context allows
@@ -16,16 +24,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
-from urllib.parse import urlencode
 
 import httpx
+from authlib.common.security import generate_token
+from authlib.oauth2.client import OAuth2Client
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from cxr_errors import FhirError
 
@@ -49,6 +57,17 @@ _V1_PERMISSIONS = {"read": "rs", "*": "cruds"}
 
 class LaunchError(FhirError):
     """The SMART launch could not be completed."""
+
+
+class TokenError(LaunchError):
+    """The token endpoint refused the request: its ``error`` and ``error_description``, or
+    ``HTTP <status>`` when it answered no OAuth error. Authlib raises it (it is the client's
+    ``oauth_error_class``) and so do we."""
+
+    def __init__(self, error: Any = None, description: Any = None, **_: Any) -> None:
+        self.error = str(error) if error is not None else None
+        self.error_description = str(description) if description is not None else None
+        super().__init__(f"token request refused: {self.error}: {self.error_description or ''}")
 
 
 def user_permissions(granted: str, resource_type: str) -> frozenset[str]:
@@ -94,14 +113,14 @@ def id_token_claims(id_token: str | None) -> dict[str, Any]:
 
 
 def new_verifier() -> str:
-    # RFC 7636 §4.1: 43–128 characters of [A-Za-z0-9-._~]; 48 random bytes → 64 characters.
-    return secrets.token_urlsafe(48)
+    """RFC 7636 §4.1: 43–128 characters of the unreserved set; 64 of [A-Za-z0-9] from
+    ``random.SystemRandom`` (Authlib's ``generate_token``), ≈ 381 bits."""
+    return str(generate_token(64))
 
 
 def s256_challenge(verifier: str) -> str:
-    """RFC 7636 §4.2: BASE64URL(SHA256(ASCII(code_verifier))), unpadded."""
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    """RFC 7636 §4.2: BASE64URL(SHA256(ASCII(code_verifier))), unpadded (Authlib's)."""
+    return str(create_s256_code_challenge(verifier))
 
 
 async def discover(http: httpx.AsyncClient, iss: str) -> dict[str, Any]:
@@ -137,42 +156,138 @@ def authorize_url(
     verifier: str,
     launch: str | None,
 ) -> str:
-    params = {
-        "response_type": "code",
-        "client_id": client_id,
-        "redirect_uri": redirect_uri,
-        "scope": EHR_SCOPES if launch else STANDALONE_SCOPES,
-        "state": state,
-        "aud": iss,
-        "code_challenge": s256_challenge(verifier),
-        "code_challenge_method": "S256",
-    }
-    if launch:
-        params["launch"] = launch
-    endpoint = str(config["authorization_endpoint"])
-    return f"{endpoint}{'&' if '?' in endpoint else '?'}{urlencode(params)}"
+    """The authorization request (Authlib's ``create_authorization_url``): PKCE S256, the
+    SMART ``aud`` and, for an EHR launch, ``launch``; any query of the endpoint is kept."""
+    if not verifier:
+        raise ValueError("PKCE is not optional: a code verifier is required")
+    client = OAuth2Client(
+        None, client_id=client_id, redirect_uri=redirect_uri, code_challenge_method="S256"
+    )
+    url, _ = client.create_authorization_url(
+        str(config["authorization_endpoint"]),
+        state=state,
+        code_verifier=verifier,
+        scope=EHR_SCOPES if launch else STANDALONE_SCOPES,
+        aud=iss,
+        launch=launch or None,  # None: left out
+    )
+    return str(url)
 
 
-async def token_request(
+class SmartClient(OAuth2Client):  # type: ignore[misc]  # Authlib is untyped
+    """Authlib's OAuth 2.0 client as a public SMART client, sending through ``http``.
+
+    Authlib builds each token request (grant parameters, ``client_id`` for
+    ``token_endpoint_auth_method="none"``, its headers) and parses the answer (JSON object,
+    OAuth ``error``); the two hooks below only send the request with our ``httpx`` client and
+    check the SMART side of the answer. Made per request: an Authlib client remembers the
+    last token it saw, and one user's token has no business in another's request.
+    """
+
+    oauth_error_class = TokenError
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        client_id: str,
+        redirect_uri: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(
+            session=http,
+            client_id=client_id,
+            token_endpoint_auth_method="none",
+            redirect_uri=redirect_uri,
+            code_challenge_method="S256",
+        )
+        self.http = http
+        self.clock = clock
+
+    async def _fetch_token(
+        self,
+        url: str,
+        body: str = "",
+        headers: Mapping[str, str] | None = None,
+        auth: Any = None,
+        method: str = "POST",
+        **_: Any,
+    ) -> dict[str, Any]:
+        return await self._token_request(url, body, headers, auth)
+
+    async def _refresh_token(
+        self,
+        url: str,
+        refresh_token: str | None = None,
+        body: str = "",
+        headers: Mapping[str, str] | None = None,
+        auth: Any = None,
+        **_: Any,
+    ) -> dict[str, Any]:
+        token = await self._token_request(url, body, headers, auth)
+        # Rotation: a new refresh token replaces the old one; none in the answer keeps it.
+        if not token.get("refresh_token"):
+            token["refresh_token"] = refresh_token
+        return token
+
+    async def _token_request(
+        self, url: str, body: str, headers: Mapping[str, str] | None, auth: Any
+    ) -> dict[str, Any]:
+        url, sent_headers, body = auth.prepare("POST", url, dict(headers or {}), body)
+        try:
+            resp = await self.http.post(url, content=body, headers=sent_headers)
+        except httpx.HTTPError as exc:
+            raise LaunchError(f"cannot reach the token endpoint: {exc}") from exc
+        try:
+            # Authlib: an OAuth error answer raises TokenError; a 5xx, or an answer that is
+            # no JSON object, raises httpx.HTTPStatusError (or ValueError for a 2xx); an
+            # ``expires_in`` that is no integer, ValueError or TypeError.
+            token = dict(self.parse_response_token(resp))
+        except httpx.HTTPStatusError as exc:
+            raise TokenError(f"HTTP {resp.status_code}") from exc
+        except (TypeError, ValueError) as exc:
+            raise TokenError(f"HTTP {resp.status_code}", str(exc)) from exc
+        if resp.status_code != 200 or "access_token" not in token:
+            raise TokenError(f"HTTP {resp.status_code}")
+        if str(token.get("token_type", "")).lower() != "bearer":
+            raise LaunchError(f"unexpected token_type {token.get('token_type')!r}")
+        # Authlib has read a non-empty one as an integer; none: assume five minutes.
+        expires_in = token.get("expires_in")
+        lifetime = 300.0 if expires_in in (None, "") else float(expires_in)
+        # Ours, not Authlib's (which reads the wall clock): tests use a fake clock.
+        token["expires_at"] = self.clock() + lifetime
+        return token
+
+
+async def exchange_code(
     http: httpx.AsyncClient,
     token_endpoint: str,
-    form: dict[str, str],
     *,
+    client_id: str,
+    redirect_uri: str,
+    code: str,
+    verifier: str,
     clock: Callable[[], float] = time.time,
 ) -> dict[str, Any]:
-    """POST the token endpoint; the parsed response with ``expires_at`` added."""
-    try:
-        resp = await http.post(token_endpoint, data=form, headers={"Accept": "application/json"})
-    except httpx.HTTPError as exc:
-        raise LaunchError(f"cannot reach the token endpoint: {exc}") from exc
-    try:
-        body: dict[str, Any] = resp.json()
-    except ValueError:
-        body = {}
-    if resp.status_code != 200 or "access_token" not in body:
-        error = body.get("error", f"HTTP {resp.status_code}")
-        raise LaunchError(f"token request refused: {error}: {body.get('error_description', '')}")
-    if str(body.get("token_type", "")).lower() != "bearer":
-        raise LaunchError(f"unexpected token_type {body.get('token_type')!r}")
-    body["expires_at"] = clock() + float(body.get("expires_in", 300))
-    return body
+    """The authorization code grant with the PKCE verifier: the token response, with
+    ``expires_at`` added (:class:`TokenError` if refused)."""
+    client = SmartClient(http, client_id=client_id, redirect_uri=redirect_uri, clock=clock)
+    token: dict[str, Any] = await client.fetch_token(
+        token_endpoint, grant_type="authorization_code", code=code, code_verifier=verifier
+    )
+    return token
+
+
+async def refresh(
+    http: httpx.AsyncClient,
+    token_endpoint: str,
+    *,
+    client_id: str,
+    refresh_token: str,
+    clock: Callable[[], float] = time.time,
+) -> dict[str, Any]:
+    """The refresh token grant: the token response with ``expires_at`` added and
+    ``refresh_token`` the new one, or the one sent when the EHR does not rotate."""
+    client = SmartClient(http, client_id=client_id, clock=clock)
+    token: dict[str, Any] = await client.refresh_token(token_endpoint, refresh_token=refresh_token)
+    return token

@@ -74,11 +74,36 @@ def _discover(handler: Handler, iss: str = ISS) -> dict[str, Any]:
     return result
 
 
-def _token(handler: Handler, form: dict[str, str], clock: Clock | None = None) -> dict[str, Any]:
+def _token(handler: Handler, clock: Clock | None = None) -> dict[str, Any]:
+    """The code exchange of ``CODE_FORM`` against ``handler``."""
     result: dict[str, Any] = run(
         _with_client(
             handler,
-            lambda http: smart.token_request(http, TOKEN, form, clock=clock or Clock()),
+            lambda http: smart.exchange_code(
+                http,
+                TOKEN,
+                client_id=CODE_FORM["client_id"],
+                redirect_uri=CODE_FORM["redirect_uri"],
+                code=CODE_FORM["code"],
+                verifier=CODE_FORM["code_verifier"],
+                clock=clock or Clock(),
+            ),
+        )
+    )
+    return result
+
+
+def _refresh(handler: Handler, refresh_token: str, clock: Clock | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = run(
+        _with_client(
+            handler,
+            lambda http: smart.refresh(
+                http,
+                TOKEN,
+                client_id="cxr-app",
+                refresh_token=refresh_token,
+                clock=clock or Clock(),
+            ),
         )
     )
     return result
@@ -101,6 +126,15 @@ def test_s256_challenge_is_unpadded_base64url() -> None:
         challenge = smart.s256_challenge(verifier)
         assert len(challenge) == 43  # 32 bytes, no padding
         assert re.fullmatch(r"[A-Za-z0-9_-]{43}", challenge)
+
+
+def test_s256_challenge_is_what_the_authorization_url_carries() -> None:
+    verifier = smart.new_verifier()
+    _, q = _authorize(verifier=verifier)
+    assert q["code_challenge"] == smart.s256_challenge(verifier)
+    assert q["code_challenge"] == (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    )
 
 
 def test_new_verifier_is_long_random_and_unreserved() -> None:
@@ -156,6 +190,11 @@ def test_authorize_url_of_a_standalone_launch_has_no_launch_parameter() -> None:
         assert q["code_challenge"] == RFC7636_CHALLENGE
         assert q["aud"] == ISS
         assert q["scope"].strip()
+
+
+def test_authorize_url_always_uses_pkce() -> None:
+    with pytest.raises(ValueError, match="PKCE"):
+        _authorize(verifier="")
 
 
 def test_authorize_url_keeps_the_endpoint_query() -> None:
@@ -240,7 +279,14 @@ CODE_FORM = {
 }
 
 
-def test_token_request_posts_the_form_and_adds_expires_at() -> None:
+BEARER = {"access_token": "a", "token_type": "Bearer"}
+
+
+def _form(request: httpx.Request) -> list[tuple[str, str]]:
+    return parse_qsl(request.content.decode(), keep_blank_values=True, strict_parsing=True)
+
+
+def test_the_code_exchange_posts_the_form_and_adds_expires_at() -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -256,17 +302,59 @@ def test_token_request_posts_the_form_and_adds_expires_at() -> None:
             },
         )
 
-    body = _token(handler, CODE_FORM, Clock(T0))
+    body = _token(handler, Clock(T0))
     assert body["access_token"] == "at-1"
     assert body["patient"] == "p1"
-    assert body["expires_at"] == T0 + 3600
+    assert body["refresh_token"] == "rt-1"
+    assert body["expires_at"] == T0 + 3600  # our clock, not the wall clock
     [request] = seen
     assert (request.method, str(request.url)) == ("POST", TOKEN)
-    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert request.headers["content-type"].startswith("application/x-www-form-urlencoded")
     assert request.headers["accept"] == "application/json"
-    assert dict(parse_qsl(request.content.decode())) == CODE_FORM
+    form = _form(request)
+    assert len(form) == len(dict(form)), f"repeated parameter in {form}"
+    assert dict(form) == CODE_FORM
     # A public client: no client secret goes anywhere.
     assert "authorization" not in request.headers
+    assert "client_secret" not in dict(form)
+
+
+def test_the_refresh_posts_the_form_and_takes_the_rotated_refresh_token() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(
+            200,
+            json={
+                "access_token": "at-2",
+                "token_type": "bearer",
+                "expires_in": 600,
+                "refresh_token": "rt-2",
+            },
+        )
+
+    body = _refresh(handler, "rt-1", Clock(T0 + 50))
+    assert (body["access_token"], body["refresh_token"]) == ("at-2", "rt-2")
+    assert body["expires_at"] == T0 + 50 + 600
+    [request] = seen
+    assert (request.method, str(request.url)) == ("POST", TOKEN)
+    assert request.headers["content-type"].startswith("application/x-www-form-urlencoded")
+    assert "authorization" not in request.headers
+    form = _form(request)
+    assert len(form) == len(dict(form)), f"repeated parameter in {form}"
+    # No scope: the refresh asks for what was granted.
+    assert dict(form) == {
+        "grant_type": "refresh_token",
+        "refresh_token": "rt-1",
+        "client_id": "cxr-app",
+    }
+
+
+def test_a_refresh_answer_without_a_refresh_token_keeps_the_one_sent() -> None:
+    answer = {"access_token": "at-2", "token_type": "Bearer", "expires_in": 60}
+    body = _refresh(lambda _: httpx.Response(200, json=answer), "rt-1")
+    assert (body["access_token"], body["refresh_token"]) == ("at-2", "rt-1")
 
 
 @pytest.mark.parametrize(
@@ -275,34 +363,65 @@ def test_token_request_posts_the_form_and_adds_expires_at() -> None:
         ({"token_type": "bearer", "expires_in": 60}, T0 + 60),
         ({"token_type": "BEARER", "expires_in": "120"}, T0 + 120),
         ({"token_type": "Bearer"}, T0 + 300),  # no expires_in: assume five minutes
+        ({"token_type": "Bearer", "expires_in": None}, T0 + 300),
+        ({"token_type": "Bearer", "expires_in": 0}, T0),  # already expired: refresh at once
     ],
 )
-def test_token_request_expiry(extra: dict[str, Any], expires_at: float) -> None:
-    body = _token(lambda _: httpx.Response(200, json={"access_token": "a", **extra}), CODE_FORM)
+def test_token_expiry(extra: dict[str, Any], expires_at: float) -> None:
+    body = _token(lambda _: httpx.Response(200, json={"access_token": "a", **extra}))
     assert body["expires_at"] == expires_at
 
 
-def test_a_refused_token_request_names_the_error() -> None:
-    answer = {"error": "invalid_grant", "error_description": "the code has expired"}
-    with pytest.raises(smart.LaunchError, match="invalid_grant") as info:
-        _token(lambda _: httpx.Response(400, json=answer), CODE_FORM)
-    assert "the code has expired" in str(info.value)
+def test_a_refused_token_request_carries_the_servers_error() -> None:
+    # Characters Authlib's own OAuth2Error would refuse in a description (quotes, non-ASCII)
+    # still come through.
+    description = 'the code has expired ("c-1", 61 s > 60 s) — launch again'
+    answer = {"error": "invalid_grant", "error_description": description}
+    with pytest.raises(smart.TokenError, match="invalid_grant") as info:
+        _token(lambda _: httpx.Response(400, json=answer))
+    assert (info.value.error, info.value.error_description) == ("invalid_grant", description)
+    assert description in str(info.value)
+    assert isinstance(info.value, smart.LaunchError)
+
+
+def test_a_refused_refresh_carries_the_servers_error() -> None:
+    answer = {"error": "invalid_grant", "error_description": "refresh token revoked"}
+    with pytest.raises(smart.TokenError, match="invalid_grant: refresh token revoked"):
+        _refresh(lambda _: httpx.Response(400, json=answer), "rt-1")
 
 
 @pytest.mark.parametrize(
     ("response", "message"),
     [
         (httpx.Response(502, text="<html>Bad gateway</html>"), "HTTP 502"),
+        (httpx.Response(503, json={"error": "temporarily_unavailable"}), "HTTP 503"),
+        (httpx.Response(400, text="<html>Bad request</html>"), "HTTP 400"),
+        (httpx.Response(200, text="<html>Sign in to the proxy</html>"), "HTTP 200"),
+        (httpx.Response(200, json=["access_token"]), "HTTP 200"),
         (httpx.Response(401, json={"error": "invalid_client"}), "invalid_client"),
-        # 200 without an access token is no grant.
+        # A JSON answer that is no OAuth error is still no grant when it is not a 200...
+        (httpx.Response(400, json={"access_token": "a", "token_type": "Bearer"}), "HTTP 400"),
+        # ... and a 200 without an access token is no grant either.
         (httpx.Response(200, json={"token_type": "Bearer", "expires_in": 60}), "HTTP 200"),
-        (httpx.Response(200, json={"access_token": "a", "token_type": "mac"}), "mac"),
-        (httpx.Response(200, json={"access_token": "a"}), "token_type"),
+        # Nor one whose lifetime is no number.
+        (httpx.Response(200, json={**BEARER, "expires_in": "soon"}), "HTTP 200"),
+        (httpx.Response(200, json={**BEARER, "expires_in": [60]}), "HTTP 200"),
     ],
 )
 def test_token_request_refusals(response: httpx.Response, message: str) -> None:
+    with pytest.raises(smart.TokenError, match=message):
+        _token(lambda _: response)
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [({"access_token": "a", "token_type": "mac"}, "mac"), ({"access_token": "a"}, "token_type")],
+)
+def test_only_bearer_tokens_are_taken(answer: dict[str, Any], message: str) -> None:
     with pytest.raises(smart.LaunchError, match=message):
-        _token(lambda _: response, CODE_FORM)
+        _token(lambda _: httpx.Response(200, json=answer))
+    with pytest.raises(smart.LaunchError, match=message):
+        _refresh(lambda _: httpx.Response(200, json=answer), "rt-1")
 
 
 def test_token_request_maps_a_network_error_to_a_launch_error() -> None:
@@ -310,7 +429,9 @@ def test_token_request_maps_a_network_error_to_a_launch_error() -> None:
         raise httpx.ReadTimeout("timed out", request=request)
 
     with pytest.raises(smart.LaunchError, match="cannot reach the token endpoint"):
-        _token(handler, CODE_FORM)
+        _token(handler)
+    with pytest.raises(smart.LaunchError, match="cannot reach the token endpoint"):
+        _refresh(handler, "rt-1")
 
 
 # --- AppUi: the user's tokens and FHIR calls ----------------------------------------------------
