@@ -13,13 +13,11 @@ from fhir_service.cli import app
 from fhir_service.settings import Settings
 
 SHARED = Settings().shared_dir / "data"
-pytestmark = pytest.mark.skipif(
-    not (SHARED / "nih-sample" / "manifest.csv").is_file(), reason="shared data not found"
-)
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_dir: Path) -> Path:
+    # shared_dir (tests/conftest.py) fails the test, not skips it, when the data is missing.
     monkeypatch.setenv("CXR_MODEL_WEIGHTS", "untrained")
     monkeypatch.setenv("CXR_MODEL_BACKEND", "torch")  # no export: keeps the test lean
     monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "data"))
