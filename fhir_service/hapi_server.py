@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import httpx
 import psutil
 
 from cxr_errors import ConfigError, ServiceError
-from fhir_service.procs import ManagedProcess
+from fhir_service.procs import ManagedProcess, ensure_port_free
 from fhir_service.settings import Settings
 
 __all__ = [
@@ -150,12 +149,6 @@ def is_answering(settings: Settings, *, timeout_s: float = 5.0) -> bool:
     return isinstance(body, dict) and body.get("resourceType") == "CapabilityStatement"
 
 
-def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex((host, port)) == 0
-
-
 def _jdbc_url(settings: Settings) -> str:
     if settings.hapi_jdbc_url:
         return settings.hapi_jdbc_url
@@ -213,11 +206,7 @@ def start(settings: Settings, *, progress: Callable[[str], None] | None = None) 
         return proc.wait_ready(
             lambda: is_answering(settings), timeout_s=settings.hapi_start_timeout_s
         )
-    if _port_in_use(settings.hapi_host, settings.hapi_port):
-        raise ServiceError(
-            f"port {settings.hapi_host}:{settings.hapi_port} is already in use by a process "
-            f"cxr did not start (data dir {settings.data_dir}); stop it or set CXR_HAPI_PORT"
-        )
+    ensure_port_free(settings.hapi_host, settings.hapi_port, "HAPI", "CXR_HAPI_PORT")
     build_jar(settings, progress=say)
     settings.hapi_dir.mkdir(parents=True, exist_ok=True)
     argv = _java_argv(settings)

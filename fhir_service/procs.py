@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,27 @@ log = logging.getLogger(__name__)
 #: tracked by pid file), but a Popen garbage-collected while its child runs warns; keeping it
 #: here also lets ``stop`` reap the child instead of leaving a zombie.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already accepts connections on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
+
+
+def ensure_port_free(host: str, port: int, what: str, setting: str) -> None:
+    """Refuse to start ``what`` on a port another process holds.
+
+    Otherwise the new process dies at bind, while the readiness probe is answered by the
+    stranger (another checkout's server, a stale one whose pid file is gone), and everything
+    after talks to the wrong server.
+    """
+    if port_in_use(host, port):
+        raise ServiceError(
+            f"port {host}:{port} for {what} is already in use by a process cxr did not start "
+            f"from this data dir; stop it or set {setting}"
+        )
 
 
 @dataclass(frozen=True)

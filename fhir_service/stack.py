@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from fhir_service.procs import ManagedProcess
+from fhir_service.procs import ManagedProcess, ensure_port_free
 from fhir_service.settings import Settings
 
 _CXR = [sys.executable, "-m", "fhir_service.cli"]
@@ -45,6 +45,7 @@ def start_service(settings: Settings, *, timeout_s: float = 120) -> float:
     proc = service_process(settings)
     if proc.pid() is not None and _healthy(f"{settings.service_url}/healthz"):
         return 0.0
+    ensure_port_free(settings.service_host, settings.service_port, "cxr serve", "CXR_SERVICE_PORT")
     proc.start([*_CXR, "serve"], env=settings_env(settings), cwd=Path.cwd())
     return proc.wait_ready(lambda: _healthy(f"{settings.service_url}/healthz"), timeout_s=timeout_s)
 
@@ -83,6 +84,7 @@ def start_dev_ehr(settings: Settings, *, timeout_s: float = 60) -> float:
     probe = f"{settings.dev_ehr_fhir_url}/.well-known/smart-configuration"
     if proc.pid() is not None and _healthy(probe):
         return 0.0
+    ensure_port_free(settings.dev_ehr_host, settings.dev_ehr_port, "dev-ehr", "CXR_DEV_EHR_PORT")
     proc.start([*_CXR, "dev-ehr"], env=settings_env(settings), cwd=Path.cwd())
     return proc.wait_ready(lambda: _healthy(probe), timeout_s=timeout_s)
 

@@ -81,9 +81,13 @@ def fhir(hapi: HapiServer) -> Iterator[httpx.Client]:
 def stack(hapi: HapiServer, database: str, test_settings: Settings) -> Iterator[Stack]:
     """HAPI + PostgreSQL + one ``cxr serve`` + one ``cxr worker`` (untrained), per session."""
     stop_all(test_settings)
-    start_service(test_settings)
-    start_workers(test_settings, 1)
-    s = Stack(test_settings, database)
+    try:
+        start_service(test_settings)
+        start_workers(test_settings, 1)
+        s = Stack(test_settings, database)
+    except BaseException:
+        stop_all(test_settings)  # a half-started stack must not outlive the run
+        raise
     try:
         yield s
     finally:
