@@ -53,11 +53,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +65,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO))
+
+from _common import load, wait_for  # noqa: E402
 
 from fhir_service import hapi_server, nih  # noqa: E402
 from fhir_service.cli.ingest import bulk_pipeline  # noqa: E402
@@ -78,24 +79,11 @@ from fhir_service.stack import start_service, start_workers, stop_all  # noqa: E
 from subscriptions.bootstrap import SUBSCRIPTION_ID  # noqa: E402
 
 PROCESS_TASK = "cxr.process_study"
+#: How often the clocks poll HAPI: often enough for a minutes-long wall time, rarely enough
+#: not to load the server being measured.
+POLL_S = 0.25
 #: One Observation's numbers: value, confidence band low/high, then each component's value.
 Fingerprint = tuple[tuple[str, tuple[float, ...]], ...]
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout_s: float, every_s: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
 
 
 @dataclass
@@ -147,6 +135,7 @@ class Bench:
                 "the Subscription to be active",
                 lambda: fhir.read("Subscription", SUBSCRIPTION_ID).get("status") == "active",
                 120,
+                POLL_S,
             )
         return (
             f"fresh stack: HAPI {s.fhir_base_url} (H2, boot {boot:.0f} s), PostgreSQL "
@@ -225,7 +214,9 @@ class Bench:
             t = time.monotonic()
             for i in range(workers):
                 self.post_warmup(fhir, f"warm{i}")
-            wait_for("warm-up reports", lambda: poll.count("DiagnosticReport") >= workers, 600)
+            wait_for(
+                "warm-up reports", lambda: poll.count("DiagnosticReport") >= workers, 600, POLL_S
+            )
             print(f"  warm-up: {workers} tagged stud(ies) reported in {time.monotonic() - t:.1f} s")
             baseline = poll.count("DiagnosticReport")
             t0 = time.monotonic()
@@ -235,6 +226,7 @@ class Bench:
                 f"{self.n} reports",
                 lambda: poll.count("DiagnosticReport") >= baseline + self.n,
                 120 + 30 * self.n,
+                POLL_S,
             )
             result.wall_s = time.monotonic() - t0
             self._check(report, result)
@@ -249,6 +241,7 @@ class Bench:
                     )
                 ),
                 60,
+                POLL_S,
             )
             self.tally(poll, result)
         return result
@@ -284,6 +277,7 @@ class Bench:
                 f"{self.n} reports",
                 lambda: fhir.count("DiagnosticReport") >= baseline + self.n,
                 60,
+                POLL_S,
             )
             result.wall_s = time.monotonic() - t0
             self._check(report, result)
