@@ -66,8 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO))
 
-from _common import load, wait_for  # noqa: E402
-
+from bench._common import load, stack_settings, wait_for  # noqa: E402
 from fhir_service import hapi_server, nih  # noqa: E402
 from fhir_service.cli.ingest import bulk_pipeline  # noqa: E402
 from fhir_service.database import database_url, start_database, stop_database  # noqa: E402
@@ -364,16 +363,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    settings = Settings(
-        data_dir=args.data_dir,
+    settings = stack_settings(
+        args.data_dir,
         hapi_port=args.hapi_port,
         pg_port=args.pg_port,
         service_port=args.service_port,
-        model_weights="untrained",
-        clip_weights="untrained",
-        database_url=None,
-        hapi_base_url=None,
-        service_public_url=None,
         ingest_state_dir=None,
     )
     if args.batch_size is None:

@@ -46,8 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO))
 
-from _common import load, wait_for  # noqa: E402
-
+from bench._common import load, stack_settings, wait_for  # noqa: E402
 from fhir_service import builders, hapi_server  # noqa: E402
 from fhir_service.database import start_database, stop_database  # noqa: E402
 from fhir_service.fhir_client import FhirClient  # noqa: E402
@@ -453,16 +452,11 @@ def _wipe(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    settings = Settings(
-        data_dir=args.data_dir,
+    settings = stack_settings(
+        args.data_dir,
         hapi_port=args.hapi_port,
         pg_port=args.pg_port,
         service_port=args.service_port,
-        model_weights="untrained",
-        clip_weights="untrained",
-        database_url=None,
-        hapi_base_url=None,
-        service_public_url=None,
     )
     t_start = time.monotonic()
     print("pipeline benchmark: POST ImagingStudy → DiagnosticReport in HAPI, ours vs a naive loop")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import shutil
 import statistics
 import sys
@@ -48,6 +47,8 @@ import numpy.typing as npt
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO))
+
+from bench._common import load, stack_settings  # noqa: E402
 
 Matrix = npt.NDArray[np.float32]
 
@@ -117,6 +118,23 @@ def synthetic_metadata(n: int, *, seed: int = 7) -> Metadata:
     )
 
 
+def _record(meta: Metadata, data: Matrix, i: int, study_id: str, model_version: str) -> Any:
+    """Row ``i`` of the synthetic corpus as the store's EmbeddingRecord."""
+    from vector_store.store import EmbeddingRecord
+
+    return EmbeddingRecord(
+        study_id=study_id,
+        model_version=model_version,
+        study_version_id="1",
+        clip=data[i],
+        patient_id=meta.patient_ids[i],
+        gender=str(meta.genders[i]),
+        age=int(meta.ages[i]),
+        view_position=str(meta.views[i]),
+        positive_findings=(RARE_FINDING,) if meta.rare[i] else (),
+    )
+
+
 def exact_top_k(
     matrix: Matrix, queries: Matrix, k: int, rows: npt.NDArray[np.int64] | None = None
 ) -> npt.NDArray[np.int64]:
@@ -130,11 +148,6 @@ def exact_top_k(
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1)
         out[start : start + 100] = index[np.take_along_axis(top, order, axis=1)]
     return out
-
-
-def load_average() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
 
 
 def percentiles_ms(seconds: Sequence[float]) -> tuple[float, float]:
@@ -244,13 +257,13 @@ def _plan(url: str, space: str, filters: Any, query: Matrix, ef: int) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     from vector_store.migrate import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, drop_hnsw_index, migrate
-    from vector_store.store import DEFAULT_EF_SEARCH, EmbeddingRecord, SearchFilters, VectorStore
+    from vector_store.store import DEFAULT_EF_SEARCH, SearchFilters, VectorStore
 
     m = args.m or DEFAULT_M
     efc = args.ef_construction or DEFAULT_EF_CONSTRUCTION
     ef_values = [int(v) for v in args.ef.split(",")]
     n, k = args.n, 10
-    print(f"load average at start: {load_average()}")
+    print(f"load average at start: {load()}")
     print(f"similar-case search benchmark: n={n:,} x 512 (halfvec), m={m}, ef_construction={efc},")
     print(
         f"  defaults m={DEFAULT_M} ef_construction={DEFAULT_EF_CONSTRUCTION} "
@@ -270,20 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"generate vectors: {time.perf_counter() - t0:.1f} s")
 
         t0 = time.perf_counter()
-        records = [
-            EmbeddingRecord(
-                study_id=f"s{i}",
-                model_version="bench",
-                study_version_id="1",
-                clip=data[i],
-                patient_id=meta.patient_ids[i],
-                gender=str(meta.genders[i]),
-                age=int(meta.ages[i]),
-                view_position=str(meta.views[i]),
-                positive_findings=(RARE_FINDING,) if meta.rare[i] else (),
-            )
-            for i in range(n)
-        ]
+        records = [_record(meta, data, i, f"s{i}", "bench") for i in range(n)]
         build_records_s = time.perf_counter() - t0
 
         store = VectorStore(url)
@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         reuse = (data, meta) if n == args.http_n else None
         del vectors, queries, stored
         http_section(args, reuse)
-    print(f"load average at end: {load_average()}")
+    print(f"load average at end: {load()}")
 
 
 # --- $similar over HTTP ------------------------------------------------------------------------
@@ -408,18 +408,11 @@ REAL_NEIGHBOURS = 15
 
 
 def _http_settings(args: argparse.Namespace) -> Any:
-    from fhir_service.settings import Settings
-
-    return Settings(
-        data_dir=args.http_data_dir,
+    return stack_settings(
+        args.http_data_dir,
         hapi_port=args.hapi_port,
         pg_port=args.http_pg_port,
         service_port=args.service_port,
-        model_weights="untrained",
-        clip_weights="untrained",
-        database_url=None,
-        hapi_base_url=None,
-        service_public_url=None,
     )
 
 
@@ -462,7 +455,7 @@ def http_section(args: argparse.Namespace, reuse: tuple[Matrix, Metadata] | None
     from fhir_service.nih import read_manifest
     from fhir_service.stack import start_service, stop_all
     from vector_store.migrate import drop_hnsw_index, migrate
-    from vector_store.store import DEFAULT_EF_SEARCH, EmbeddingRecord, SearchFilters, VectorStore
+    from vector_store.store import DEFAULT_EF_SEARCH, SearchFilters, VectorStore
 
     settings = _http_settings(args)
     n, k = args.http_n, 10
@@ -475,7 +468,7 @@ def http_section(args: argparse.Namespace, reuse: tuple[Matrix, Metadata] | None
         "  UNTRAINED mode (CXR_MODEL_WEIGHTS=untrained, CLIP untrained): pretrained weights "
         "cannot be downloaded here; $similar by study never runs a model"
     )
-    print(f"  load average at start of section: {load_average()}")
+    print(f"  load average at start of section: {load()}")
 
     def stop() -> None:
         stop_all(settings)
@@ -530,20 +523,7 @@ def http_section(args: argparse.Namespace, reuse: tuple[Matrix, Metadata] | None
         migrate(url)
         for space in ("clip", "densenet"):
             drop_hnsw_index(url, space)
-        records_ = (
-            EmbeddingRecord(
-                study_id=study_ids[i],
-                model_version=model_version,
-                study_version_id="1",
-                clip=data[i],
-                patient_id=meta.patient_ids[i],
-                gender=str(meta.genders[i]),
-                age=int(meta.ages[i]),
-                view_position=str(meta.views[i]),
-                positive_findings=(RARE_FINDING,) if meta.rare[i] else (),
-            )
-            for i in range(n)
-        )
+        records_ = (_record(meta, data, i, study_ids[i], model_version) for i in range(n))
         with VectorStore(url) as store:
             t0 = time.perf_counter()
             store.upsert_many(records_)
@@ -618,7 +598,7 @@ def http_section(args: argparse.Namespace, reuse: tuple[Matrix, Metadata] | None
             mean = statistics.fmean(times) * 1000.0
             entries = statistics.fmean(counts)
             print(f"  {label:<58} {p50:>7.2f} {p99:>7.2f} {mean:>7.2f} {entries:>7.1f}")
-        print(f"  load average at end of section: {load_average()}")
+        print(f"  load average at end of section: {load()}")
     finally:
         stop()
 
