@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 help:
 	@echo "make demo   - set up, start HAPI + PostgreSQL + service + worker, run the demo"
 	@echo "make test   - set up and run the whole test suite against the real servers"
-	@echo "make lint   - ruff + mypy"
+	@echo "make lint   - ruff + mypy + import contracts (lint-imports)"
 	@echo "make stop   - stop everything the demo started"
 	@echo "make bench  - run the benchmarks in bench/"
 
@@ -57,6 +57,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix .

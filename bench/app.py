@@ -44,21 +44,23 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO))
 
-from fhir_service import builders, hapi_server  # noqa: E402
 from fhir_service.app_ui import clinical  # noqa: E402
 from fhir_service.app_ui.smart import EHR_SCOPES, s256_challenge  # noqa: E402
-from fhir_service.database import start_database, stop_database  # noqa: E402
-from fhir_service.fhir_client import FhirClient  # noqa: E402
-from fhir_service.model_config import model_version_for  # noqa: E402
-from fhir_service.nih import created_id, read_manifest, study_transaction  # noqa: E402
-from fhir_service.settings import Settings  # noqa: E402
-from fhir_service.stack import (  # noqa: E402
+from fhir_service.fhir import identifiers  # noqa: E402
+from fhir_service.fhir.client import FhirClient  # noqa: E402
+from fhir_service.ingest.nih import read_manifest  # noqa: E402
+from fhir_service.ingest.transaction import created_id, study_bundle  # noqa: E402
+from fhir_service.ops import hapi_server  # noqa: E402
+from fhir_service.ops.database import start_database, stop_database  # noqa: E402
+from fhir_service.ops.stack import (  # noqa: E402
     start_dev_ehr,
     start_service,
     start_workers,
     stop_all,
     stop_dev_ehr,
 )
+from fhir_service.runtime import model_version_for  # noqa: E402
+from fhir_service.settings import Settings  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 #: Default repeats per measurement (p50 over this many).
@@ -174,13 +176,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         studies, patient = [], ""
         for i in (1, 2, 3):
             raw = (s.shared_dir / "data" / "nih-sample" / records[i].image_index).read_bytes()
-            answer = fhir.transaction(study_transaction(records[i], raw, tag=tag))
+            answer = fhir.transaction(study_bundle(records[i], raw, tag=tag))
             studies.append(created_id(answer, "ImagingStudy"))
             patient = created_id(answer, "Patient")
         version = model_version_for(s)
         deadline = time.monotonic() + 600
         for sid in studies:
-            system, value = builders.study_model_identifier(sid, version)
+            system, value = identifiers.study_model_identifier(sid, version)
             while not list(
                 fhir.search_all("DiagnosticReport", {"identifier": f"{system}|{value}"})
             ):

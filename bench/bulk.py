@@ -67,14 +67,22 @@ if str(REPO) not in sys.path:  # run as a script: make the repo's packages impor
     sys.path.insert(0, str(REPO))
 
 from bench._common import load, stack_settings, wait_for  # noqa: E402
-from fhir_service import hapi_server, nih  # noqa: E402
 from fhir_service.cli.ingest import bulk_pipeline  # noqa: E402
-from fhir_service.database import database_url, start_database, stop_database  # noqa: E402
-from fhir_service.fhir_client import FhirClient  # noqa: E402
-from fhir_service.ingest import IngestOptions, IngestReport, Row, ingest, read_rows  # noqa: E402
-from fhir_service.model_config import model_version_for  # noqa: E402
+from fhir_service.fhir.client import FhirClient  # noqa: E402
+from fhir_service.ingest import (  # noqa: E402
+    IngestOptions,
+    IngestReport,
+    Row,
+    ingest,
+    nih,
+    read_rows,
+    transaction,
+)
+from fhir_service.ops import hapi_server  # noqa: E402
+from fhir_service.ops.database import database_url, start_database, stop_database  # noqa: E402
+from fhir_service.ops.stack import start_service, start_workers, stop_all  # noqa: E402
+from fhir_service.runtime import model_version_for  # noqa: E402
 from fhir_service.settings import Settings  # noqa: E402
-from fhir_service.stack import start_service, start_workers, stop_all  # noqa: E402
 from subscriptions.bootstrap import SUBSCRIPTION_ID  # noqa: E402
 
 PROCESS_TASK = "cxr.process_study"
@@ -162,8 +170,8 @@ class Bench:
         """One study with tagged identifiers (not one of the measured rows): its id."""
         rec = self.rows[0].rec
         data = (self.sample / rec.image_index).read_bytes()
-        return nih.created_id(
-            fhir.transaction(nih.study_transaction(rec, data, tag=tag)), "ImagingStudy"
+        return transaction.created_id(
+            fhir.transaction(transaction.study_bundle(rec, data, tag=tag)), "ImagingStudy"
         )
 
     # --- what was done --------------------------------------------------------------------
@@ -299,7 +307,10 @@ def fingerprints(fhir: FhirClient, image_indexes: set[str]) -> dict[str, Fingerp
     study_image: dict[str, str] = {}
     for study in fhir.search_all("ImagingStudy", {"_count": 200}):
         for ident in study.get("identifier", []):
-            if ident.get("system") == nih.IMAGE_INDEX_SYSTEM and ident["value"] in image_indexes:
+            if (
+                ident.get("system") == transaction.IMAGE_INDEX_SYSTEM
+                and ident["value"] in image_indexes
+            ):
                 study_image[str(study["id"])] = str(ident["value"])
     found: dict[str, list[tuple[str, tuple[float, ...]]]] = {}
     for obs in fhir.search_all("Observation", {"_count": 500}):

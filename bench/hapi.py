@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from fhir_service import hapi_server
+from fhir_service.ops import hapi_server
 from fhir_service.settings import Settings
 
 FHIR_JSON = "application/fhir+json"

@@ -181,7 +181,7 @@ def main() -> None:
     )
 
     if not args.no_clip:
-        from models.clip import load_clip
+        from models.factory import load_clip
 
         t = time.perf_counter()
         clip = load_clip(

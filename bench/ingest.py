@@ -32,9 +32,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fhir_service import hapi_server, nih
-from fhir_service.fhir_client import FhirClient
-from fhir_service.ingest import IngestOptions, IngestReport, Row, ingest, read_rows
+from fhir_service.fhir.client import FhirClient
+from fhir_service.fhir.datatypes import identifier_condition
+from fhir_service.ingest import (
+    IngestOptions,
+    IngestReport,
+    Row,
+    ingest,
+    nih,
+    read_rows,
+    transaction,
+)
+from fhir_service.ops import hapi_server
 from fhir_service.settings import Settings
 from vector_store.server import EmbeddedPostgres, ensure_database
 
@@ -126,13 +135,13 @@ def _peer(fhir: FhirClient, path: Path) -> Result:
         rec = row.rec
         pid = patients.get(rec.patient_id)
         if pid is None:
-            created = fhir.create(
-                nih.patient_resource(rec), if_none_exist=nih.patient_conditional(rec)
-            )
+            condition = identifier_condition(transaction.PATIENT_ID_SYSTEM, rec.patient_id)
+            created = fhir.create(transaction.patient_resource(rec), if_none_exist=condition)
             pid = patients[rec.patient_id] = str(created["id"])
             written += 1
-        study = nih.imaging_study_resource(rec, f"Patient/{pid}", status="registered")
-        fhir.create(study, if_none_exist=nih.study_conditional(rec))
+        study = transaction.imaging_study_resource(rec, f"Patient/{pid}", status="registered")
+        condition = identifier_condition(transaction.IMAGE_INDEX_SYSTEM, rec.image_index)
+        fhir.create(study, if_none_exist=condition)
         written += 1
     return Result("peer: one resource per request", len(rows), written, time.monotonic() - t0)
 

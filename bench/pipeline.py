@@ -47,13 +47,15 @@ if str(REPO) not in sys.path:  # run as a script: make the repo's packages impor
     sys.path.insert(0, str(REPO))
 
 from bench._common import load, stack_settings, wait_for  # noqa: E402
-from fhir_service import builders, hapi_server  # noqa: E402
-from fhir_service.database import start_database, stop_database  # noqa: E402
-from fhir_service.fhir_client import FhirClient  # noqa: E402
-from fhir_service.model_config import model_version_for  # noqa: E402
-from fhir_service.nih import NihRecord, created_id, read_manifest, study_transaction  # noqa: E402
+from fhir_service.fhir import identifiers, results  # noqa: E402
+from fhir_service.fhir.client import FhirClient  # noqa: E402
+from fhir_service.ingest.nih import NihRecord, read_manifest  # noqa: E402
+from fhir_service.ingest.transaction import created_id, study_bundle  # noqa: E402
+from fhir_service.ops import hapi_server  # noqa: E402
+from fhir_service.ops.database import start_database, stop_database  # noqa: E402
+from fhir_service.ops.stack import start_service, start_workers, stop_all, worker_process  # noqa: E402
+from fhir_service.runtime import model_version_for  # noqa: E402
 from fhir_service.settings import Settings  # noqa: E402
-from fhir_service.stack import start_service, start_workers, stop_all, worker_process  # noqa: E402
 
 PROCESS_TASK = "cxr.process_study"
 
@@ -96,7 +98,7 @@ class Bench:
     def post(self, study: Study, tag: str) -> None:
         rec = self.records[study.index % len(self.records)]
         data = self.images[study.index % len(self.records)]
-        bundle = study_transaction(rec, data, tag=tag)
+        bundle = study_bundle(rec, data, tag=tag)
         study.posted = time.time()
         with FhirClient(self.settings.fhir_base_url, timeout=60) as fhir:  # thread-safe per call
             study.study_id = created_id(fhir.transaction(bundle), "ImagingStudy")
@@ -107,7 +109,7 @@ class Bench:
         return f"bench{int(time.time())}{phase}{self._tag}"
 
     def report_identifier(self, study_id: str) -> str:
-        system, value = builders.study_model_identifier(study_id, self.model_version)
+        system, value = identifiers.study_model_identifier(study_id, self.model_version)
         return f"{system}|{value}"
 
     def has_report(self, study_id: str) -> bool:
@@ -209,7 +211,7 @@ class NaiveLoop(threading.Thread):
                     result = self.analyzer.analyze(pixels.data, pixels.source)
                     timing["infer_s"] = time.perf_counter() - t0
                     timing["inferred"] = time.time()
-                    bundle_tx = builders.build_result_transaction(
+                    bundle_tx = results.build_result_transaction(
                         study=study,
                         analysis=result.analysis,
                         heatmaps=result.heatmaps,

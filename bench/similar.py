@@ -37,7 +37,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,105 +48,15 @@ if str(REPO) not in sys.path:  # run as a script: make the repo's packages impor
     sys.path.insert(0, str(REPO))
 
 from bench._common import load, stack_settings  # noqa: E402
-
-Matrix = npt.NDArray[np.float32]
-
-#: The finding that a ~2% filter selects (independent of the embedding, like the notes' data).
-RARE_FINDING = "Rare"
-#: Ages are uniform over 50 values, so one age keeps ~2% of the rows.
-AGE_RANGE = (20, 70)
-
-
-def clustered_vectors(
-    n: int, dim: int = 512, *, clusters: int = 200, seed: int = 42
-) -> tuple[Matrix, npt.NDArray[np.int64]]:
-    """``n`` unit vectors that resemble single-modality CLIP image embeddings; and cluster ids.
-
-    As in shared/docs/notes/pgvector.md: Dirichlet(0.7) cluster sizes; centres share one
-    direction (CLIP embeddings of one modality are strongly anisotropic); within a cluster a
-    power-law noise spectrum in a random basis, scaled per cluster, plus a little isotropic
-    noise. With n = 112,120 the mean cosine of a held-out query to its 1st / 10th neighbour is
-    ~0.78 / 0.76 and to a random vector ~0.25, close to the notes' 0.79 / 0.76 / 0.23.
-    """
-    rng = np.random.default_rng(seed)
-
-    def unit(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        return np.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True))
-
-    shared = unit(rng.standard_normal(dim))
-    centres = unit(0.6 * shared + 0.8 * unit(rng.standard_normal((clusters, dim))))
-    centres = centres.astype(np.float32)
-    sizes = rng.multinomial(n, rng.dirichlet(np.full(clusters, 0.7)))
-    labels = np.repeat(np.arange(clusters), sizes)
-    rng.shuffle(labels)
-    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
-    spectrum = (1.0 / np.sqrt(np.arange(1, dim + 1))).astype(np.float32)
-    # 0.23 calibrates the neighbour cosines above.
-    radius = (0.23 * rng.uniform(0.5, 1.0, clusters)).astype(np.float32)
-    out = np.empty((n, dim), np.float32)
-    step = 65_536  # bounds the temporaries at 1M rows
-    for start in range(0, n, step):
-        lab = labels[start : start + step]
-        z = rng.standard_normal((len(lab), dim), dtype=np.float32) * spectrum
-        noise = (z @ basis) * radius[lab, None]
-        noise += 0.02 * rng.standard_normal((len(lab), dim), dtype=np.float32)
-        out[start : start + step] = unit(centres[lab] + noise)
-    return out, labels.astype(np.int64)
-
-
-@dataclass(frozen=True)
-class Metadata:
-    """Filter columns, drawn independently of the embeddings."""
-
-    patient_ids: list[str]
-    genders: npt.NDArray[np.str_]
-    views: npt.NDArray[np.str_]
-    ages: npt.NDArray[np.int64]
-    rare: npt.NDArray[np.bool_]
-
-
-def synthetic_metadata(n: int, *, seed: int = 7) -> Metadata:
-    """Gender 50/50, view PA 60%, age uniform over 50 years, the rare finding on 2%."""
-    rng = np.random.default_rng(seed)
-    return Metadata(
-        patient_ids=[f"p{i}" for i in rng.integers(0, max(1, n // 4), n)],
-        genders=np.where(rng.random(n) < 0.5, "female", "male"),
-        views=np.where(rng.random(n) < 0.6, "PA", "AP"),
-        ages=rng.integers(*AGE_RANGE, n),
-        rare=rng.random(n) < 0.02,
-    )
-
-
-def _record(meta: Metadata, data: Matrix, i: int, study_id: str, model_version: str) -> Any:
-    """Row ``i`` of the synthetic corpus as the store's EmbeddingRecord."""
-    from vector_store.store import EmbeddingRecord
-
-    return EmbeddingRecord(
-        study_id=study_id,
-        model_version=model_version,
-        study_version_id="1",
-        clip=data[i],
-        patient_id=meta.patient_ids[i],
-        gender=str(meta.genders[i]),
-        age=int(meta.ages[i]),
-        view_position=str(meta.views[i]),
-        positive_findings=(RARE_FINDING,) if meta.rare[i] else (),
-    )
-
-
-def exact_top_k(
-    matrix: Matrix, queries: Matrix, k: int, rows: npt.NDArray[np.int64] | None = None
-) -> npt.NDArray[np.int64]:
-    """Indices (into ``matrix``) of the exact top-k cosine neighbours of each unit query."""
-    index = np.arange(len(matrix)) if rows is None else rows
-    sub = matrix[index]
-    out = np.empty((len(queries), k), np.int64)
-    for start in range(0, len(queries), 100):
-        sims = queries[start : start + 100] @ sub.T
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1)
-        out[start : start + 100] = index[np.take_along_axis(top, order, axis=1)]
-    return out
+from vector_store.synthetic import (  # noqa: E402
+    RARE_FINDING,
+    Matrix,
+    Metadata,
+    clustered_vectors,
+    exact_top_k,
+    record,
+    synthetic_metadata,
+)
 
 
 def percentiles_ms(seconds: Sequence[float]) -> tuple[float, float]:
@@ -200,7 +109,7 @@ def _prepare_database(args: argparse.Namespace) -> tuple[str, Callable[[], None]
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    from fhir_service.database import start_database, stop_database
+    from fhir_service.ops.database import start_database, stop_database
     from fhir_service.settings import Settings
 
     if args.database_url:
@@ -257,7 +166,8 @@ def _plan(url: str, space: str, filters: Any, query: Matrix, ef: int) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     from vector_store.migrate import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, drop_hnsw_index, migrate
-    from vector_store.store import DEFAULT_EF_SEARCH, SearchFilters, VectorStore
+    from vector_store.records import DEFAULT_EF_SEARCH, SearchFilters
+    from vector_store.store import VectorStore
 
     m = args.m or DEFAULT_M
     efc = args.ef_construction or DEFAULT_EF_CONSTRUCTION
@@ -283,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"generate vectors: {time.perf_counter() - t0:.1f} s")
 
         t0 = time.perf_counter()
-        records = [_record(meta, data, i, f"s{i}", "bench") for i in range(n)]
+        records = [record(meta, data, i, f"s{i}", "bench") for i in range(n)]
         build_records_s = time.perf_counter() - t0
 
         store = VectorStore(url)
@@ -418,7 +328,7 @@ def _http_settings(args: argparse.Namespace) -> Any:
 
 def _create_studies(fhir: Any, count: int, records: Sequence[Any]) -> list[str]:
     """``count`` real ImagingStudy resources (NIH sample metadata, one Patient), in batches."""
-    from fhir_service.nih import created_id, imaging_study_resource, patient_resource
+    from fhir_service.ingest.transaction import created_id, imaging_study_resource, patient_resource
 
     patient = patient_resource(dataclasses.replace(records[0], patient_id="bench-similar"))
     pid = fhir.create(patient)["id"]
@@ -448,14 +358,15 @@ def http_section(args: argparse.Namespace, reuse: tuple[Matrix, Metadata] | None
     import httpx
 
     from cxr_errors import CxrError
-    from fhir_service import hapi_server
-    from fhir_service.database import start_database, stop_database
-    from fhir_service.fhir_client import FhirClient
-    from fhir_service.model_config import model_version_for
-    from fhir_service.nih import read_manifest
-    from fhir_service.stack import start_service, stop_all
+    from fhir_service.fhir.client import FhirClient
+    from fhir_service.ingest.nih import read_manifest
+    from fhir_service.ops import hapi_server
+    from fhir_service.ops.database import start_database, stop_database
+    from fhir_service.ops.stack import start_service, stop_all
+    from fhir_service.runtime import model_version_for
     from vector_store.migrate import drop_hnsw_index, migrate
-    from vector_store.store import DEFAULT_EF_SEARCH, SearchFilters, VectorStore
+    from vector_store.records import DEFAULT_EF_SEARCH, SearchFilters
+    from vector_store.store import VectorStore
 
     settings = _http_settings(args)
     n, k = args.http_n, 10
@@ -523,7 +434,7 @@ def http_section(args: argparse.Namespace, reuse: tuple[Matrix, Metadata] | None
         migrate(url)
         for space in ("clip", "densenet"):
             drop_hnsw_index(url, space)
-        records_ = (_record(meta, data, i, study_ids[i], model_version) for i in range(n))
+        records_ = (record(meta, data, i, study_ids[i], model_version) for i in range(n))
         with VectorStore(url) as store:
             t0 = time.perf_counter()
             store.upsert_many(records_)

@@ -1,4 +1,5 @@
-"""The ``cxr serve`` FastAPI application: rest-hook receiver, health, and (later) $similar."""
+"""The ``cxr serve`` FastAPI application: rest-hook receiver, health, ``$similar``, metadata and
+the SMART app, on one origin."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ from fastapi.exceptions import RequestValidationError
 
 from cxr_errors import CxrError
 from fhir_service.api import health, hook, metadata, similar
+from fhir_service.api.responses import cxr_error_handler, validation_error_handler
 from fhir_service.app_ui import router as app_ui_router
-from fhir_service.database import database_url
-from fhir_service.fhir_client import FhirClient
-from fhir_service.model_config import model_version_for
-from fhir_service.outcome import cxr_error_handler, validation_error_handler
+from fhir_service.fhir.client import FhirClient
+from fhir_service.ops.database import database_url
+from fhir_service.runtime import LazyModels, ModelQueryEncoder, model_version_for
 from fhir_service.settings import Settings
-from fhir_service.similar import LazyEncoder, SimilarService
-from subscriptions.analyzer import ModelQueryEncoder
+from fhir_service.similar import SimilarService
 from subscriptions.bootstrap import ensure_subscription
 from subscriptions.queue import apply_schema, make_app
 from vector_store.migrate import migrate
@@ -37,13 +37,14 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         app.state.settings = settings
         app.state.fhir = FhirClient(settings.fhir_base_url, timeout=10)
         app.state.queue = queue
+        app.state.models = LazyModels(settings)
         store = VectorStore(dsn, ef_search=settings.search_ef)
         await asyncio.to_thread(migrate, dsn)
         app.state.similar = SimilarService(
             fhir=app.state.fhir,
             store=store,
             model_version=await asyncio.to_thread(model_version_for, settings),
-            encoder=LazyEncoder(lambda: ModelQueryEncoder(settings)),
+            encoder=ModelQueryEncoder(app.state.models),
         )
         async with queue.open_async():
             if bootstrap_subscription:

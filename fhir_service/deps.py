@@ -7,7 +7,7 @@ from typing import Annotated
 import procrastinate
 from fastapi import Depends, Request
 
-from fhir_service.fhir_client import FhirClient
+from fhir_service.fhir.client import FhirClient
 from fhir_service.settings import Settings
 from fhir_service.similar import SimilarService
 

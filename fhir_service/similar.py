@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -16,9 +15,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cxr_errors import InputError
-from fhir_service.builders import TERMINOLOGY
-from fhir_service.fhir_client import FhirClient
-from vector_store.store import MAX_K, SearchFilters, VectorStore
+from fhir_service.fhir.client import FhirClient
+from fhir_service.fhir.terminology import TERMINOLOGY, finding_label
+from vector_store.records import MAX_K, EmbeddingStore, SearchFilters
 
 MAX_TEXT = 1000
 DEFAULT_COUNT = 10
@@ -59,15 +58,11 @@ class SimilarQuery:
 
 def _finding_label(token: str) -> str:
     """Accept the NIH label (any case), a code (SNOMED/DCM/RadLex) or ``system|code``."""
-    system, _, code = token.rpartition("|")
-    for label, fc in TERMINOLOGY.findings.items():
-        if not system and code.lower().replace(" ", "_") == label.lower():
-            return label
-        for coding in fc.codings:
-            if coding["code"] == code and (not system or coding["system"] == system):
-                return label
-    known = ", ".join(TERMINOLOGY.findings)
-    raise InputError(f"unknown finding {token!r}; use one of {known} or one of their codes")
+    label = finding_label(token)
+    if label is None:
+        known = ", ".join(TERMINOLOGY.findings)
+        raise InputError(f"unknown finding {token!r}; use one of {known} or one of their codes")
+    return label
 
 
 def _int(name: str, raw: str | None, lo: int, hi: int) -> int | None:
@@ -174,27 +169,13 @@ def parse_query(
     )
 
 
-class LazyEncoder:
-    """Loads the query encoder on first use (CLIP costs ~1 s and ~0.5 GB), once."""
-
-    def __init__(self, factory: Callable[[], QueryEncoder]) -> None:
-        self._factory = factory
-        self._encoder: QueryEncoder | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> QueryEncoder:
-        with self._lock:
-            if self._encoder is None:
-                self._encoder = self._factory()
-            return self._encoder
-
-
 @dataclass
 class SimilarService:
     fhir: FhirClient
-    store: VectorStore
+    store: EmbeddingStore
     model_version: str
-    encoder: LazyEncoder
+    encoder: QueryEncoder
+    """loads its models on first use (``runtime.ModelQueryEncoder``): a study query needs none"""
 
     def run(self, q: SimilarQuery, base_url: str) -> dict[str, Any]:
         exclude_patient: str | None = None
@@ -212,10 +193,10 @@ class SimilarService:
             if q.exclude_same_patient:
                 exclude_patient = study.get("subject", {}).get("reference", "").split("/")[-1]
         elif q.text is not None:
-            vector = self.encoder.get().text(q.text)
+            vector = self.encoder.text(q.text)
         else:
             assert q.image is not None
-            vector = self.encoder.get().image(q.image, q.space)
+            vector = self.encoder.image(q.image, q.space)
         filters = SearchFilters(
             exclude_patient=exclude_patient or None,
             exclude_study=exclude_study,

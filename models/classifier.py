@@ -70,7 +70,7 @@ def tta_views(x: torch.Tensor) -> torch.Tensor:
 class Classifier:
     """DenseNet weights + their preprocessing + calibration, behind one ``analyze`` call.
 
-    Build it with :func:`models.registry.load_classifier`.
+    Build it with :func:`models.factory.load_classifier`.
     """
 
     def __init__(

@@ -2,10 +2,8 @@
 
 Weights follow the classifier's rules: ``weights=None`` loads the ``pretrained``
 tag (open_clip's hub download), a path loads that file (optionally sha256
-pinned), ``untrained`` is a seeded random model whose outputs say so. Without
-network, open_clip's hub client retries for ~46 s before failing, so
-:func:`load_clip` switches it to offline mode first when the hub is not
-reachable (unless the caller decided with ``offline=``).
+pinned), ``untrained`` is a seeded random model whose outputs say so; the factory
+is :func:`models.factory.load_clip`.
 
 Prompt embeddings are computed once per (weights, prompt set) and cached on
 disk: one prompt costs ~43 ms on two CPU cores.
@@ -19,7 +17,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_errors import ConfigError, ModelError
+from cxr_errors import ConfigError
 from models.onepass import load_or_export, ort_session
 from models.preprocess import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -39,7 +37,7 @@ from models.preprocess import (
     center_square,
     decode_image,
 )
-from models.registry import UNTRAINED, UNTRAINED_SEED, BackendName, file_sha256, state_dict_sha256
+from models.registry import BackendName
 from models.types import NIH_FINDINGS, ClipAnalysis, ZeroShotTag
 
 __all__ = [
@@ -49,7 +47,6 @@ __all__ = [
     "NEGATIVE_PROMPTS",
     "ClipEncoder",
     "ClipPreprocess",
-    "load_clip",
 ]
 
 log = logging.getLogger(__name__)
@@ -249,7 +246,8 @@ class ClipEncoder:
         ]
 
 
-def _hub_reachable(timeout: float = 1.5) -> bool:
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the model hub answers at all (one TCP connect)."""
     try:
         with socket.create_connection((_HUB_HOST, 443), timeout=timeout):
             return True
@@ -257,123 +255,14 @@ def _hub_reachable(timeout: float = 1.5) -> bool:
         return False
 
 
-def _set_hub_offline() -> None:
-    # huggingface_hub reads HF_HUB_OFFLINE at import; patch the constant too in
-    # case it was imported already. A value the user set is left alone.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if os.environ["HF_HUB_OFFLINE"].lower() in ("1", "true", "yes", "on"):
-        with contextlib.suppress(ImportError):
-            import huggingface_hub.constants as hf_constants
+def set_hub_offline() -> None:
+    """Switch this process's Hugging Face hub client offline.
 
-            hf_constants.HF_HUB_OFFLINE = True
-
-
-@contextlib.contextmanager
-def _quiet_random_init_warning() -> Iterator[None]:
-    # open_clip logs "Model initialized randomly" at WARNING on the root logger;
-    # in untrained mode that is the point, and our version string says so.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def load_clip(
-    model_name: str = DEFAULT_CLIP_MODEL,
-    pretrained: str = DEFAULT_CLIP_PRETRAINED,
-    weights: str | None = None,
-    *,
-    weights_sha256: str | None = None,
-    hub_cache_dir: Path | None = None,
-    cache_dir: Path | None = None,
-    backend: BackendName = "torch",
-    offline: bool | None = None,
-    num_threads: int | None = None,
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> ClipEncoder:
-    """Load an open_clip model with its preprocessing and prompt vectors.
-
-    ``weights``: None (the ``pretrained`` tag), a file path, or ``untrained``.
-    ``cache_dir``: where prompt embeddings and the ONNX image tower are cached.
-    ``offline``: None probes the hub once; True/False decide.
+    huggingface_hub reads ``HF_HUB_OFFLINE`` into a module constant at import and consults
+    that constant on every request, so setting the constant is enough; the process
+    environment is left alone (only Settings reads it).
     """
-    untrained = weights == UNTRAINED
-    if untrained or weights is not None:
-        offline = True if offline is None else offline
-    if offline is None:
-        offline = not _hub_reachable()
-    if offline:
-        _set_hub_offline()
-    import open_clip
+    with contextlib.suppress(ImportError):
+        import huggingface_hub.constants as hf_constants
 
-    if weights is not None and not untrained:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"CLIP weights file {path} does not exist (CXR_CLIP_WEIGHTS); give a path to an "
-                "open_clip checkpoint, unset it to use the pretrained tag, or use 'untrained'"
-            )
-        digest = file_sha256(path)
-        if weights_sha256 is not None and digest != weights_sha256.lower():
-            raise ConfigError(
-                f"CLIP weights file {path} has sha256 {digest}, expected {weights_sha256.lower()}"
-            )
-        source: str | None = str(path)
-    else:
-        digest, source = "", None if untrained else pretrained
-
-    try:
-        if untrained:
-            with torch.random.fork_rng(devices=[]), _quiet_random_init_warning():
-                torch.manual_seed(UNTRAINED_SEED)
-                model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=None)
-        else:
-            model, _, _ = open_clip.create_model_and_transforms(
-                model_name,
-                pretrained=source,
-                cache_dir=str(hub_cache_dir) if hub_cache_dir else None,
-            )
-    except RuntimeError as exc:
-        if source is not None and source == pretrained:
-            raise ConfigError(
-                f"CLIP weights {model_name}/{pretrained} are not available: {exc}. "
-                + ("No network: " if offline else "")
-                + "download them once where there is network (they land in the Hugging Face "
-                "cache), or set CXR_CLIP_WEIGHTS to a local checkpoint file, or "
-                "CXR_CLIP_WEIGHTS=untrained for an explicit untrained demo model"
-            ) from exc
-        raise ModelError(f"CLIP model {model_name} could not be created: {exc}") from exc
-    except Exception as exc:
-        raise ModelError(f"CLIP model {model_name} could not be created: {exc}") from exc
-
-    if not digest:
-        digest = state_dict_sha256(model)
-    cfg = getattr(model.visual, "preprocess_cfg", {})
-    size = cfg.get("size", 224)
-    preprocess = ClipPreprocess(
-        int(size[0] if isinstance(size, tuple | list) else size),
-        cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
-        cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
-    )
-    if untrained:
-        version = f"untrained-{model_name}-seed{UNTRAINED_SEED}@{digest[:12]}"
-    else:
-        label = pretrained if source == pretrained else Path(str(source)).name
-        version = f"{model_name}/{label}@{digest[:12]}"
-    return ClipEncoder(
-        model,
-        open_clip.get_tokenizer(model_name),
-        preprocess,
-        model_version=version,
-        untrained=untrained,
-        weights_sha256=digest,
-        backend=backend,
-        cache_dir=cache_dir,
-        num_threads=num_threads,
-        max_image_bytes=max_image_bytes,
-        max_image_pixels=max_image_pixels,
-    )
+        hf_constants.HF_HUB_OFFLINE = True

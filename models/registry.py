@@ -1,6 +1,6 @@
 """Weights registry and loader: name → labels, input size, preprocessing, sha256.
 
-Architectures are data here (open_clip style), and :func:`load_classifier`
+Architectures are data here (open_clip style); :func:`models.factory.load_classifier`
 returns the model *together with* its preprocessing so the two cannot drift.
 
 Resolution order for a registry name (``CXR_MODEL_WEIGHTS``):
@@ -24,21 +24,16 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from cxr_errors import ConfigError, ModelError
 from models.preprocess import (
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_MAX_IMAGE_PIXELS,
     PreprocessSpec,
 )
 from models.types import NIH_FINDINGS
-
-if TYPE_CHECKING:
-    from models.classifier import Classifier
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -51,7 +46,6 @@ __all__ = [
     "default_cache_dir",
     "file_sha256",
     "get_spec",
-    "load_classifier",
     "resolve_weights",
     "state_dict_sha256",
 ]
@@ -369,43 +363,3 @@ def build_untrained_densenet(spec: WeightsSpec, seed: int = UNTRAINED_SEED) -> n
 
 
 BackendName = Literal["onnx", "torch"]
-
-
-def load_classifier(
-    weights: str = DEFAULT_WEIGHTS,
-    *,
-    cache_dir: Path | None = None,
-    weights_sha256: str | None = None,
-    allow_download: bool = True,
-    calibration_file: Path | None = None,
-    backend: BackendName = "onnx",
-    onnx_cache_dir: Path | None = None,
-    tta: bool = True,
-    num_threads: int | None = None,
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> Classifier:
-    """Weights + preprocessing + calibration + backend, ready for ``analyze``.
-
-    ``weights``: a registry name, a file path or ``untrained``. ``calibration_file``:
-    a file written by ``cxr calibrate`` (identity calibration when None).
-    ``onnx_cache_dir``: where the exported graph is cached (exported in memory
-    at every start when None).
-    """
-    from models.calibration import Calibration
-    from models.classifier import Classifier
-
-    loaded = resolve_weights(
-        weights, cache_dir=cache_dir, sha256=weights_sha256, allow_download=allow_download
-    )
-    calibration = Calibration.load(calibration_file) if calibration_file is not None else None
-    return Classifier(
-        loaded,
-        backend=backend,
-        onnx_cache_dir=onnx_cache_dir,
-        calibration=calibration,
-        tta=tta,
-        num_threads=num_threads,
-        max_image_bytes=max_image_bytes,
-        max_image_pixels=max_image_pixels,
-    )

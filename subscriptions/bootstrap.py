@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from cxr_errors import FhirError, NotFoundError, ServiceError
-from fhir_service.fhir_client import FhirClient
+from fhir_service.fhir.client import FhirClient
 
 log = logging.getLogger(__name__)
 

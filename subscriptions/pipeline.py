@@ -35,12 +35,15 @@ from cxr_errors import (
     ModelError,
     NotFoundError,
 )
-from fhir_service import builders
-from fhir_service.fhir_client import FhirClient
-from fhir_service.nih import study_age_and_view
+from fhir_service.fhir.client import FhirClient
+from fhir_service.fhir.identifiers import report_identifier, study_model_identifier, task_identifier
+from fhir_service.fhir.inbound import check_resource
+from fhir_service.fhir.results import build_result_transaction
+from fhir_service.fhir.studies import study_age_and_view
+from fhir_service.fhir.tasks import build_completed_task, build_failed_task
 from models.types import ImageAnalysis
 from subscriptions.pixels import Pixels, fetch_pixels
-from vector_store.store import EmbeddingRecord
+from vector_store.records import EmbeddingRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,11 +178,12 @@ class Pipeline:
 
     def _prepare(self, study: dict[str, Any]) -> _Job | str:
         """The study's pixels and report key, or "already reported"."""
+        check_resource(study, "ImagingStudy", what=f"ImagingStudy/{study.get('id')}")
         pixels = fetch_pixels(
             self.fhir, study, max_bytes=self.max_image_bytes, allowed_hosts=self.image_hosts
         )
         sha = hashlib.sha256(pixels.data).hexdigest()
-        identifier = builders.report_identifier(study["id"], self.analyzer.model_version, sha)
+        identifier = report_identifier(study["id"], self.analyzer.model_version, sha)
         if self._reported(*identifier):
             self._complete_task(study)
             return "already reported"
@@ -191,7 +195,7 @@ class Pipeline:
             raise result
         study, sha = job.study, job.sha256
         previous = self._current_reports(study["id"], self.analyzer.model_version)
-        bundle = builders.build_result_transaction(
+        bundle = build_result_transaction(
             study=study,
             analysis=result.analysis,
             heatmaps=result.heatmaps,
@@ -233,7 +237,7 @@ class Pipeline:
 
     def _current_reports(self, study_id: str, model_version: str) -> list[dict[str, Any]]:
         """Reports for this study and model that are still current (an older image)."""
-        system, value = builders.study_model_identifier(study_id, model_version)
+        system, value = study_model_identifier(study_id, model_version)
         return [
             r
             for r in self.fhir.search_all("DiagnosticReport", {"identifier": f"{system}|{value}"})
@@ -262,26 +266,24 @@ class Pipeline:
         )
 
     def _task(self, study: dict[str, Any]) -> dict[str, Any] | None:
-        system, value = builders.task_identifier(study["id"])
+        system, value = task_identifier(study["id"])
         bundle = self.fhir.search("Task", {"identifier": f"{system}|{value}"})
         entries = bundle.get("entry", [])
         return dict(entries[0]["resource"]) if entries else None
 
     def _fail(self, study: dict[str, Any], reason: str, business_status: str) -> None:
         log.warning("ImagingStudy/%s failed: %s", study["id"], reason)
-        task = builders.build_failed_task(
-            study, reason, business_status, existing_task=self._task(study)
-        )
+        task = build_failed_task(study, reason, business_status, existing_task=self._task(study))
         self._put_task(task)
 
     def _complete_task(self, study: dict[str, Any]) -> None:
         task = self._task(study)
         if task is not None and task.get("status") != "completed":
-            self._put_task(builders.build_completed_task(task))
+            self._put_task(build_completed_task(task))
 
     def _put_task(self, task: dict[str, Any]) -> None:
         if task.get("id"):
             self.fhir.update(task)
         else:
-            system, value = builders.task_identifier(task["focus"]["reference"].split("/")[-1])
+            system, value = task_identifier(task["focus"]["reference"].split("/")[-1])
             self.fhir.create(task, if_none_exist=f"identifier={system}|{value}")

@@ -1,4 +1,4 @@
-"""Find and fetch the pixels of an ImagingStudy, as FHIR_PROFILE.md describes.
+"""Find and fetch the pixels of an ImagingStudy, as shared/docs/FHIR_PROFILE.md describes.
 
 Order: a ``Media`` whose ``partOf`` is the study (inline ``content.data`` or ``content.url``
 → ``Binary`` on the same FHIR server, or a URL on an allow-listed image host); a DICOMweb
@@ -17,8 +17,9 @@ from urllib.parse import urlparse
 import httpx
 
 from cxr_errors import ImageError, ImageTooLargeError
-from fhir_service.builders import is_cxr_overlay
-from fhir_service.fhir_client import FhirClient
+from fhir_service.fhir.client import FhirClient
+from fhir_service.fhir.inbound import check_resource
+from fhir_service.fhir.results import is_cxr_overlay
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,15 @@ def fetch_pixels(
     size = content.get("size")
     if isinstance(size, int) and size > max_bytes:
         raise ImageTooLargeError(f"{where} declares {size} bytes; the limit is {max_bytes}")
-    if content.get("data"):
-        encoded = str(content["data"])
-        if len(encoded) * 3 // 4 > max_bytes:
-            raise ImageTooLargeError(f"{where} holds more than {max_bytes} bytes inline")
+    encoded = content.get("data")
+    if isinstance(encoded, str) and len(encoded) * 3 // 4 > max_bytes:
+        raise ImageTooLargeError(f"{where} holds more than {max_bytes} bytes inline")
+    # The size is checked first (no decoding of a huge body), and the inline pixels are left
+    # to our own base64 decoder below: the model checks everything else about the Media.
+    checked = {**content, "data": "AA=="} if isinstance(encoded, str) and encoded else content
+    check_resource({**m, "content": checked}, "Media", what=where)
+    if encoded:
+        encoded = str(encoded)
         try:
             data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as exc:

@@ -44,9 +44,10 @@ RETRY = RetryStrategy(max_attempts=6, exponential_wait=2, retry_exceptions=set(T
 
 
 def make_app(dsn: str) -> procrastinate.App:
-    """A procrastinate app on ``dsn`` with our task names registered (as stubs for deferring).
+    """A procrastinate app on ``dsn``, with no task registered.
 
-    The worker registers the real implementations with :func:`register_tasks`.
+    Deferring needs none (jobs are deferred by task name, see :func:`enqueue_study`); the
+    worker registers the implementations with :func:`register_tasks`.
     """
     return procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cxr_errors import InputError
+from fhir_service.fhir.inbound import check_resource
 
 
 class Unauthorized(InputError):
@@ -31,8 +32,7 @@ class Notification:
 
 def parse_notification(path_id: str, body: Any) -> Notification:
     """The ImagingStudy HAPI PUT to ``{hook}/ImagingStudy/{id}``; its id must match the path."""
-    if not isinstance(body, dict) or body.get("resourceType") != "ImagingStudy":
-        raise InputError("rest-hook body is not an ImagingStudy resource")
+    body = check_resource(body, "ImagingStudy", what="rest-hook body")
     if str(body.get("id", path_id)) != path_id:
         raise InputError(f"body id {body.get('id')!r} does not match the URL id {path_id!r}")
     version = body.get("meta", {}).get("versionId")

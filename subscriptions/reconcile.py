@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from fhir_service import builders
-from fhir_service.fhir_client import FhirClient
+from fhir_service.fhir.client import FhirClient
+from fhir_service.fhir.identifiers import study_model_identifier, task_identifier
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,11 @@ def sweep(
         sid = study["id"]
         updated = datetime.fromisoformat(study["meta"]["lastUpdated"])
         newest = updated if newest is None or updated > newest else newest
-        system, value = builders.study_model_identifier(sid, model_version)
+        system, value = study_model_identifier(sid, model_version)
         if fhir.count("DiagnosticReport", {"identifier": f"{system}|{value}"}):
             reported += 1
             continue
-        tsys, tval = builders.task_identifier(sid)
+        tsys, tval = task_identifier(sid)
         if fhir.count("Task", {"identifier": f"{tsys}|{tval}", "status": "failed"}):
             failed += 1
             continue

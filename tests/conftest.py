@@ -1,4 +1,5 @@
-"""Fixtures shared by every test: settings for the test run and the real PostgreSQL server.
+"""Fixtures shared by every test: settings for the test run, the real PostgreSQL server, and
+synthetic inference results for the FHIR builder tests (see :mod:`tests.factories`).
 
 Integration state lives in one data dir (default ``.cxr-data/test``, or ``CXR_TEST_DATA_DIR``)
 that is wiped when the session starts, so every run begins clean and a demo stack in
@@ -11,10 +12,13 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fhir_service.settings import Settings
+from models.types import ImageAnalysis
+from tests.factories import make_analysis, make_study
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,10 +59,25 @@ def database(test_settings: Settings) -> Iterator[str]:
     Uses ``CXR_DATABASE_URL`` when set (an external server), else the embedded one in a
     clean directory under the test data dir, stopped at the end.
     """
-    from fhir_service.database import start_database, stop_database
+    from fhir_service.ops.database import start_database, stop_database
 
     if test_settings.database_url is None:
         shutil.rmtree(test_settings.pg_dir, ignore_errors=True)
     info = start_database(test_settings)
     yield info.url
     stop_database(test_settings)
+
+
+@pytest.fixture
+def analysis() -> ImageAnalysis:
+    return make_analysis()
+
+
+@pytest.fixture
+def untrained_analysis() -> ImageAnalysis:
+    return make_analysis(untrained=True)
+
+
+@pytest.fixture
+def study() -> dict[str, Any]:
+    return make_study()

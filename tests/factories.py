@@ -1,4 +1,7 @@
-"""Builders for the FHIR resources tests post: one place, so every test posts the same shapes.
+"""Builders for what tests feed the code: one place, so every test uses the same shapes.
+
+Synthetic inference results (plain numbers, no torch) for the FHIR builder tests, and the
+FHIR resources tests post.
 
 ImagingStudy instances are built from rows of the bundled NIH sample manifest
 (``{shared_dir}/data/nih-sample/manifest.csv``), so the demographics and view positions
@@ -8,10 +11,20 @@ match the PNGs that later tests push through the model.
 from __future__ import annotations
 
 import csv
+import math
+import struct
 import uuid
+import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from fhir_service.fhir.results import build_result_transaction
+from models.types import NIH_FINDINGS, FindingScore, ImageAnalysis
 
 NIH_PATIENT_SYSTEM = "urn:cxr-fhir:nih-cxr14:patient"
 NIH_IMAGE_SYSTEM = "urn:cxr-fhir:nih-cxr14:image"
@@ -141,3 +154,141 @@ def invalid_observation() -> Resource:
 
 def binary(content_type: str, data_b64: str) -> Resource:
     return {"resourceType": "Binary", "contentType": content_type, "data": data_b64}
+
+
+# --- synthetic inference results --------------------------------------------------------
+
+#: Calibrated probabilities of the synthetic study; every other finding gets 0.05.
+#: Pneumothorax 0.9 is what the profile's `value-quantity=gt0.8` query must find.
+DEFAULT_PROBABILITIES: Mapping[str, float] = {
+    "Pneumothorax": 0.9,
+    "Effusion": 0.62,
+    "Atelectasis": 0.31,
+    "Cardiomegaly": 0.12,
+}
+
+
+THRESHOLD = 0.5
+
+
+IMAGE_SHA256 = "ab" * 32
+
+
+RECORDED = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def make_analysis(
+    probabilities: Mapping[str, float] | None = None,
+    *,
+    untrained: bool = False,
+    model_version: str | None = None,
+    threshold: float = THRESHOLD,
+) -> ImageAnalysis:
+    """An ImageAnalysis with the given calibrated probabilities (others 0.05)."""
+    probs = dict(DEFAULT_PROBABILITIES if probabilities is None else probabilities)
+    findings = []
+    for name in NIH_FINDINGS:
+        p = probs.get(name, 0.05)
+        # A mildly miscalibrated raw score, so logit/sigmoid differ from the calibrated value.
+        sigmoid = min(max(p * 0.8 + 0.05, 1e-4), 1 - 1e-4)
+        logit = math.log(sigmoid / (1 - sigmoid))
+        findings.append(
+            FindingScore(
+                finding=name,
+                logit=logit,
+                sigmoid_score=sigmoid,
+                calibrated_probability=p,
+                band_low=max(0.0, p - 0.08),
+                band_high=min(1.0, p + 0.06),
+                threshold=threshold,
+            )
+        )
+    logits = np.array([f.logit for f in findings], dtype=np.float32)
+    if model_version is None:
+        model_version = "densenet121-res224-nih+sha256:0123abcd"
+        if untrained:
+            model_version += "+untrained"
+    return ImageAnalysis(
+        findings=tuple(findings),
+        cams=np.zeros((len(NIH_FINDINGS), 7, 7), dtype=np.float32),
+        cam_bias=logits,
+        features=np.zeros(1024, dtype=np.float32),
+        model_version=model_version,
+        untrained=untrained,
+    )
+
+
+def make_png(width: int = 8, height: int = 8, shade: int = 128) -> bytes:
+    """A valid greyscale PNG, built by hand so the tests need no image library."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    rows = b"".join(b"\x00" + bytes([shade]) * width for _ in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def make_heatmaps(analysis: ImageAnalysis) -> dict[str, bytes]:
+    return {
+        f.finding: make_png(shade=40 + i) for i, f in enumerate(analysis.findings) if f.positive
+    }
+
+
+def make_study(
+    study_id: str = "cxr-1", version: str = "3", patient: str = "Patient/p1"
+) -> dict[str, Any]:
+    return {
+        "resourceType": "ImagingStudy",
+        "id": study_id,
+        "meta": {"versionId": version},
+        "status": "available",
+        "subject": {"reference": patient},
+        "started": "2024-12-31T22:15:00+00:00",
+    }
+
+
+def result_bundle(
+    analysis: ImageAnalysis | None = None,
+    *,
+    study: Resource | None = None,
+    recorded: datetime = RECORDED,
+    image_sha256: str = IMAGE_SHA256,
+    **kwargs: Any,
+) -> Resource:
+    analysis = analysis or make_analysis()
+    return build_result_transaction(
+        study or make_study(),
+        analysis,
+        make_heatmaps(analysis),
+        image_sha256=image_sha256,
+        recorded=recorded,
+        **kwargs,
+    )
+
+
+def resources_of(bundle: Resource, kind: str) -> list[Resource]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+
+
+def one_of(bundle: Resource, kind: str) -> Resource:
+    (found,) = resources_of(bundle, kind)
+    return found
+
+
+def references(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield value
+            else:
+                yield from references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from references(item)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vector_store.store import (
+from vector_store.records import (
     DEFAULT_EF_SEARCH,
     EmbeddingRecord,
     Hit,

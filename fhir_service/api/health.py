@@ -9,8 +9,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from cxr_errors import CxrError
-from fhir_service.database import database_url
 from fhir_service.deps import FhirDep, SettingsDep
+from fhir_service.ops.database import database_url
 
 router = APIRouter(tags=["health"])
 

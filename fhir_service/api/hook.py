@@ -13,8 +13,9 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from cxr_errors import InputError
+from fhir_service.api.responses import fhir_response
 from fhir_service.deps import QueueDep, SettingsDep
-from fhir_service.outcome import fhir_response, operation_outcome
+from fhir_service.fhir.outcome import operation_outcome
 from subscriptions.bootstrap import SECRET_HEADER
 from subscriptions.queue import enqueue_study
 from subscriptions.receiver import check_secret, parse_notification

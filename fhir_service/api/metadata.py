@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import APIRouter
 
 from cxr_errors import NotFoundError
+from fhir_service.api.responses import fhir_response
 from fhir_service.deps import SettingsDep
-from fhir_service.outcome import fhir_response
 from fhir_service.similar import DEFAULT_COUNT, MAX_TEXT
-from vector_store.store import MAX_K
+from vector_store.records import MAX_K
 
 router = APIRouter(prefix="/fhir", tags=["metadata"])
 

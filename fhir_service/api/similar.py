@@ -10,8 +10,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from cxr_errors import InputError
+from fhir_service.api.responses import fhir_response
 from fhir_service.deps import SettingsDep, SimilarDep
-from fhir_service.outcome import fhir_response
 from fhir_service.similar import params_from_resource, parse_query
 
 router = APIRouter(prefix="/fhir", tags=["$similar"])

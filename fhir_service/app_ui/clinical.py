@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fhir_service.builders import TERMINOLOGY, is_cxr_overlay
+from fhir_service.fhir.results import is_cxr_overlay
+from fhir_service.fhir.terminology import TERMINOLOGY
 
 Resource = dict[str, Any]
 
@@ -211,7 +212,7 @@ def heatmap_media(media: Iterable[Mapping[str, Any]], study_id: str) -> dict[str
     """Finding label → the study's current stored heatmap Media.
 
     Only ``completed`` overlays count: a superseded result's overlays are ``stopped`` (see
-    :func:`fhir_service.builders.supersede`) and must not be shown for the new result. Should
+    :func:`fhir_service.fhir.supersede.supersede`) and must not be shown for the new result. Should
     two current overlays name one finding, the newest wins, whatever the search order.
     """
     out: dict[str, Resource] = {}

@@ -3,8 +3,9 @@
 The worker stores overlay ``Media`` only for positive findings, and CAMs are not stored in
 FHIR. For any other finding the service recomputes them: the same weights and the same
 pixels give the same one DenseNet pass (``CAM_k = w_k · relu(F) + b_k``), so the overlay is
-what the worker would have drawn. The classifier is loaded on the first such request, once
-per process, and rendered overlays are kept in a small LRU cache.
+what the worker would have drawn. The classifier comes from the process's one lazy holder
+(:class:`fhir_service.runtime.LazyModels`: loaded on the first such request, once), and
+rendered overlays are kept in a small LRU cache.
 """
 
 from __future__ import annotations
@@ -12,31 +13,18 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 from cxr_errors import NotFoundError
-from fhir_service.model_config import build_classifier
-from fhir_service.settings import Settings
-
-if TYPE_CHECKING:
-    from models.classifier import Classifier
+from fhir_service.runtime import LazyModels
 
 _CACHE_SIZE = 64
 
 
 class HeatmapRenderer:
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._classifier: Classifier | None = None
-        self._load_lock = threading.Lock()
+    def __init__(self, models: LazyModels) -> None:
+        self._models = models
         self._run_lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-
-    def _model(self) -> Classifier:
-        with self._load_lock:
-            if self._classifier is None:
-                self._classifier = build_classifier(self._settings)
-            return self._classifier
 
     def render(self, image: bytes, finding: str) -> bytes:
         """The overlay PNG of ``finding`` on ``image`` (blocking: call it in a thread)."""
@@ -49,7 +37,7 @@ class HeatmapRenderer:
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-            model = self._model()
+            model = self._models.classifier()
             pre = model.preprocess
             decoded = decode_image(
                 image, max_bytes=pre.max_image_bytes, max_pixels=pre.max_image_pixels, name="study"

@@ -57,7 +57,7 @@ _SIMILAR_PARAMS = (
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    ui = AppUi(app.state.settings)
+    ui = AppUi(app.state.settings, models=app.state.models)
     app.state.app_ui = ui
     yield
     await ui.aclose()

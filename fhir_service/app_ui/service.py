@@ -29,6 +29,7 @@ from cxr_errors import FhirError, NotFoundError
 from fhir_service.app_ui import clinical, smart
 from fhir_service.app_ui.heatmaps import HeatmapRenderer
 from fhir_service.app_ui.session import AppSession, SessionStore, Tokens
+from fhir_service.runtime import LazyModels
 from fhir_service.settings import Settings
 
 FHIR_JSON = "application/fhir+json"
@@ -59,6 +60,7 @@ class AppUi:
         self,
         settings: Settings,
         *,
+        models: LazyModels | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -70,7 +72,7 @@ class AppUi:
         self.sessions = SessionStore(
             settings.app_session_secret, lifetime_s=settings.app_session_lifetime_s, clock=clock
         )
-        self.heatmaps = HeatmapRenderer(settings)
+        self.heatmaps = HeatmapRenderer(models or LazyModels(settings))
 
     async def aclose(self) -> None:
         await self.http.aclose()

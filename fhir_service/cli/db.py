@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from fhir_service.cli._common import cli_errors, console
-from fhir_service.database import database_url, embedded, start_database, stop_database
+from fhir_service.ops.database import database_url, embedded, start_database, stop_database
 from fhir_service.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True)

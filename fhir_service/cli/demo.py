@@ -16,14 +16,16 @@ from rich.panel import Panel
 from rich.table import Table
 
 from cxr_errors import ConfigError, CxrError
-from fhir_service import builders, hapi_server
 from fhir_service.cli._common import cli_errors, console
-from fhir_service.database import start_database, stop_database
-from fhir_service.fhir_client import FhirClient
-from fhir_service.model_config import build_clip, model_version_for
-from fhir_service.nih import created_id, read_manifest, study_transaction
+from fhir_service.fhir import identifiers, terminology
+from fhir_service.fhir.client import FhirClient
+from fhir_service.ingest.nih import read_manifest
+from fhir_service.ingest.transaction import created_id, study_bundle
+from fhir_service.ops import hapi_server
+from fhir_service.ops.database import start_database, stop_database
+from fhir_service.ops.stack import start_dev_ehr, start_service, start_workers, stop_all
+from fhir_service.runtime import build_clip, model_version_for
 from fhir_service.settings import Settings, get_settings
-from fhir_service.stack import start_dev_ehr, start_service, start_workers, stop_all
 
 app = typer.Typer(invoke_without_command=True)
 
@@ -106,7 +108,7 @@ def _run(base_settings: Settings) -> None:
     with FhirClient(settings.fhir_base_url, timeout=120) as fhir:
         for rec in records:
             png = (manifest.parent / rec.image_index).read_bytes()
-            study_id = created_id(fhir.transaction(study_transaction(rec, png)), "ImagingStudy")
+            study_id = created_id(fhir.transaction(study_bundle(rec, png)), "ImagingStudy")
             studies[study_id] = rec
             console.print(f"posted ImagingStudy/{study_id} ({rec.image_index}, {len(png)} bytes)")
         reports = _wait_for_reports(fhir, list(studies), model_version)
@@ -133,7 +135,7 @@ def _wait_for_reports(
             for sid in study_ids:
                 if sid in found:
                     continue
-                system, value = builders.study_model_identifier(sid, model_version)
+                system, value = identifiers.study_model_identifier(sid, model_version)
                 hits = fhir.search("DiagnosticReport", {"identifier": f"{system}|{value}"})
                 if hits.get("entry"):
                     found[sid] = hits["entry"][0]["resource"]
@@ -153,7 +155,7 @@ def _wait_for_reports(
 
 
 def _failed_task(fhir: FhirClient, study_id: str) -> str | None:
-    system, value = builders.task_identifier(study_id)
+    system, value = identifiers.task_identifier(study_id)
     for task in fhir.search_all("Task", {"identifier": f"{system}|{value}", "status": "failed"}):
         return str(task.get("statusReason", {}).get("text", "failed"))
     return None
@@ -166,7 +168,7 @@ def _triage_row(
     for obs in fhir.search_all("Observation", {"derived-from": f"ImagingStudy/{study_id}"}):
         if obs.get("status") == "cancelled":
             continue
-        nih = builders.TERMINOLOGY.code_system_url("nih_label")
+        nih = terminology.TERMINOLOGY.code_system_url("nih_label")
         label = next(
             (c["code"] for c in obs["code"]["coding"] if c["system"] == nih),
             obs["code"].get("text", "?"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from fhir_service import hapi_server
 from fhir_service.cli._common import cli_errors, console
+from fhir_service.ops import hapi_server
 from fhir_service.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True)

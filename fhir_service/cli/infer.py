@@ -13,7 +13,7 @@ from rich.table import Table
 
 from cxr_errors import CxrError, InputError
 from fhir_service.cli._common import cli_errors, console, err_console
-from fhir_service.model_config import build_classifier, build_clip
+from fhir_service.runtime import build_classifier, build_clip
 from fhir_service.settings import Settings
 
 __all__ = ["register"]

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from cxr_errors import InputError
 from fhir_service.cli._common import cli_errors, console
-from fhir_service.fhir_client import FhirClient
+from fhir_service.fhir.client import FhirClient
 from fhir_service.ingest import IngestOptions, IngestReport, ingest
 from fhir_service.ingest import Progress as IngestProgress
 from fhir_service.settings import Settings, get_settings
@@ -83,12 +83,14 @@ def nih(
     ),
 ) -> None:
     """Load NIH ChestX-ray14: one Patient per patient, one ImagingStudy (+ Media) per image."""
-    from fhir_service import nih as nih_meta
+    from fhir_service.ingest import nih as nih_meta
 
     settings = get_settings()
     with cli_errors():
         if bbox is not None and no_bbox:
             raise InputError("--bbox and --no-bbox exclude each other")
+        if images is not None and not images.is_dir():
+            raise InputError(f"--images {images} is not a directory")
         options = IngestOptions(
             metadata=metadata or nih_meta.default_metadata_path(),
             state_dir=settings.ingest_state_dir or settings.data_dir / "ingest",
@@ -101,30 +103,7 @@ def nih(
             bbox=None if no_bbox else bbox or nih_meta.default_bbox_path(),
             inference_batch_size=inference_batch_size or settings.ingest_inference_batch_size,
         )
-        if images is not None and not images.is_dir():
-            raise InputError(f"--images {images} is not a directory")
-        console.print(f"ingesting [bold]{options.metadata}[/] into {settings.fhir_base_url}")
-        with ExitStack() as stack:
-            process = (
-                stack.enter_context(bulk_pipeline(settings)).process_batch
-                if bulk_inference
-                else None
-            )
-            # A generous timeout: a 200-study transaction on a busy H2 can take tens of seconds.
-            fhir = stack.enter_context(FhirClient(settings.fhir_base_url, timeout=300))
-            bar = stack.enter_context(_progress_bar())
-            task = bar.add_task("rows", total=None, rate="")
-            t0 = time.monotonic()
-
-            def on_progress(p: IngestProgress) -> None:
-                # Rate over the whole run: batches finish in bursts, a short window jitters.
-                elapsed = max(time.monotonic() - t0, 1e-6)
-                rate = (
-                    f"{p.rows_done / elapsed:.0f} rows/s, {p.resources_written / elapsed:.0f} res/s"
-                )
-                bar.update(task, total=p.rows_total, completed=p.rows_done, rate=rate)
-
-            result = ingest(fhir, options, progress=on_progress, process_studies=process)
+        result = _ingest_with_progress(settings, options, bulk_inference=bulk_inference)
     _print_summary(result)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +111,29 @@ def nih(
         console.print(f"report written to {report}")
     if result.failed:
         raise typer.Exit(1)
+
+
+def _ingest_with_progress(
+    settings: Settings, options: IngestOptions, *, bulk_inference: bool
+) -> IngestReport:
+    console.print(f"ingesting [bold]{options.metadata}[/] into {settings.fhir_base_url}")
+    with ExitStack() as stack:
+        process = (
+            stack.enter_context(bulk_pipeline(settings)).process_batch if bulk_inference else None
+        )
+        # A generous timeout: a 200-study transaction on a busy H2 can take tens of seconds.
+        fhir = stack.enter_context(FhirClient(settings.fhir_base_url, timeout=300))
+        bar = stack.enter_context(_progress_bar())
+        task = bar.add_task("rows", total=None, rate="")
+        t0 = time.monotonic()
+
+        def on_progress(p: IngestProgress) -> None:
+            # Rate over the whole run: batches finish in bursts, a short window jitters.
+            elapsed = max(time.monotonic() - t0, 1e-6)
+            rate = f"{p.rows_done / elapsed:.0f} rows/s, {p.resources_written / elapsed:.0f} res/s"
+            bar.update(task, total=p.rows_total, completed=p.rows_done, rate=rate)
+
+        return ingest(fhir, options, progress=on_progress, process_studies=process)
 
 
 def _progress_bar() -> Progress:
@@ -153,9 +155,8 @@ def _progress_bar() -> Progress:
 def bulk_pipeline(settings: Settings) -> Iterator[Pipeline]:
     """The worker's own pipeline, in this process: same code, same idempotency keys. Its
     ``process_batch`` takes several studies and runs the model once over all their images."""
-    from fhir_service.database import database_url, start_database
-    from subscriptions.analyzer import build_analyzer
-    from subscriptions.pipeline import Pipeline
+    from fhir_service.ops.database import database_url, start_database
+    from fhir_service.runtime import build_analyzer, build_pipeline
     from vector_store.migrate import migrate
     from vector_store.store import VectorStore
 
@@ -165,13 +166,7 @@ def bulk_pipeline(settings: Settings) -> Iterator[Pipeline]:
     analyzer = build_analyzer(settings)
     with FhirClient(settings.fhir_base_url, timeout=120) as fhir:
         store = VectorStore(dsn)
-        pipeline = Pipeline(
-            fhir=fhir,
-            analyzer=analyzer,
-            store=store,
-            max_image_bytes=settings.max_image_bytes,
-            image_hosts=frozenset(settings.image_hosts),
-        )
+        pipeline = build_pipeline(settings, fhir, analyzer, store)
         try:
             yield pipeline
         finally:

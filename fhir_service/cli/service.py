@@ -27,8 +27,8 @@ def serve(
     import uvicorn
 
     from fhir_service.app import create_app
-    from fhir_service.database import start_database
-    from fhir_service.model_config import model_version_for
+    from fhir_service.ops.database import start_database
+    from fhir_service.runtime import model_version_for
 
     settings = get_settings()
     with cli_errors():
@@ -50,7 +50,7 @@ def worker(
     concurrency: int = typer.Option(1, help="Jobs run at once in this process."),
 ) -> None:
     """Run a worker: takes study jobs from the queue and writes results to FHIR."""
-    from subscriptions.worker import run_worker
+    from fhir_service.worker import run_worker
 
     with cli_errors():
         run_worker(get_settings(), concurrency=concurrency)
@@ -62,7 +62,7 @@ def reconcile(
     ),
 ) -> None:
     """Queue every available study that has no report for the current model (nor a failed Task)."""
-    from subscriptions.worker import run_sweep
+    from fhir_service.worker import run_sweep
 
     with cli_errors():
         result = run_sweep(get_settings(), since=since)

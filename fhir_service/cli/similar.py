@@ -13,7 +13,7 @@ from rich.table import Table
 
 from cxr_errors import FhirError, FhirUnavailableError, InputError
 from fhir_service.cli._common import cli_errors, console
-from fhir_service.fhir_client import outcome_text
+from fhir_service.fhir.outcome import outcome_text
 from fhir_service.settings import get_settings
 
 

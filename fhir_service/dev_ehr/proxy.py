@@ -42,7 +42,7 @@ from fhir_service.dev_ehr import scopes
 from fhir_service.dev_ehr.context import FHIR_JSON, DevEhr, EhrDep, is_fhir_id
 from fhir_service.dev_ehr.oauth import AUTHORIZE_PATH, TOKEN_PATH
 from fhir_service.dev_ehr.tokens import AccessClaims, InvalidTokenError
-from fhir_service.outcome import operation_outcome
+from fhir_service.fhir.outcome import operation_outcome
 
 log = logging.getLogger(__name__)
 

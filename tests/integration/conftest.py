@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from fhir_service import hapi_server
+from fhir_service.ops import hapi_server
+from fhir_service.ops.stack import start_service, start_workers, stop_all
 from fhir_service.settings import Settings
-from fhir_service.stack import start_service, start_workers, stop_all
 from tests.integration.stack import Stack
 
 FHIR_JSON = "application/fhir+json"

@@ -8,10 +8,11 @@ from typing import Any
 
 import psycopg
 
-from fhir_service import builders
-from fhir_service.fhir_client import FhirClient
-from fhir_service.model_config import model_version_for
-from fhir_service.nih import NihRecord, created_id, read_manifest, study_transaction
+from fhir_service.fhir import identifiers
+from fhir_service.fhir.client import FhirClient
+from fhir_service.ingest.nih import NihRecord, read_manifest
+from fhir_service.ingest.transaction import created_id, study_bundle
+from fhir_service.runtime import model_version_for
 from fhir_service.settings import Settings
 from tests.factories import unique_suffix
 
@@ -43,22 +44,23 @@ class Stack:
         self, index: int = 0, image: bytes | str | None = "real", *, tag: str | None = None
     ) -> str:
         """Post NIH sample study ``index`` with its Patient and pixels; ``tag`` keeps the
-        identifiers apart from other tests' (studies posted with one tag share patients)."""
+        identifiers apart from other tests' (studies posted with one tag share patients).
+        ``image=None`` posts the study ``available`` without any pixels."""
         rec = self.records[index]
         data: bytes | None
         if image == "real":
             data = (self.settings.shared_dir / "data" / "nih-sample" / rec.image_index).read_bytes()
         else:
             data = image if isinstance(image, bytes) or image is None else None
-        bundle = study_transaction(rec, data, tag=tag or unique_suffix())
+        bundle = study_bundle(rec, data, tag=tag or unique_suffix(), status="available")
         return created_id(self.fhir.transaction(bundle), "ImagingStudy")
 
     def reports(self, study_id: str) -> list[dict[str, Any]]:
-        system, value = builders.study_model_identifier(study_id, self.model_version)
+        system, value = identifiers.study_model_identifier(study_id, self.model_version)
         return list(self.fhir.search_all("DiagnosticReport", {"identifier": f"{system}|{value}"}))
 
     def task(self, study_id: str) -> dict[str, Any] | None:
-        system, value = builders.task_identifier(study_id)
+        system, value = identifiers.task_identifier(study_id)
         tasks = list(self.fhir.search_all("Task", {"identifier": f"{system}|{value}"}))
         assert len(tasks) <= 1, "a study must have at most one Task"
         return tasks[0] if tasks else None

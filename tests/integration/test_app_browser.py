@@ -26,9 +26,9 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 
 from fhir_service.app_ui.clinical import CRITICAL_FINDINGS
-from fhir_service.builders import TERMINOLOGY
+from fhir_service.fhir.terminology import TERMINOLOGY
+from fhir_service.ops.stack import dev_ehr_process, start_dev_ehr, stop_dev_ehr
 from fhir_service.settings import Settings
-from fhir_service.stack import dev_ehr_process, start_dev_ehr, stop_dev_ehr
 from tests.factories import unique_suffix
 from tests.integration.stack import Stack, wait_for
 

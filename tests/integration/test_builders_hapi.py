@@ -1,4 +1,4 @@
-"""The result transaction from ``fhir_service.builders`` against the real HAPI (validation on).
+"""The result transaction (fhir_service.fhir: results, tasks, supersede) against the real HAPI.
 
 HAPI must accept the bundle as it is, a second post must create nothing, the analyst queries of
 FHIR_PROFILE.md must find the results, and the failure Task and supersession must round-trip.
@@ -15,20 +15,17 @@ from typing import Any
 
 import pytest
 
-from fhir_service import nih
-from fhir_service.builders import (
-    TERMINOLOGY,
-    build_completed_task,
-    build_failed_task,
-    build_result_transaction,
-    report_identifier,
-    task_conditional_url,
-)
-from fhir_service.fhir_client import FhirClient
+from fhir_service.fhir import studies
+from fhir_service.fhir.client import FhirClient
+from fhir_service.fhir.identifiers import report_identifier, task_conditional_url
+from fhir_service.fhir.results import build_result_transaction
+from fhir_service.fhir.tasks import build_completed_task, build_failed_task
+from fhir_service.fhir.terminology import TERMINOLOGY
+from fhir_service.ingest import nih, transaction
 from models.types import NIH_FINDINGS
 from tests import factories
+from tests.factories import RECORDED, make_analysis, make_heatmaps
 from tests.integration.conftest import HapiServer
-from tests.unit.conftest import RECORDED, make_analysis, make_heatmaps
 
 pytestmark = pytest.mark.integration
 
@@ -300,11 +297,11 @@ def test_failed_task_is_updated_not_duplicated_then_completed(client: FhirClient
 def test_nih_infant_study_is_accepted(client: FhirClient) -> None:
     # NIH has 14 rows with Patient Age 0; R4's age-1 invariant refuses a zero Age value.
     rec = nih.NihRecord("99999999_000.png", "99999999", 0, 0, "female", "AP", ())
-    response = client.transaction(nih.study_transaction(rec, None, tag="infant"))
+    response = client.transaction(transaction.study_bundle(rec, None, tag="infant"))
     location = next(
         e["response"]["location"]
         for e in response["entry"]
         if e["response"]["location"].startswith("ImagingStudy/")
     )
     stored = client.read("ImagingStudy", location.split("/")[1])
-    assert nih.study_age_and_view(stored) == (0, "AP")
+    assert studies.study_age_and_view(stored) == (0, "AP")

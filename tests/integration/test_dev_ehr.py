@@ -16,10 +16,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fhir_service.dev_ehr import create_app
-from fhir_service.fhir_client import FhirClient
-from fhir_service.nih import created_id, read_manifest, study_transaction
+from fhir_service.fhir.client import FhirClient
+from fhir_service.ingest.nih import read_manifest
+from fhir_service.ingest.transaction import created_id, study_bundle
+from fhir_service.ops.stack import dev_ehr_process, start_dev_ehr, stop_dev_ehr
 from fhir_service.settings import Settings
-from fhir_service.stack import dev_ehr_process, start_dev_ehr, stop_dev_ehr
 from tests.dev_ehr.smart_client import BOTH_SCOPES, USER_RESOURCE_SCOPES, SmartClient
 from tests.factories import unique_suffix
 from tests.integration.conftest import HapiServer
@@ -45,10 +46,10 @@ def patients(hapi: HapiServer, test_settings: Settings) -> Patients:
     tag = unique_suffix()
     png = b"\x89PNG\r\n\x1a\n not decoded by these tests"
     with FhirClient(hapi.base_url, timeout=60) as fhir:
-        a1 = fhir.transaction(study_transaction(records[0], png, tag=tag))
+        a1 = fhir.transaction(study_bundle(records[0], png, tag=tag))
         second = dataclasses.replace(records[0], image_index=records[0].image_index + "-b")
-        a2 = fhir.transaction(study_transaction(second, png, tag=tag))
-        b = fhir.transaction(study_transaction(records[1], png, tag=tag))
+        a2 = fhir.transaction(study_bundle(second, png, tag=tag))
+        b = fhir.transaction(study_bundle(records[1], png, tag=tag))
     assert created_id(a1, "Patient") == created_id(a2, "Patient")
     return Patients(
         a=created_id(a1, "Patient"),

@@ -27,11 +27,19 @@ from typing import Any
 import pytest
 
 from cxr_errors import InputError
-from fhir_service import builders, nih
-from fhir_service.fhir_client import FhirClient
-from fhir_service.ingest import IngestOptions, ProgressState, Row, ingest, read_rows
+from fhir_service.fhir import identifiers, terminology
+from fhir_service.fhir.client import FhirClient
+from fhir_service.ingest import (
+    IngestOptions,
+    Row,
+    ingest,
+    nih,
+    read_rows,
+    transaction,
+)
+from fhir_service.ingest.state import ProgressState
+from fhir_service.ops.stack import settings_env, start_workers, worker_process
 from fhir_service.settings import Settings
-from fhir_service.stack import settings_env, start_workers, worker_process
 from subscriptions.pipeline import AnalyzedImage, Analyzer, Pipeline
 from tests.integration.conftest import HapiServer
 from tests.integration.stack import Stack, wait_for
@@ -64,16 +72,18 @@ def _count_all(fhir: FhirClient, resource_type: str, system: str) -> int:
 @pytest.fixture(scope="module", autouse=True)
 def _baseline(hapi: HapiServer) -> None:
     with FhirClient(hapi.base_url, timeout=120) as fhir:
-        _BEFORE["Patient"] = _count_all(fhir, "Patient", nih.PATIENT_ID_SYSTEM)
-        _BEFORE["ImagingStudy"] = _count_all(fhir, "ImagingStudy", nih.IMAGE_INDEX_SYSTEM)
+        _BEFORE["Patient"] = _count_all(fhir, "Patient", transaction.PATIENT_ID_SYSTEM)
+        _BEFORE["ImagingStudy"] = _count_all(fhir, "ImagingStudy", transaction.IMAGE_INDEX_SYSTEM)
 
 
 def _patients(fhir: FhirClient) -> int:
-    return _count_all(fhir, "Patient", nih.PATIENT_ID_SYSTEM) - _BEFORE["Patient"]
+    return _count_all(fhir, "Patient", transaction.PATIENT_ID_SYSTEM) - _BEFORE["Patient"]
 
 
 def _studies(fhir: FhirClient) -> int:
-    return _count_all(fhir, "ImagingStudy", nih.IMAGE_INDEX_SYSTEM) - _BEFORE["ImagingStudy"]
+    return (
+        _count_all(fhir, "ImagingStudy", transaction.IMAGE_INDEX_SYSTEM) - _BEFORE["ImagingStudy"]
+    )
 
 
 def _first_rows(n: int) -> list[Row]:
@@ -176,16 +186,16 @@ def test_a_rerun_with_the_bbox_file_adds_boxes_once(fhir: FhirClient, tmp_path: 
     assert sent.boxes_skipped_by_reason == {"image not among the metadata rows read": 984 - n}
     for image_index, boxes in boxed.items():
         study = _study(fhir, image_index)
-        assert nih.study_boxes(study) == boxes  # exactly the file's numbers, read from HAPI
+        assert transaction.study_boxes(study) == boxes  # exactly the file's numbers, read from HAPI
         assert int(study["meta"]["versionId"]) == versions[image_index] + 1
     infiltrate = _study(fhir, "00000032_037.png")["extension"][-1]["extension"][0]
-    assert infiltrate["valueCodeableConcept"] == builders.finding_code("Infiltration")
+    assert infiltrate["valueCodeableConcept"] == terminology.finding_code("Infiltration")
 
     # A study that lost its boxes (loaded by an older version) and rows resumed from the
     # progress file: the resumed rows' studies are checked, the one without boxes gets them.
     stripped_index = "00000072_000.png"
     stripped = _study(fhir, stripped_index)
-    fhir.update(nih.with_boxes(stripped, []))
+    fhir.update(transaction.with_boxes(stripped, []))
     resumed = ingest(fhir, options)
     assert (resumed.rows_resumed, resumed.created, resumed.already_present) == (SLICE, {}, {})
     assert (resumed.boxes_written, resumed.boxes_already_present) == (
@@ -193,7 +203,7 @@ def test_a_rerun_with_the_bbox_file_adds_boxes_once(fhir: FhirClient, tmp_path: 
         n - len(boxed[stripped_index]),
     )
     assert resumed.studies_boxes_updated == 1
-    assert nih.study_boxes(_study(fhir, stripped_index)) == boxed[stripped_index]
+    assert transaction.study_boxes(_study(fhir, stripped_index)) == boxed[stripped_index]
 
     # Nothing left to do: no study gets a new version.
     versions = {i: int(_study(fhir, i)["meta"]["versionId"]) for i in boxed}
@@ -269,7 +279,7 @@ def test_killed_run_resumes_to_the_same_counts(
     assert (boxes["read"], boxes["skipped"]) == (984, 984 - n)
     assert boxes["written"] + boxes["already_present"] == n
     for image_index, expected in boxed.items():
-        assert nih.study_boxes(_study(fhir, image_index)) == expected
+        assert transaction.study_boxes(_study(fhir, image_index)) == expected
 
 
 def test_concurrent_runs_do_not_duplicate(
@@ -329,13 +339,13 @@ def test_concurrent_runs_do_not_duplicate(
     assert sum(r["boxes"]["studies_updated"] for r in reports) == 0
 
     # What the server holds: every identifier exactly once.
-    studies = _tally(fhir, "ImagingStudy", nih.IMAGE_INDEX_SYSTEM, indexes)
+    studies = _tally(fhir, "ImagingStudy", transaction.IMAGE_INDEX_SYSTEM, indexes)
     assert studies == Counter({i: 1 for i in indexes})
-    assert _tally(fhir, "Patient", nih.PATIENT_ID_SYSTEM, patients) == Counter(
+    assert _tally(fhir, "Patient", transaction.PATIENT_ID_SYSTEM, patients) == Counter(
         {p: 1 for p in patients}
     )
     for image_index, expected in boxed.items():
-        assert nih.study_boxes(_study(fhir, image_index)) == expected
+        assert transaction.study_boxes(_study(fhir, image_index)) == expected
     # The shared progress file holds both runs' progress: every line, once, merged.
     (state_file,) = shared.glob("nih-*.json")
     state = ProgressState(state_file, {})
@@ -345,7 +355,9 @@ def test_concurrent_runs_do_not_duplicate(
 
 def _study(fhir: FhirClient, image_index: str) -> dict[str, Any]:
     found = list(
-        fhir.search_all("ImagingStudy", {"identifier": f"{nih.IMAGE_INDEX_SYSTEM}|{image_index}"})
+        fhir.search_all(
+            "ImagingStudy", {"identifier": f"{transaction.IMAGE_INDEX_SYSTEM}|{image_index}"}
+        )
     )
     assert len(found) == 1, f"{image_index}: {len(found)} studies"
     return found[0]
@@ -419,7 +431,7 @@ def test_sample_images_get_reports_boxes_and_the_rest_stay_untouched(
     boxed = _boxes_of(set(names))
     assert len(boxed) == 12  # sample images with NIH boxes, with and without pixels here
     for image_index, expected in boxed.items():
-        assert nih.study_boxes(_study(stack.fhir, image_index)) == expected
+        assert transaction.study_boxes(_study(stack.fhir, image_index)) == expected
 
 
 def _load_and_check(
@@ -471,14 +483,14 @@ def _result_of(stack: Stack, study_id: str, image_sha256: str) -> dict[str, Any]
     """A study's one report and its 14 Observations by NIH label, checked against the
     identifiers the builders derive from (study, model version, image sha256)."""
     (report,) = stack.reports(study_id)
-    system, key = builders.report_identifier(study_id, stack.model_version, image_sha256)
+    system, key = identifiers.report_identifier(study_id, stack.model_version, image_sha256)
     assert {"system": system, "value": key} in report["identifier"]
-    label_system = builders.TERMINOLOGY.code_system_url("nih_label")
-    observation_system = builders.TERMINOLOGY.identifier_system("observation")
+    label_system = terminology.TERMINOLOGY.code_system_url("nih_label")
+    observation_system = terminology.TERMINOLOGY.identifier_system("observation")
     by_label: dict[str, Any] = {}
     for obs in stack.fhir.search_all("Observation", {"derived-from": f"ImagingStudy/{study_id}"}):
         label = next(c["code"] for c in obs["code"]["coding"] if c["system"] == label_system)
-        slug = builders.TERMINOLOGY.findings[label].slug
+        slug = terminology.TERMINOLOGY.findings[label].slug
         assert obs["identifier"] == [{"system": observation_system, "value": f"{key}.{slug}"}]
         by_label[label] = {
             k: obs[k] for k in ("valueQuantity", "interpretation", "extension", "component", "code")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
-from fhir_service.stack import start_service, start_workers, worker_process
+from fhir_service.ops.stack import start_service, start_workers, worker_process
+from fhir_service.worker import run_sweep
 from subscriptions.bootstrap import SECRET_HEADER
-from subscriptions.worker import run_sweep
 from tests.integration.stack import Stack, wait_for
 
 pytestmark = pytest.mark.integration
@@ -68,6 +69,8 @@ def test_duplicate_notifications_make_one_report(stack: Stack) -> None:
 def test_wrong_or_missing_secret_is_refused_and_queues_nothing(stack: Stack) -> None:
     study_id = stack.post_study(2, image=None)
     study = stack.fhir.read("ImagingStudy", study_id)
+    # Its own (genuine) notification must have been handled before the count is taken.
+    wait_for("the study's failed Task", lambda: stack.task(study_id))
     wait_for("the queue to drain", stack.drained)
     before = len(stack.jobs())
     hook = f"{stack.settings.service_url}/hook/ImagingStudy/{study_id}"
@@ -132,13 +135,16 @@ def test_bad_input_gives_one_failed_task(stack: Stack, kind: str, expected: str)
 
 def test_studies_posted_while_service_down_are_swept(stack: Stack) -> None:
     stack_settings = stack.settings
-    from fhir_service.stack import service_process
+    from fhir_service.ops.stack import service_process
 
     service_process(stack_settings).stop()
+    # The worker's own periodic sweep may run (and move the watermark) meanwhile: ask this
+    # sweep to look from before the posts, so it must see all three whatever ran before it.
+    posted_after = datetime.now(UTC) - timedelta(seconds=1)
     ids = [stack.post_study(7 + i) for i in range(3)]
     time.sleep(3)
     start_service(stack_settings)
-    result = run_sweep(stack_settings)
+    result = run_sweep(stack_settings, since=posted_after)
     assert result.seen >= 3
     for sid in ids:
         wait_for(f"a report for {sid}", lambda sid=sid: stack.reports(sid))

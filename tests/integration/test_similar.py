@@ -10,7 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from fhir_service.stack import service_process, start_service
+from fhir_service.ops.stack import service_process, start_service
 from tests.factories import unique_suffix
 from tests.integration.stack import Stack, wait_for
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from models.classifier import Classifier
-from models.registry import load_classifier
+from models.factory import load_classifier
 
 
 @pytest.fixture(scope="session")

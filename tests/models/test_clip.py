@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cxr_errors import ConfigError
-from models.clip import ClipEncoder, load_clip
+from models.clip import ClipEncoder
+from models.factory import load_clip
 from models.types import NIH_FINDINGS
 
 

@@ -14,7 +14,7 @@ from models.preprocess import decode_image
 
 _SCRIPT = """
 import hashlib, sys
-from models.registry import load_classifier
+from models.factory import load_classifier
 c = load_classifier("untrained", backend="torch", tta=True)
 h = hashlib.sha256()
 for a in c.analyze(sys.argv[1:]):

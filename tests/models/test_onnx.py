@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from models.classifier import TTA_VIEWS, Classifier
+from models.factory import load_classifier
 from models.onepass import GRAPH_VERSION, TorchBackend
-from models.registry import load_classifier
 
 
 def test_onnx_agrees_with_torch(onnx_classifier: Classifier, nih_images: list[Path]) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from cxr_errors import ConfigError
 from models._xrv import xrv
-from models.registry import REGISTRY, file_sha256, get_spec, load_classifier, resolve_weights
+from models.factory import load_classifier
+from models.registry import REGISTRY, file_sha256, get_spec, resolve_weights
 from models.types import NIH_FINDINGS
 
 

@@ -16,9 +16,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from bench.similar import RARE_FINDING, clustered_vectors, exact_top_k, synthetic_metadata
 from vector_store.migrate import drop_hnsw_index, migrate
-from vector_store.store import DEFAULT_EF_SEARCH, EmbeddingRecord, SearchFilters, VectorStore
+from vector_store.records import DEFAULT_EF_SEARCH, EmbeddingRecord, SearchFilters
+from vector_store.store import VectorStore
+from vector_store.synthetic import RARE_FINDING, clustered_vectors, exact_top_k, synthetic_metadata
 
 pytestmark = pytest.mark.integration
 

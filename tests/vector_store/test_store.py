@@ -14,7 +14,6 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from bench.similar import clustered_vectors
 from cxr_errors import InputError, StoreError
 from vector_store.memory import InMemoryVectorStore
 from vector_store.migrate import (
@@ -27,7 +26,9 @@ from vector_store.migrate import (
     load_migrations,
     migrate,
 )
-from vector_store.store import EmbeddingRecord, EmbeddingStore, SearchFilters, VectorStore
+from vector_store.records import EmbeddingRecord, EmbeddingStore, SearchFilters
+from vector_store.store import VectorStore
+from vector_store.synthetic import clustered_vectors
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,32 @@
+"""FHIR JSON responses, and the one handler that turns a CxrError into an OperationOutcome."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from cxr_errors import CxrError
+from fhir_service.fhir.outcome import operation_outcome
+
+FHIR_JSON = "application/fhir+json"
+
+
+def fhir_response(body: dict[str, Any], status_code: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status_code, media_type=FHIR_JSON)
+
+
+async def cxr_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CxrError)
+    severity = "error" if exc.http_status < 500 else "fatal"
+    return fhir_response(
+        operation_outcome(exc.message, severity=severity, code=exc.issue_code), exc.http_status
+    )
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return fhir_response(operation_outcome("; ".join(parts), code="invalid"), 400)

@@ -1,0 +1,423 @@
+"""The one transaction Bundle that records an analysed study: pure functions, dicts in and out.
+
+What is written and why is in the design's ``shared/docs/FHIR_PROFILE.md``; every code comes
+from ``codes.json``. The result of one (study, model version, image) is ONE transaction Bundle
+(:func:`build_result_transaction`): Device, 14 Observations, heatmap Media for the positive
+findings, the DiagnosticReport and a Provenance. Every entry is a conditional create keyed on
+an identifier derived from :func:`~fhir_service.fhir.identifiers.report_identifier`, and every
+``urn:uuid`` is derived from that key too, so the same inputs give the same bundle byte for
+byte (timestamps aside) and posting it again creates nothing: HAPI resolves the placeholders
+of matched conditional creates to the resources that already exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fhir_service.fhir.datatypes import (
+    cc,
+    conditional_create,
+    identifier_condition,
+    instant,
+    quantity,
+    ref,
+    urn,
+)
+from fhir_service.fhir.identifiers import report_identifier, study_model_identifier
+from fhir_service.fhir.studies import StudyRef
+from fhir_service.fhir.supersede import supersede
+from fhir_service.fhir.terminology import TERMINOLOGY, Resource, Terminology, finding_code
+from models.types import NIH_FINDINGS, FindingScore, ImageAnalysis
+
+__all__ = [
+    "UNTRAINED_CONCLUSION",
+    "UNTRAINED_NOTE",
+    "build_result_transaction",
+    "is_cxr_overlay",
+]
+
+#: How many findings the report conclusion names (all positives are always named).
+CONCLUSION_TOP_N = 3
+
+UNTRAINED_CONCLUSION = (
+    "UNTRAINED MODEL — NOT A FINDING. These numbers come from a model without trained "
+    "weights (test/demo mode) and carry no clinical meaning; do not use them for care."
+)
+UNTRAINED_NOTE = (
+    "Untrained model output — not a finding. This number comes from a model without trained "
+    "weights (test/demo mode) and carries no clinical meaning."
+)
+_UNTRAINED_TAG = "UNTRAINED MODEL — NOT A FINDING"
+_PRELIMINARY_TEXT = "Preliminary AI triage, not reviewed by a radiologist."
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class _Result:
+    """What every resource of one result shares."""
+
+    study: StudyRef
+    report_system: str
+    report_key: str
+    device_urn: str
+    issued: str
+    untrained: bool
+    t: Terminology
+
+    @property
+    def security(self) -> list[dict[str, str]]:
+        return [self.t.concept("ai_asserted")]
+
+
+def build_result_transaction(
+    study: Mapping[str, Any],
+    analysis: ImageAnalysis,
+    heatmaps: Mapping[str, bytes],
+    *,
+    image_sha256: str,
+    recorded: datetime,
+    supersedes: Sequence[Mapping[str, Any] | str] = (),
+    terminology: Terminology = TERMINOLOGY,
+) -> Resource:
+    """The one transaction Bundle that records ``analysis`` of ``study``.
+
+    ``heatmaps`` maps each positive finding label to its overlay PNG (extra labels are
+    ignored, a missing positive is an error: a positive without its explanation is a bug).
+    ``image_sha256`` is the hex sha256 of the analysed pixels and ``recorded`` the time the
+    result was made (tz-aware).
+
+    ``supersedes`` names an earlier result of this study that these pixels replace. Resources
+    as read from the server (with ``id``: the old report and, best, its Observations and
+    Media) are withdrawn in this same transaction (see
+    :func:`~fhir_service.fhir.supersede.supersede`), so readers never see two live reports; a
+    plain ``"DiagnosticReport/{id}[/_history/{v}]"`` string is only named, and the caller
+    withdraws it. Either way each old report becomes a Provenance entity with role
+    ``revision``.
+    """
+    _check_analysis(analysis)
+    study_ref = StudyRef.from_resource(study)
+    report_system, report_key = report_identifier(
+        study_ref.id, analysis.model_version, image_sha256, terminology=terminology
+    )
+    device_version = _device_version(analysis)
+    r = _Result(
+        study=study_ref,
+        report_system=report_system,
+        report_key=report_key,
+        # Keyed on the version as displayed, so that a trained and an untrained run of the
+        # same weights name can never share (and mislabel) one Device.
+        device_urn=urn(device_version, "device"),
+        issued=instant(recorded),
+        untrained=_is_untrained(analysis),
+        t=terminology,
+    )
+    entries = [_device_entry(analysis, device_version, r)]
+    observations = [_observation_entry(f, r) for f in analysis.findings]
+    media = _heatmap_entries(analysis, heatmaps, r)
+    report = _report_entry(analysis, observations, media, r)
+    old_reports, withdrawn = _withdrawals(supersedes, r)
+    entries += [*observations, *media, report]
+    entries.append(_provenance_entry(report, [*observations, *media], old_reports, r))
+    entries.extend(withdrawn)
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def is_cxr_overlay(media: Mapping[str, Any], *, terminology: Terminology = TERMINOLOGY) -> bool:
+    """True for a heatmap Media written by cxr-fhir.
+
+    Overlays share ``partOf`` → ImagingStudy with the input image Media, so the pixel lookup
+    must skip them or a re-run would analyse its own heatmap.
+    """
+    system = terminology.identifier_system("heatmap")
+    return any(i.get("system") == system for i in media.get("identifier", []))
+
+
+# --- checks and wording ------------------------------------------------------------------------
+
+
+def _check_analysis(analysis: ImageAnalysis) -> None:
+    labels = tuple(f.finding for f in analysis.findings)
+    if labels != NIH_FINDINGS:
+        raise ValueError(f"analysis findings {labels} are not NIH_FINDINGS in order")
+    for f in analysis.findings:
+        numbers = (f.calibrated_probability, f.band_low, f.band_high, f.threshold, f.sigmoid_score)
+        if not all(0.0 <= float(x) <= 1.0 for x in numbers):
+            raise ValueError(f"{f.finding}: probabilities must lie in [0, 1]: {f}")
+        if not f.band_low <= f.band_high:
+            raise ValueError(f"{f.finding}: band_low {f.band_low} > band_high {f.band_high}")
+        if float(f.logit) != float(f.logit) or abs(float(f.logit)) == float("inf"):
+            # JSON has no NaN/Infinity; HAPI would reject the whole bundle with a parse error.
+            raise ValueError(f"{f.finding}: logit is not finite: {f.logit}")
+
+
+def _is_untrained(analysis: ImageAnalysis) -> bool:
+    # Either signal suffices: presenting untrained output as a finding is the one error
+    # that must never happen, so a contradictory pair errs on the side of "untrained".
+    return analysis.untrained or "untrained" in analysis.model_version.lower()
+
+
+def _device_version(analysis: ImageAnalysis) -> str:
+    version = analysis.model_version
+    if _is_untrained(analysis) and "untrained" not in version.lower():
+        version += " (untrained)"
+    return version
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    if len(png) < 24 or not png.startswith(_PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise ValueError("heatmap is not a PNG image")
+    width, height = struct.unpack(">II", png[16:24])
+    return width, height
+
+
+def _fmt(p: float) -> str:
+    return f"{float(p):.2f}"
+
+
+def _conclusion(analysis: ImageAnalysis, untrained: bool, terminology: Terminology) -> str:
+    ranked = sorted(analysis.findings, key=lambda f: (-f.calibrated_probability, f.finding))
+    positives = [f for f in ranked if f.positive]
+    named = (
+        positives
+        + [f for f in ranked if not f.positive][: max(0, CONCLUSION_TOP_N - len(positives))]
+    )
+    parts = [
+        f"{terminology.findings[f.finding].text} {_fmt(f.calibrated_probability)} "
+        f"(band {_fmt(f.band_low)}–{_fmt(f.band_high)}, "
+        f"{'above' if f.positive else 'below'} threshold {_fmt(f.threshold)})"
+        for f in named
+    ]
+    if positives:
+        head = f"{len(positives)} finding(s) at or above the operating threshold."
+    else:
+        head = "No finding at or above its operating threshold."
+    text = f"{_PRELIMINARY_TEXT} {head} Top findings by calibrated probability: {'; '.join(parts)}."
+    return f"{UNTRAINED_CONCLUSION} {text}" if untrained else text
+
+
+# --- one entry per resource family ---------------------------------------------------------------
+
+
+def _device_entry(analysis: ImageAnalysis, device_version: str, r: _Result) -> Resource:
+    t = r.t
+    device: Resource = {
+        "resourceType": "Device",
+        "identifier": [{"system": t.identifier_system("device"), "value": device_version}],
+        "status": "active",
+        "manufacturer": t.device_manufacturer,
+        "deviceName": [
+            {"name": t.device_name, "type": "user-friendly-name"},
+            {"name": analysis.model_version, "type": "model-name"},
+        ],
+        "type": cc(t.concept("ai_device_type")),
+        "version": [{"value": device_version}],
+    }
+    if r.untrained:
+        device["note"] = [{"text": UNTRAINED_CONCLUSION}]
+    condition = identifier_condition(t.identifier_system("device"), device_version)
+    return conditional_create(r.device_urn, device, condition)
+
+
+def _observation_entry(f: FindingScore, r: _Result) -> Resource:
+    t = r.t
+    slug = t.findings[f.finding].slug
+    system, value = t.identifier_system("observation"), f"{r.report_key}.{slug}"
+    interp = t.concept("interpretation_positive" if f.positive else "interpretation_negative")
+    relation = "≥" if f.positive else "<"
+    obs: Resource = {
+        "resourceType": "Observation",
+        "meta": {"security": r.security},
+        "extension": [
+            {
+                "url": t.extension_url("ai_confidence"),
+                "valueRange": {"low": quantity(f.band_low, t), "high": quantity(f.band_high, t)},
+            }
+        ],
+        "identifier": [{"system": system, "value": value}],
+        "status": "preliminary",
+        "category": [cc(t.concept("observation_category"))],
+        "code": finding_code(f.finding, terminology=t),
+        "subject": ref(r.study.subject),
+    }
+    if r.study.started:
+        obs["effectiveDateTime"] = r.study.started
+    interpretation = (
+        f"calibrated probability {_fmt(f.calibrated_probability)} {relation} "
+        f"operating threshold {_fmt(f.threshold)}"
+    )
+    obs.update(
+        {
+            "issued": r.issued,
+            "valueQuantity": quantity(f.calibrated_probability, t),
+            "interpretation": [cc(interp, interpretation)],
+            "bodySite": cc(t.concept("body_site_lung")),
+            "device": ref(r.device_urn),
+            "derivedFrom": [ref(r.study.reference)],
+            # Raw model numbers stay beside the calibrated value for audit; as components
+            # with their own codes they can never be mistaken for the Observation's value.
+            "component": [
+                {"code": cc(t.concept(name)), "valueQuantity": quantity(x, t)}
+                for name, x in (
+                    ("component_logit", f.logit),
+                    ("component_sigmoid_score", f.sigmoid_score),
+                    ("component_threshold", f.threshold),
+                )
+            ],
+        }
+    )
+    if r.untrained:
+        obs["note"] = [{"text": UNTRAINED_NOTE}]
+    return conditional_create(
+        urn(r.report_key, f"observation/{slug}"), obs, identifier_condition(system, value)
+    )
+
+
+def _heatmap_entries(
+    analysis: ImageAnalysis, heatmaps: Mapping[str, bytes], r: _Result
+) -> list[Resource]:
+    positives = [f for f in analysis.findings if f.positive]
+    missing = [f.finding for f in positives if f.finding not in heatmaps]
+    if missing:
+        raise ValueError(f"no heatmap for positive finding(s): {', '.join(missing)}")
+    return [_heatmap_entry(f, heatmaps[f.finding], r) for f in positives]
+
+
+def _heatmap_title(f: FindingScore, r: _Result) -> str:
+    title = f"Heatmap (class activation map): {r.t.findings[f.finding].text}"
+    return f"{title} — {_UNTRAINED_TAG}" if r.untrained else title
+
+
+def _heatmap_entry(f: FindingScore, png: bytes, r: _Result) -> Resource:
+    t = r.t
+    fc = t.findings[f.finding]
+    width, height = _png_size(png)
+    system, value = t.identifier_system("heatmap"), f"{r.report_key}.{fc.slug}"
+    note = (
+        f"Where the model looked for {fc.text} "
+        f"(calibrated probability {_fmt(f.calibrated_probability)}); "
+        "an explanation of the score, not a segmentation."
+    )
+    media: Resource = {
+        "resourceType": "Media",
+        "meta": {"security": r.security},
+        "identifier": [{"system": system, "value": value}],
+        "status": "completed",
+        "type": cc(t.concept("media_type_image")),
+        "partOf": [ref(r.study.reference)],
+        "subject": ref(r.study.subject),
+        "createdDateTime": r.issued,
+        "issued": r.issued,
+        "device": ref(r.device_urn),
+        # The finding this overlay explains: the one structured link from image to finding.
+        "reasonCode": [finding_code(f.finding, terminology=t)],
+        "bodySite": cc(t.concept("body_site_lung")),
+        "height": height,
+        "width": width,
+        "content": {
+            "contentType": "image/png",
+            "data": base64.b64encode(png).decode("ascii"),
+            "title": _heatmap_title(f, r),
+        },
+        "note": [{"text": note + (f" {UNTRAINED_NOTE}" if r.untrained else "")}],
+    }
+    return conditional_create(
+        urn(r.report_key, f"media/{fc.slug}"), media, identifier_condition(system, value)
+    )
+
+
+def _report_entry(
+    analysis: ImageAnalysis, observations: list[Resource], media: list[Resource], r: _Result
+) -> Resource:
+    t = r.t
+    sm_system, sm_value = study_model_identifier(r.study.id, analysis.model_version, terminology=t)
+    report: Resource = {
+        "resourceType": "DiagnosticReport",
+        "meta": {"security": r.security},
+        "identifier": [
+            {"system": r.report_system, "value": r.report_key},
+            {"system": sm_system, "value": sm_value},
+        ],
+        "status": "preliminary",
+        "category": [cc(t.concept("report_category"))],
+        "code": cc(t.concept("report_code")),
+        "subject": ref(r.study.subject),
+    }
+    if r.study.started:
+        report["effectiveDateTime"] = r.study.started
+    report.update(
+        {
+            "issued": r.issued,
+            "imagingStudy": [ref(r.study.reference)],
+            "result": [ref(e["fullUrl"]) for e in observations],
+        }
+    )
+    if media:
+        report["media"] = [
+            {"comment": e["resource"]["content"]["title"], "link": ref(e["fullUrl"])} for e in media
+        ]
+    report["conclusion"] = _conclusion(analysis, r.untrained, t)
+    positives = [f for f in analysis.findings if f.positive]
+    if positives:
+        report["conclusionCode"] = [finding_code(f.finding, terminology=t) for f in positives]
+    condition = identifier_condition(r.report_system, r.report_key)
+    return conditional_create(urn(r.report_key, "report"), report, condition)
+
+
+def _withdrawals(
+    supersedes: Sequence[Mapping[str, Any] | str], r: _Result
+) -> tuple[list[str], list[Resource]]:
+    """References of the old reports, and the PUT entries that withdraw what was read."""
+    old_reports: list[str] = []
+    entries: list[Resource] = []
+    for old in supersedes:
+        if isinstance(old, str):
+            if not old.startswith("DiagnosticReport/"):
+                raise ValueError(f"supersedes takes DiagnosticReport references, got {old!r}")
+            old_reports.append(old)
+            continue
+        if not old.get("id"):
+            raise ValueError("superseded resources must be read from the server (need an id)")
+        kind, oid = old["resourceType"], old["id"]
+        if kind == "DiagnosticReport":
+            version = (old.get("meta") or {}).get("versionId")
+            old_reports.append(f"{kind}/{oid}" + (f"/_history/{version}" if version else ""))
+        # A plain PUT, not If-Match: re-running the transaction then writes an unchanged
+        # resource, which HAPI stores as no new version.
+        # R4 validation wants a fullUrl on every entry; a placeholder keeps the bundle free of
+        # the server's address (and reproducible), and nothing in the bundle refers to it.
+        entries.append(
+            {
+                "fullUrl": urn(r.report_key, f"superseded/{kind}/{oid}"),
+                "resource": supersede(old),
+                "request": {"method": "PUT", "url": f"{kind}/{oid}"},
+            }
+        )
+    return old_reports, entries
+
+
+def _provenance_entry(
+    report: Resource, targets: list[Resource], old_reports: list[str], r: _Result
+) -> Resource:
+    t = r.t
+    provenance: Resource = {
+        "resourceType": "Provenance",
+        "target": [ref(report["fullUrl"]), *(ref(e["fullUrl"]) for e in targets)],
+        "recorded": r.issued,
+        "reason": [cc(t.concept("ai_asserted"))],
+        "activity": cc(t.concept("provenance_activity_create")),
+        "agent": [{"type": cc(t.concept("provenance_agent_author")), "who": ref(r.device_urn)}],
+        "entity": [{"role": "source", "what": ref(r.study.versioned_reference)}]
+        # R4 DiagnosticReport has no relatesTo; Provenance.entity role "revision" is R4's way
+        # to say "the target is a revised version of this": the new report revises the old.
+        + [{"role": "revision", "what": ref(old)} for old in old_reports],
+    }
+    # Provenance has no identifier in R4: key it on its target. HAPI substitutes the report's
+    # placeholder in the condition with the report's real id (new or matched).
+    return conditional_create(
+        urn(r.report_key, "provenance"), provenance, f"target={report['fullUrl']}"
+    )

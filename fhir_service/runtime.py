@@ -1,0 +1,150 @@
+"""Wiring: the one place that turns Settings into loaded models.
+
+The CLI (``cxr infer``/``calibrate``), the worker, the ``$similar`` query encoder and the
+app's on-demand heatmaps all load through here, so they cannot disagree on weights,
+calibration, backend or caches. :class:`LazyModels` is the one lazy holder: a process that
+may never need a model (``cxr serve`` answering ``$similar`` by study id) loads none, and one
+that needs both loads each once.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from fhir_service.fhir.client import FhirClient
+from fhir_service.settings import Settings
+from subscriptions.analyzer import ModelAnalyzer
+from subscriptions.pipeline import Analyzer, EmbeddingSink, Pipeline
+
+if TYPE_CHECKING:
+    from models.classifier import Classifier
+    from models.clip import ClipEncoder
+
+__all__ = [
+    "LazyModels",
+    "ModelQueryEncoder",
+    "build_analyzer",
+    "build_classifier",
+    "build_clip",
+    "build_pipeline",
+    "model_version_for",
+]
+
+
+def build_classifier(
+    settings: Settings, *, tta: bool | None = None, calibrated: bool = True
+) -> Classifier:
+    from models.factory import load_classifier
+
+    return load_classifier(
+        settings.model_weights,
+        cache_dir=settings.weights_cache_dir,
+        weights_sha256=settings.weights_sha256,
+        allow_download=settings.weights_download,
+        calibration_file=settings.resolved_calibration_file if calibrated else None,
+        backend=settings.model_backend,
+        onnx_cache_dir=settings.model_cache_path / "onnx",
+        tta=settings.tta if tta is None else tta,
+        num_threads=settings.model_threads,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+def build_clip(settings: Settings) -> ClipEncoder:
+    from models.factory import load_clip
+
+    return load_clip(
+        settings.clip_model,
+        settings.clip_pretrained,
+        settings.clip_weights,
+        weights_sha256=settings.clip_sha256,
+        cache_dir=settings.model_cache_path / "clip",
+        backend=settings.clip_backend,
+        offline=settings.clip_offline,
+        num_threads=settings.model_threads,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+def build_analyzer(settings: Settings) -> ModelAnalyzer:
+    """The worker's models (missing weights fail here, never fall back)."""
+    return ModelAnalyzer(build_classifier(settings), build_clip(settings))
+
+
+def build_pipeline(
+    settings: Settings, fhir: FhirClient, analyzer: Analyzer, store: EmbeddingSink | None
+) -> Pipeline:
+    """The study job as the worker runs it (bulk inference runs the very same one)."""
+    return Pipeline(
+        fhir=fhir,
+        analyzer=analyzer,
+        store=store,
+        max_image_bytes=settings.max_image_bytes,
+        image_hosts=frozenset(settings.image_hosts),
+    )
+
+
+def model_version_for(settings: Settings) -> str:
+    """The version string the classifier will report, without building a backend."""
+    from models.calibration import Calibration
+    from models.registry import resolve_weights
+
+    version = resolve_weights(
+        settings.model_weights,
+        cache_dir=settings.weights_cache_dir,
+        sha256=settings.weights_sha256,
+        allow_download=settings.weights_download,
+    ).model_version
+    calibration_file = settings.resolved_calibration_file
+    if calibration_file is not None:
+        calibration = Calibration.load(calibration_file)
+        if not calibration.is_identity:
+            version = f"{version}+{calibration.version}"
+    return version
+
+
+class LazyModels:
+    """The classifier and CLIP of one process, each loaded on first use, once.
+
+    CLIP costs ~1 s and ~0.5 GB, the classifier less, and a service may need neither; every
+    part of ``cxr serve`` that needs a model asks this one holder, so none is loaded twice.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._classifier: Classifier | None = None
+        self._clip: ClipEncoder | None = None
+
+    def classifier(self) -> Classifier:
+        with self._lock:
+            if self._classifier is None:
+                self._classifier = build_classifier(self._settings)
+            return self._classifier
+
+    def clip(self) -> ClipEncoder:
+        with self._lock:
+            if self._clip is None:
+                self._clip = build_clip(self._settings)
+            return self._clip
+
+
+class ModelQueryEncoder:
+    """Embeds ``$similar`` queries that are not stored studies: text (CLIP) or an image."""
+
+    def __init__(self, models: LazyModels) -> None:
+        self._models = models
+
+    def text(self, text: str) -> npt.NDArray[np.float32]:
+        return np.asarray(self._models.clip().embed_texts([text])[0], dtype=np.float32)
+
+    def image(self, data: bytes, space: str) -> npt.NDArray[np.float32]:
+        if space == "clip":
+            return np.asarray(self._models.clip().embed_images([data])[0], dtype=np.float32)
+        return self._models.classifier().analyze([data])[0].features

@@ -1,0 +1,148 @@
+"""Withdrawing a report whose image changed, and naming it from its successor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fhir_service.fhir.supersede import supersede, supersede_report
+from models.types import ImageAnalysis
+from tests.factories import (
+    make_study,
+    one_of,
+    resources_of,
+    result_bundle,
+)
+
+Resource = dict[str, Any]
+AIAST = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "AIAST",
+    "display": "Artificial Intelligence asserted",
+}
+UCUM = "http://unitsofmeasure.org"
+
+# Element names of R4 (4.0.1), to catch misspelt keys that HAPI would reject as unknown.
+_COMMON = {
+    "resourceType",
+    "id",
+    "meta",
+    "implicitRules",
+    "language",
+    "text",
+    "contained",
+    "extension",
+    "modifierExtension",
+}
+R4_ELEMENTS = {
+    "Device": _COMMON
+    | {
+        "identifier", "definition", "udiCarrier", "status", "statusReason", "distinctIdentifier",
+        "manufacturer", "manufactureDate", "expirationDate", "lotNumber", "serialNumber",
+        "deviceName", "modelNumber", "partNumber", "type", "specialization", "version",
+        "property", "patient", "owner", "contact", "location", "url", "note", "safety", "parent",
+    },
+    "Observation": _COMMON
+    | {
+        "identifier", "basedOn", "partOf", "status", "category", "code", "subject", "focus",
+        "encounter", "effectiveDateTime", "issued", "performer", "valueQuantity",
+        "dataAbsentReason", "interpretation", "note", "bodySite", "method", "specimen", "device",
+        "referenceRange", "hasMember", "derivedFrom", "component",
+    },
+    "Media": _COMMON
+    | {
+        "identifier", "basedOn", "partOf", "status", "type", "modality", "view", "subject",
+        "encounter", "createdDateTime", "issued", "operator", "reasonCode", "bodySite",
+        "deviceName", "device", "height", "width", "frames", "duration", "content", "note",
+    },
+    "DiagnosticReport": _COMMON
+    | {
+        "identifier", "basedOn", "status", "category", "code", "subject", "encounter",
+        "effectiveDateTime", "issued", "performer", "resultsInterpreter", "specimen", "result",
+        "imagingStudy", "media", "conclusion", "conclusionCode", "presentedForm",
+    },
+    "Provenance": _COMMON
+    | {
+        "target", "occurredDateTime", "recorded", "policy", "location", "reason", "activity",
+        "agent", "entity", "signature",
+    },
+    "Task": _COMMON
+    | {
+        "identifier", "basedOn", "groupIdentifier", "partOf", "status", "statusReason",
+        "businessStatus", "intent", "priority", "code", "description", "focus", "for",
+        "encounter", "executionPeriod", "authoredOn", "lastModified", "requester", "owner",
+        "reasonCode", "note", "input", "output",
+    },
+}  # fmt: skip
+
+
+# --- supersession ---------------------------------------------------------------------------
+
+
+def _stored(bundle: Resource, kind: str, rid: str) -> Resource:
+    res = dict(
+        one_of(bundle, kind) if kind == "DiagnosticReport" else resources_of(bundle, kind)[0]
+    )
+    return {**res, "id": rid, "meta": {**res.get("meta", {}), "versionId": "1"}}
+
+
+def test_supersede_statuses_follow_r4_withdrawal_codes(analysis: ImageAnalysis) -> None:
+    old = result_bundle(analysis)
+    report = _stored(old, "DiagnosticReport", "r1")
+    withdrawn = supersede_report(report)
+    assert withdrawn["status"] == "cancelled"
+    assert withdrawn["meta"] == {"security": [AIAST]}
+    assert withdrawn["conclusion"] == report["conclusion"]
+    assert supersede(withdrawn) == withdrawn
+    assert supersede(_stored(old, "Observation", "o1"))["status"] == "cancelled"
+    assert supersede(_stored(old, "Media", "m1"))["status"] == "stopped"
+    assert report["status"] == "preliminary"  # the input is not modified
+    with pytest.raises(ValueError):
+        supersede_report(_stored(old, "Observation", "o1"))
+    with pytest.raises(ValueError):
+        supersede({"resourceType": "Patient", "id": "p"})
+
+
+def test_new_report_names_the_old_one_as_revised(analysis: ImageAnalysis) -> None:
+    old = result_bundle(analysis)
+    old_report = _stored(old, "DiagnosticReport", "r1")
+    old_obs = _stored(old, "Observation", "o1")
+    new = result_bundle(
+        analysis,
+        image_sha256="cd" * 32,
+        study=make_study(version="4"),
+        supersedes=[old_report, old_obs],
+    )
+    prov = one_of(new, "Provenance")
+    assert prov["entity"] == [
+        {"role": "source", "what": {"reference": "ImagingStudy/cxr-1/_history/4"}},
+        {"role": "revision", "what": {"reference": "DiagnosticReport/r1/_history/1"}},
+    ]
+    puts = [e for e in new["entry"] if e["request"]["method"] == "PUT"]
+    assert [p["request"]["url"] for p in puts] == ["DiagnosticReport/r1", "Observation/o1"]
+    assert [p["resource"]["status"] for p in puts] == ["cancelled", "cancelled"]
+    assert all("versionId" not in p["resource"]["meta"] for p in puts)
+    # Validators require a fullUrl on every entry; a placeholder keeps the bundle server-free.
+    assert all(p["fullUrl"].startswith("urn:uuid:") for p in puts)
+    new_report = next(
+        r for r in resources_of(new, "DiagnosticReport") if r["status"] == "preliminary"
+    )
+    assert new_report["identifier"][0] != old_report["identifier"][0]
+    # Same study and model: the sweep's (study, model) key is shared.
+    assert new_report["identifier"][1] == old_report["identifier"][1]
+
+
+def test_supersedes_by_reference_only_names_the_old_report(analysis: ImageAnalysis) -> None:
+    new = result_bundle(analysis, image_sha256="cd" * 32, supersedes=["DiagnosticReport/r1"])
+    assert all(e["request"]["method"] == "POST" for e in new["entry"])
+    entities = one_of(new, "Provenance")["entity"]
+    assert entities[1] == {"role": "revision", "what": {"reference": "DiagnosticReport/r1"}}
+    with pytest.raises(ValueError, match="DiagnosticReport references"):
+        result_bundle(analysis, image_sha256="cd" * 32, supersedes=["Observation/o1"])
+
+
+def test_superseded_resources_need_an_id(analysis: ImageAnalysis) -> None:
+    old_report = one_of(result_bundle(analysis), "DiagnosticReport")
+    with pytest.raises(ValueError, match="id"):
+        result_bundle(analysis, image_sha256="cd" * 32, supersedes=[old_report])
