@@ -11,7 +11,8 @@ with the right status). Each class's docstring is its default message.
     ├── InputError           bad input from a user or a client: 4xx, never retried
     │   ├── ImageError       pixels that cannot be decoded or are out of bounds
     │   │   └── ImageTooLargeError
-    │   └── NotFoundError    an id that does not exist
+    │   ├── NotFoundError    an id that does not exist
+    │   └── ForbiddenError   the caller may not see this (outside its patient or scopes)
     ├── ModelError           the model cannot produce a result (weights, shapes)
     ├── FhirError            the FHIR server refused or failed a request
     │   └── FhirUnavailableError   transient: timeouts, 5xx; retried
@@ -26,6 +27,7 @@ __all__ = [
     "CxrError",
     "FhirError",
     "FhirUnavailableError",
+    "ForbiddenError",
     "ImageError",
     "ImageTooLargeError",
     "InputError",
@@ -78,6 +80,13 @@ class NotFoundError(InputError):
 
     http_status = 404
     issue_code = "not-found"
+
+
+class ForbiddenError(InputError):
+    """The caller may not see this resource."""
+
+    http_status = 403
+    issue_code = "forbidden"
 
 
 class ModelError(CxrError):

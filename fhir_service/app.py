@@ -48,12 +48,15 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         )
         async with queue.open_async():
             if bootstrap_subscription:
-                sub = await asyncio.to_thread(
-                    ensure_subscription,
-                    app.state.fhir,
-                    f"{settings.service_url}/hook",
-                    settings.subscription_secret,
-                )
+                # Its own client with a long timeout: the first write to a freshly booted HAPI
+                # (validation support warming up) can take far longer than a request should.
+                with FhirClient(settings.fhir_base_url, timeout=120) as boot:
+                    sub = await asyncio.to_thread(
+                        ensure_subscription,
+                        boot,
+                        f"{settings.service_url}/hook",
+                        settings.subscription_secret,
+                    )
                 log.info("Subscription/%s is %s", sub["id"], sub["status"])
             yield
         app.state.fhir.close()

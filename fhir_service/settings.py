@@ -170,6 +170,12 @@ class Settings(BaseSettings):
         description="registered SMART clients (JSON list); empty = the cxr app, "
         "redirect {service}/app/callback",
     )
+    dev_ehr_proxy_filter: bool = Field(
+        default=True,
+        description="TEST-ONLY when false: the dev EHR's FHIR proxy stops narrowing a patient "
+        "token's reads and searches to its patient (a standard SMART server need not), so "
+        "tests can show that the app enforces the launch's patient itself",
+    )
     dev_ehr_app_launch_url: str | None = Field(
         default=None,
         description="where the launcher sends EHR launches; default {service}/app/launch",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -49,6 +50,8 @@ class SimilarQuery:
     count: int
     space: Literal["clip", "densenet"]
     exclude_same_patient: bool
+    #: Only this patient's studies (a patient launch, or a patient-scoped token).
+    patient: str | None
     gender: str | None
     view_position: str | None
     age_min: int | None
@@ -75,6 +78,19 @@ def _int(name: str, raw: str | None, lo: int, hi: int) -> int | None:
     if not lo <= value <= hi:
         raise InputError(f"{name} must be between {lo} and {hi}, got {value}")
     return value
+
+
+_PATIENT_ID = re.compile(r"(?:Patient/)?(?P<id>[A-Za-z0-9\-.]{1,64})")
+
+
+def _patient_id(raw: str | None) -> str | None:
+    """``patient``: a Patient id, or ``Patient/{id}`` (a reference, as FHIR searches take)."""
+    if raw is None or raw == "":
+        return None
+    m = _PATIENT_ID.fullmatch(raw)
+    if m is None or m.group("id").strip(".") == "":
+        raise InputError(f"patient must be a Patient id or Patient/{{id}}, got {raw!r}")
+    return m.group("id")
 
 
 def _bool(name: str, raw: str | None) -> bool:
@@ -120,7 +136,7 @@ def parse_query(
 ) -> SimilarQuery:
     allowed = {
         "count", "space", "exclude-same-patient", "gender", "view-position",
-        "age-min", "age-max", "finding", "text",
+        "age-min", "age-max", "finding", "text", "patient",
     }  # fmt: skip
     unknown = sorted(set(params) - allowed)
     if unknown:
@@ -161,6 +177,7 @@ def parse_query(
         count=count,
         space=space,  # type: ignore[arg-type]
         exclude_same_patient=_bool("exclude-same-patient", params.get("exclude-same-patient")),
+        patient=_patient_id(params.get("patient")),
         gender=gender,
         view_position=view.upper() if view else None,
         age_min=age_min,
@@ -199,6 +216,7 @@ class SimilarService:
             vector = self.encoder.image(q.image, q.space)
         filters = SearchFilters(
             exclude_patient=exclude_patient or None,
+            patient=q.patient,
             exclude_study=exclude_study,
             gender=q.gender,
             view_position=q.view_position,

@@ -49,6 +49,8 @@ def _passes(record: EmbeddingRecord, filters: SearchFilters) -> bool:
     ``exclude_patient``, which is ``IS DISTINCT FROM``."""
     if filters.exclude_patient is not None and record.patient_id == filters.exclude_patient:
         return False
+    if filters.patient is not None and record.patient_id != filters.patient:
+        return False
     if filters.exclude_study is not None and record.study_id == filters.exclude_study:
         return False
     if filters.gender is not None and record.gender != filters.gender:

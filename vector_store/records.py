@@ -173,11 +173,13 @@ class SearchFilters:
     """Row filters of a k-NN search; every field left as None filters nothing.
 
     ``age_min`` / ``age_max`` are inclusive and drop rows of unknown age; ``exclude_patient``
-    keeps rows whose patient is unknown; ``finding`` must be among the positive findings
+    keeps rows whose patient is unknown, ``patient`` keeps only that patient's rows (those of
+    an unknown patient never); ``finding`` must be among the positive findings
     (exact, case-sensitive label); ``exclude_study`` drops the query study itself.
     """
 
     exclude_patient: str | None = None
+    patient: str | None = None
     gender: str | None = None
     view_position: str | None = None
     age_min: int | None = None
@@ -186,7 +188,7 @@ class SearchFilters:
     exclude_study: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("exclude_patient", "view_position", "finding", "exclude_study"):
+        for name in ("exclude_patient", "patient", "view_position", "finding", "exclude_study"):
             check_text(name, getattr(self, name))
         if self.gender is not None and self.gender not in GENDERS:
             raise InputError(f"gender must be one of {sorted(GENDERS)}, got {self.gender!r}")

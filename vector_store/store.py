@@ -122,6 +122,7 @@ def _row(record: EmbeddingRecord) -> tuple[Any, ...]:
 #: SearchFilters field → the clause it adds; the parameter has the field's name.
 _FILTER_CLAUSES: tuple[tuple[str, LiteralString], ...] = (
     ("exclude_patient", "patient_id IS DISTINCT FROM %(exclude_patient)s"),
+    ("patient", "patient_id = %(patient)s"),
     ("exclude_study", "study_id <> %(exclude_study)s"),
     ("gender", "gender = %(gender)s"),
     ("view_position", "view_position = %(view_position)s"),

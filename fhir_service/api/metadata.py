@@ -56,6 +56,12 @@ def operation_definition(base: str) -> dict[str, Any]:
             _param("count", "integer", f"results, 1..{MAX_K} (default {DEFAULT_COUNT})"),
             _param("space", "code", "clip (default) | densenet"),
             _param("exclude-same-patient", "boolean", "leave out the query study's patient"),
+            _param(
+                "patient",
+                "reference",
+                "only this patient's studies (Patient id or Patient/{id}); a patient-scoped "
+                "token always gets its own patient",
+            ),
             _param("gender", "code", "male | female | other | unknown"),
             _param("view-position", "code", "PA | AP | LL"),
             _param("age-min", "integer", "youngest patient age at study, years"),

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from cxr_errors import CxrError, FhirError, NotFoundError
+from cxr_errors import CxrError, FhirError, ForbiddenError, NotFoundError
 from fhir_service.app_ui import clinical, smart
 from fhir_service.app_ui.service import AppUi, NotSignedIn
 from fhir_service.app_ui.session import COOKIE, AppSession, Pending
@@ -242,6 +242,8 @@ async def _guard(call: Any) -> Any:
         return _api_error(401, f"{exc}; open the app again from your EHR")
     except NotFoundError as exc:
         return _api_error(404, str(exc))
+    except ForbiddenError as exc:
+        return _api_error(403, str(exc))
     except FhirError as exc:
         return _api_error(502, str(exc))
     except CxrError as exc:
@@ -268,7 +270,7 @@ async def context(request: Request, ui: UiDep) -> Response:
             "poll_interval_s": ui.settings.app_poll_interval_s,
         }
         if mode == "patient" and tokens.patient is not None:
-            patient = await ui.fhir(session, f"Patient/{tokens.patient}")
+            patient = await ui.read(session, "Patient", tokens.patient)
             context["patient"] = {
                 "id": tokens.patient,
                 "name": clinical.patient_label(patient.body, tokens.patient),

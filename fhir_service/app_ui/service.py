@@ -5,12 +5,14 @@ token-checking proxy) with ``Authorization: Bearer <the user's access token>``. 
 service's own FHIR client and credentials are never used here, so the app can show nothing
 the user's grant does not allow.
 
-Two modes (:func:`fhir_service.app_ui.smart.launch_mode`): in **patient** mode the searches
-name no patient (the EHR binds them to the launch's patient) and read that patient's whole
-record; in **user** mode (a user-level launch) the worklist is the ``RECENT_STUDIES`` most
-recently updated studies of every patient, with their patients, reports, Observations and
-failed Tasks read for exactly those studies: a fixed number of requests per refresh,
-whatever the size of the archive.
+Two modes (:func:`fhir_service.app_ui.smart.launch_mode`): in **patient** mode every search
+and ``$similar`` call names the launch's patient and every resource is checked against it
+before it is shown (:mod:`fhir_service.app_ui.access`: a SMART server need not narrow results
+itself), and the app reads that patient's whole record; in **user** mode (a user-level
+launch) the user's ``user/`` scopes decide which types are read, and the worklist is the
+``RECENT_STUDIES`` most recently updated studies of every patient, with their patients,
+reports, Observations and failed Tasks read for exactly those studies: a fixed number of
+requests per refresh, whatever the size of the archive.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import httpx
 
 from cxr_errors import FhirError, NotFoundError
 from fhir_service.app_ui import clinical, smart
+from fhir_service.app_ui.access import PATIENT_SEARCH_PARAM, LaunchAccess
 from fhir_service.app_ui.heatmaps import HeatmapRenderer
 from fhir_service.app_ui.session import AppSession, SessionStore, Tokens
 from fhir_service.runtime import LazyModels
@@ -110,6 +113,13 @@ class AppUi:
             raise NotSignedIn("not signed in")
         return session.mode
 
+    def access(self, session: AppSession) -> LaunchAccess:
+        """What this session's launch may show (see :mod:`fhir_service.app_ui.access`)."""
+        mode = self.mode(session)
+        assert session.tokens is not None
+        patient = session.tokens.patient if mode == "patient" else None
+        return LaunchAccess(mode=mode, patient=patient, scope=session.tokens.scope)
+
     async def access_token(self, session: AppSession, *, force_refresh: bool = False) -> str:
         async with session.lock:
             tokens = session.tokens
@@ -171,7 +181,13 @@ class AppUi:
     async def search(
         self, session: AppSession, rtype: str, params: dict[str, str]
     ) -> list[dict[str, Any]]:
-        answer = await self.fhir(session, rtype, {"_count": _PAGE, **params})
+        """All pages of a search bound to the launch (the launch's patient in patient mode),
+        less any resource the launch may not show."""
+        access = self.access(session)
+        if not access.may(rtype, "s"):
+            return []
+        bound = access.search_params(rtype, {"_count": _PAGE, **params})
+        answer = await self.fhir(session, rtype, bound)
         found: list[dict[str, Any]] = []
         for _ in range(_MAX_PAGES):
             if answer.status != 200:
@@ -184,7 +200,17 @@ class AppUi:
             if not nxt:
                 break
             answer = await self.fhir(session, str(nxt))
-        return found
+        return access.admit(found, f"a {rtype} search")
+
+    async def read(self, session: AppSession, rtype: str, rid: str) -> FhirAnswer:
+        """``{rtype}/{rid}``; one the launch may not show is refused (ForbiddenError)."""
+        access = self.access(session)
+        if not access.may(rtype, "r"):
+            return FhirAnswer(403, {})
+        answer = await self.fhir(session, f"{rtype}/{rid}")
+        if answer.status == 200:
+            access.check(answer.body, f"a read of {rtype}/{rid}")
+        return answer
 
     async def patient_data(
         self, session: AppSession
@@ -203,18 +229,16 @@ class AppUi:
     ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
         """User mode: the ``RECENT_STUDIES`` most recently updated studies of any patient, and
         their patients by id (those the user may read), in one request without paging."""
+        access = self.access(session)
+        params = {"_sort": "-_lastUpdated", "_count": str(RECENT_STUDIES)}
+        if access.may("Patient", "r"):
+            params["_include"] = "ImagingStudy:subject"
         answer = await self.fhir(
-            session,
-            "ImagingStudy",
-            {
-                "_sort": "-_lastUpdated",
-                "_count": str(RECENT_STUDIES),
-                "_include": "ImagingStudy:subject",
-            },
+            session, "ImagingStudy", access.search_params("ImagingStudy", params)
         )
         if answer.status != 200:
             raise FhirError(f"ImagingStudy search answered {answer.status}")
-        found = clinical.entries(answer.body)
+        found = access.admit(clinical.entries(answer.body), "the recent-studies search")
         studies = [r for r in found if r.get("resourceType") == "ImagingStudy"]
         patients = {str(r["id"]): r for r in found if r.get("resourceType") == "Patient"}
         return studies[:RECENT_STUDIES], patients
@@ -255,7 +279,7 @@ class AppUi:
         """User mode: these Patients by id, in one search; empty when the user may not read
         Patients (the app then shows ids)."""
         unique = list(dict.fromkeys(ids))
-        if not unique:
+        if not unique or not self.access(session).may("Patient", "s"):
             return {}
         answer = await self.fhir(
             session, "Patient", {"_id": ",".join(unique), "_count": str(len(unique))}
@@ -264,7 +288,8 @@ class AppUi:
             return {}
         if answer.status != 200:
             raise FhirError(f"Patient search answered {answer.status}")
-        return {str(r["id"]): r for r in clinical.entries(answer.body)}
+        found = self.access(session).admit(clinical.entries(answer.body), "a Patient search")
+        return {str(r["id"]): r for r in found}
 
     async def worklist(self, session: AppSession) -> list[dict[str, Any]]:
         if self.mode(session) == "user":
@@ -282,7 +307,7 @@ class AppUi:
         # R4 has no DiagnosticReport search by ImagingStudy: read the reports covering the
         # study (see results_for) and pick this study's.
         study_answer, (reports, observations, tasks), media = await asyncio.gather(
-            self.fhir(session, f"ImagingStudy/{study_id}"),
+            self.read(session, "ImagingStudy", study_id),
             self.results_for(session, [study_id]),
             self.study_media(session, study_id),
         )
@@ -360,20 +385,39 @@ class AppUi:
     async def similar(
         self, session: AppSession, study_id: str | None, params: dict[str, str]
     ) -> list[dict[str, Any]]:
-        """``$similar`` matches with their status and findings. "Same patient" is the
-        launch's patient in patient mode, the queried study's patient in user mode (where
-        matches of other patients come with their patient's name)."""
+        """``$similar`` matches with their status and findings. In patient mode the call names
+        the launch's patient (and the query study must be that patient's), so only the
+        patient's own studies come back, each checked again; "same patient" is then always
+        true. In user mode matches of every patient come with their patient's name, and "same
+        patient" is the queried study's patient."""
+        access = self.access(session)
         path = f"ImagingStudy/{study_id}/$similar" if study_id else "ImagingStudy/$similar"
-        user_mode = self.mode(session) == "user"
-        if user_mode:
+        if access.mode == "user":
             answer, query = await asyncio.gather(
                 self.fhir(session, path, params),
-                self.fhir(session, f"ImagingStudy/{study_id}") if study_id else _no_answer(),
+                self.read(session, "ImagingStudy", study_id) if study_id else _no_answer(),
             )
-        else:
-            answer, (_, reports, observations, tasks) = await asyncio.gather(
-                self.fhir(session, path, params), self.patient_data(session)
+            matches = self._matches(access, answer)
+            same = (
+                clinical.ref_id(query.body.get("subject"), "Patient")
+                if query.status == 200
+                else None
             )
+            return await self._user_similar_rows(session, matches, same)
+        if study_id:
+            # Refused (403) before any search when the study is another patient's.
+            await self.read(session, "ImagingStudy", study_id)
+        bound = {k: v for k, v in params.items() if k != "exclude-same-patient"}
+        bound[PATIENT_SEARCH_PARAM] = str(access.patient)
+        answer, (_, reports, observations, tasks) = await asyncio.gather(
+            self.fhir(session, path, bound), self.patient_data(session)
+        )
+        matches = self._matches(access, answer)
+        rows = clinical.worklist([m for m, _ in matches], reports, observations, tasks)
+        return _similar_rows(matches, rows, same=access.patient, subjects={})
+
+    @staticmethod
+    def _matches(access: LaunchAccess, answer: FhirAnswer) -> list[tuple[dict[str, Any], Any]]:
         if answer.status != 200:
             issue = (answer.body.get("issue") or [{}])[0]
             raise FhirError(f"$similar answered {answer.status}: {issue.get('diagnostics', '')}")
@@ -382,40 +426,48 @@ class AppUi:
             for entry in answer.body.get("entry", [])
             if (entry.get("resource") or {}).get("resourceType") == "ImagingStudy"
         ]
+        shown = {id(r) for r in access.admit([m for m, _ in matches], "a $similar answer")}
+        return [(res, score) for res, score in matches if id(res) in shown]
+
+    async def _user_similar_rows(
+        self, session: AppSession, matches: list[tuple[dict[str, Any], Any]], same: str | None
+    ) -> list[dict[str, Any]]:
         studies = [res for res, _ in matches]
-        subjects: dict[str, dict[str, str]] = {}
-        if user_mode:
-            same = (
-                clinical.ref_id(query.body.get("subject"), "Patient")
-                if query.status == 200
-                else None
-            )
-            pids = [p for s in studies if (p := clinical.ref_id(s.get("subject"), "Patient"))]
-            (reports, observations, tasks), patients = await asyncio.gather(
-                self.study_results(session, [str(s.get("id")) for s in studies]),
-                self.patients(session, pids),
-            )
-            subjects = clinical.study_patients(studies, patients)
-        else:
-            same = session.tokens.patient if session.tokens else None
-        rows = {str(r["id"]): r for r in clinical.worklist(studies, reports, observations, tasks)}
-        out = []
-        for res, score in matches:
-            sid = str(res.get("id"))
-            row = rows.get(sid, {})
-            out.append(
-                {
-                    **clinical.study_header(res),
-                    "score": score,
-                    "same_patient": same is not None
-                    and clinical.ref_id(res.get("subject"), "Patient") == same,
-                    "patient": subjects.get(sid),
-                    "status": row.get("status", "unknown"),
-                    "findings": [f for f in row.get("top_findings", []) if f.get("positive")]
-                    or row.get("top_findings", [])[:2],
-                }
-            )
-        return out
+        pids = [p for s in studies if (p := clinical.ref_id(s.get("subject"), "Patient"))]
+        (reports, observations, tasks), patients = await asyncio.gather(
+            self.study_results(session, [str(s.get("id")) for s in studies]),
+            self.patients(session, pids),
+        )
+        rows = clinical.worklist(studies, reports, observations, tasks)
+        subjects = clinical.study_patients(studies, patients)
+        return _similar_rows(matches, rows, same=same, subjects=subjects)
+
+
+def _similar_rows(
+    matches: list[tuple[dict[str, Any], Any]],
+    worklist_rows: list[dict[str, Any]],
+    *,
+    same: str | None,
+    subjects: dict[str, dict[str, str]],
+) -> list[dict[str, Any]]:
+    rows = {str(r["id"]): r for r in worklist_rows}
+    out = []
+    for res, score in matches:
+        sid = str(res.get("id"))
+        row = rows.get(sid, {})
+        out.append(
+            {
+                **clinical.study_header(res),
+                "score": score,
+                "same_patient": same is not None
+                and clinical.ref_id(res.get("subject"), "Patient") == same,
+                "patient": subjects.get(sid),
+                "status": row.get("status", "unknown"),
+                "findings": [f for f in row.get("top_findings", []) if f.get("positive")]
+                or row.get("top_findings", [])[:2],
+            }
+        )
+    return out
 
 
 def _split_reports(

@@ -19,6 +19,7 @@ Routes::
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,8 @@ from fhir_service.dev_ehr.context import DevEhr, EhrDep
 from fhir_service.dev_ehr.store import GrantStore, Kind
 from fhir_service.dev_ehr.tokens import TokenService, load_or_create_key
 from fhir_service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SIGNING_KEY_FILE = "signing-key.pem"
 GRANTS_FILE = "grants.sqlite3"
@@ -65,6 +68,11 @@ def build_ehr(
 
 def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
     ehr = ehr or build_ehr(settings)
+    if not settings.dev_ehr_proxy_filter:
+        log.warning(
+            "TEST-ONLY: CXR_DEV_EHR_PROXY_FILTER=false — the FHIR proxy does not narrow patient "
+            "tokens to their patient; only the app's own checks keep patients apart"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

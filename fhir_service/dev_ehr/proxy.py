@@ -20,6 +20,11 @@ access token.
   ``_query``, ``_contained`` refused whatever the token.
 - ``metadata`` needs no token (FHIR), and carries SMART's oauth-uris extension.
 
+``CXR_DEV_EHR_PROXY_FILTER=false`` (TEST-ONLY) turns the patient compartment off: a patient
+token is still authenticated and judged by its ``patient/`` scopes, but its searches and reads
+are passed on as asked and answered whole, as a SMART server is allowed to do. The app must
+then keep to the launch's patient by itself, which the browser tests check.
+
 HAPI's own URLs in the bodies (paging links, fullUrl) are rewritten to the proxy's, so a
 client that follows ``next`` stays behind the proxy. HAPI itself has no authentication:
 in a deployment it must not be reachable by the app except through a proxy like this one.
@@ -162,10 +167,13 @@ class Access:
     types its ``user/`` scopes grant."""
 
     claims: AccessClaims
+    #: False: the TEST-ONLY unfiltered mode (``CXR_DEV_EHR_PROXY_FILTER=false``).
+    compartment: bool = True
 
     @property
     def patient(self) -> str | None:
-        return self.claims.patient
+        """The patient that bounds what the token reads (None: not bounded)."""
+        return self.claims.patient if self.compartment else None
 
     @property
     def context(self) -> scopes.Context:
@@ -181,7 +189,9 @@ class Access:
         return self.patient is None or belongs(resource, self.patient)
 
     def __str__(self) -> str:
-        return f"Patient/{self.patient}" if self.patient else f"user {self.claims.subject}"
+        if self.claims.patient:
+            return f"Patient/{self.claims.patient}"
+        return f"user {self.claims.subject}"
 
 
 def user_params(params: list[tuple[str, str]], access: Access) -> list[tuple[str, str]]:
@@ -326,14 +336,15 @@ async def _read_checked(up: Upstream, access: Access, path: str) -> tuple[int, d
 def _search_params(
     access: Access, rtype: str, params: list[tuple[str, str]]
 ) -> list[tuple[str, str]]:
-    if access.patient is None:
-        return user_params(params, access)
-    return compartment_params(rtype, params, access.patient)
+    if access.patient is not None:
+        return compartment_params(rtype, params, access.patient)
+    # A user token, or (TEST-ONLY, unfiltered) a patient token: as asked, less the refused.
+    return user_params(params, access)
 
 
 async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str) -> Response:
-    access = Access(claims)
-    if access.patient is None and not scopes.scopes_in(claims.scopes, "user"):
+    access = Access(claims, compartment=ehr.settings.dev_ehr_proxy_filter)
+    if claims.patient is None and not scopes.scopes_in(claims.scopes, "user"):
         raise Denied(403, "the token has no patient context and no user/ scopes")
     up = Upstream(ehr)
     method = request.method
@@ -374,7 +385,7 @@ async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str)
 
     if method != "GET":
         raise Denied(403, "the dev EHR grants read/search scopes only; writes are refused")
-    if access.patient is not None and rtype != "Patient" and rtype not in COMPARTMENT:
+    if claims.patient is not None and rtype != "Patient" and rtype not in COMPARTMENT:
         raise Denied(403, f"{rtype} is not in the patient compartment this dev EHR serves")
 
     if len(segments) == 1:

@@ -35,7 +35,8 @@ What one run does, and why it is safe to repeat, interrupt or run twice at once:
   base64 overhead. When images arrive for a study that was loaded earlier without them, the
   Media is added and the study is updated ``registered`` → ``available``, which notifies.
 * **Bounding boxes** (``bbox``: NIH's ``BBox_List_2017.csv``): each image's boxes ride on its
-  ImagingStudy as ``nih-bounding-box`` extensions (:func:`fhir_service.nih.bbox_extension`).
+  ImagingStudy as ``nih-bounding-box`` extensions
+  (:func:`fhir_service.ingest.transaction.bbox_extension`).
   A new study is created with them; a study already on the server (an earlier run without
   boxes, rows resumed from the state file) is read and updated only if its boxes differ, so a
   re-run adds missing boxes and otherwise writes nothing. Box lines that cannot be attached

@@ -515,6 +515,7 @@ class Harness:
         }
         values.update(tokens)
         session.tokens = Tokens(**values)
+        session.mode = "patient"
         return session
 
     def run(self, call: Callable[[AppUi], Coroutine[Any, Any, T]]) -> T:
@@ -688,12 +689,18 @@ def test_the_token_never_leaves_the_fhir_base(h: Harness, url: str) -> None:
     assert h.ehr.fhir_requests == [] and h.ehr.other_requests == [] and h.ehr.token_forms == []
 
 
+P1 = "Patient/p1"
+
+
 def _page(ids: list[str], nxt: str | None) -> dict[str, Any]:
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
         "link": [{"relation": "self", "url": f"{ISS}/ImagingStudy"}],
-        "entry": [{"resource": {"resourceType": "ImagingStudy", "id": i}} for i in ids],
+        "entry": [
+            {"resource": {"resourceType": "ImagingStudy", "id": i, "subject": {"reference": P1}}}
+            for i in ids
+        ],
     }
     if nxt:
         bundle["link"].append({"relation": "next", "url": nxt})
@@ -701,10 +708,9 @@ def _page(ids: list[str], nxt: str | None) -> dict[str, Any]:
 
 
 def test_search_follows_next_links_on_the_fhir_base(h: Harness) -> None:
-    h.ehr.resources["ImagingStudy?_count=100&_sort=-_lastUpdated"] = _page(
-        ["s1", "s2"], f"{ISS}/ImagingStudy?_count=100&_sort=-_lastUpdated&page=2"
-    )
-    h.ehr.resources["ImagingStudy?_count=100&_sort=-_lastUpdated&page=2"] = _page(["s3"], None)
+    first = "ImagingStudy?_count=100&_sort=-_lastUpdated&patient=p1"
+    h.ehr.resources[first] = _page(["s1", "s2"], f"{ISS}/{first}&page=2")
+    h.ehr.resources[f"{first}&page=2"] = _page(["s3"], None)
     found = h.run(lambda ui: ui.search(h.session, "ImagingStudy", {"_sort": "-_lastUpdated"}))
     assert [r["id"] for r in found] == ["s1", "s2", "s3"]
     assert len(h.ehr.fhir_requests) == 2
@@ -713,14 +719,14 @@ def test_search_follows_next_links_on_the_fhir_base(h: Harness) -> None:
 
 def test_search_follows_hapis_paging_links_at_the_base(h: Harness) -> None:
     nxt = f"{ISS}?_getpages=abc&_getpagesoffset=100&_count=100&_bundletype=searchset"
-    h.ehr.resources["ImagingStudy?_count=100"] = _page(["s1", "s2"], nxt)
+    h.ehr.resources["ImagingStudy?_count=100&patient=p1"] = _page(["s1", "s2"], nxt)
     h.ehr.resources[nxt[len(ISS) :]] = _page(["s3"], None)
     found = h.run(lambda ui: ui.search(h.session, "ImagingStudy", {}))
     assert [r["id"] for r in found] == ["s1", "s2", "s3"]
 
 
 def test_search_refuses_a_next_link_to_another_host(h: Harness) -> None:
-    h.ehr.resources["ImagingStudy?_count=100"] = {
+    h.ehr.resources["ImagingStudy?_count=100&patient=p1"] = {
         "resourceType": "Bundle",
         "type": "searchset",
         "entry": [{"resource": {"resourceType": "ImagingStudy", "id": "s1"}}],

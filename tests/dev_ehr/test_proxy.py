@@ -5,16 +5,21 @@ reads and searches only."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
+from fastapi.testclient import TestClient
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 from joserfc.jws import extract_compact
 
+from fhir_service.dev_ehr import build_ehr, create_app
 from fhir_service.dev_ehr.proxy import Access, filter_bundle
 from fhir_service.dev_ehr.tokens import AccessClaims
-from tests.dev_ehr.conftest import DEV_EHR, FakeClock, FakeHapi
+from fhir_service.settings import Settings
+from tests.dev_ehr.conftest import APP, DEV_EHR, FakeClock, FakeHapi
 from tests.dev_ehr.smart_client import SmartClient
 
 PREFIX = {
@@ -375,3 +380,38 @@ def test_bundle_filter_drops_types_not_granted_and_keeps_other_patients() -> Non
     # A patient token is judged by patient/ scopes only, a user token by user/ ones only.
     assert kept(["user/ImagingStudy.rs", "user/Patient.rs"], "p2") == ["outcome"]
     assert kept(["patient/ImagingStudy.rs"], None) == ["outcome"]
+
+
+# --- TEST-ONLY: the unfiltered proxy (CXR_DEV_EHR_PROXY_FILTER=false) --------------------------
+
+
+@pytest.fixture
+def unfiltered(
+    ehr_settings: Settings, fake_hapi: FakeHapi, clock: FakeClock
+) -> Iterator[SmartClient]:
+    settings = ehr_settings.model_copy(update={"dev_ehr_proxy_filter": False})
+    ehr = build_ehr(settings, upstream_transport=httpx.MockTransport(fake_hapi), clock=clock)
+    with TestClient(create_app(settings, ehr=ehr), base_url=DEV_EHR) as client:
+        client.follow_redirects = False
+        yield SmartClient(client, iss=f"{DEV_EHR}/fhir", redirect_uri=f"{APP}/app/callback")
+
+
+def test_the_unfiltered_proxy_answers_a_patient_token_with_every_patient(
+    unfiltered: SmartClient, fake_hapi: FakeHapi
+) -> None:
+    token = unfiltered.ehr_launch_token("p1")["access_token"]
+    search = unfiltered.fhir("ImagingStudy", token)
+    assert search.status_code == 200
+    assert {e["resource"]["id"] for e in search.json()["entry"]} == {"study-p1", "study-p2"}
+    assert "patient" not in fake_hapi.requests[-1].url.params
+    assert unfiltered.fhir("ImagingStudy/study-p2", token).status_code == 200
+    assert unfiltered.fhir("Patient/p2", token).status_code == 200
+    # Still a SMART server: tokens checked, patient/ scopes judged, writes refused.
+    assert unfiltered.fhir("ImagingStudy", None).status_code == 401
+    assert unfiltered.fhir("Device/model", token).status_code == 403
+    written = unfiltered.http.post(
+        f"{unfiltered.iss}/ImagingStudy",
+        json={"resourceType": "ImagingStudy"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert written.status_code == 403

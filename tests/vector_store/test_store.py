@@ -244,6 +244,7 @@ FILTERS = [
     SearchFilters(age_min=90),
     SearchFilters(finding="Nodule"),
     SearchFilters(exclude_patient="patient-3"),
+    SearchFilters(patient="patient-3"),
     SearchFilters(gender="male", view_position="PA", finding="Effusion", age_max=60),
     SearchFilters(exclude_study="study-00004"),
 ]
@@ -253,6 +254,7 @@ def _matches(record: EmbeddingRecord, f: SearchFilters) -> bool:
     """The filters' meaning, written out independently of both stores."""
     return (
         (f.exclude_patient is None or record.patient_id != f.exclude_patient)
+        and (f.patient is None or record.patient_id == f.patient)
         and (f.exclude_study is None or record.study_id != f.exclude_study)
         and (f.gender is None or record.gender == f.gender)
         and (f.view_position is None or record.view_position == f.view_position)

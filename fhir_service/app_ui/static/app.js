@@ -242,9 +242,11 @@ async function loadSimilar() {
         el("a", { href: `/app/study/${encodeURIComponent(r.id)}` }, `${r.description} (${r.id})`),
         el("div", { class: "muted", text: `score ${fmt(r.score)}${r.patient ? " · " + r.patient.name : ""}${r.same_patient ? " · same patient" : ""} · ${r.status}` }),
         el("div", { text: r.findings.map((f) => `${f.text} ${fmt(f.calibrated_probability)}`).join(", ") || "–" })))));
+    // Say only what the app guarantees: in a patient launch it asks for this patient's
+    // studies only and checks every result (the EHR need not filter them).
     const visible = app.mode === "user"
-      ? "Studies of every patient are visible through this user-level launch."
-      : "Only this patient's studies are visible through this launch.";
+      ? "Studies of every patient your EHR account may read are included (user-level launch)."
+      : "Only this patient's studies are searched and shown (patient launch).";
     note.textContent = `${results.length} result(s) ${text ? `for “${text}”` : "similar to this study"}. ${visible}`;
     list.dataset.query = text || `study:${viewer.study}`;
   } catch (err) {
@@ -267,10 +269,14 @@ async function studyPage() {
     document.getElementById(id).addEventListener("change", loadSimilar);
   let interval = 3;
   try { interval = (await loadContext()).poll_interval_s; } catch (err) { showError(err); return; }
+  // A patient launch searches this patient's studies only: "exclude same patient" would
+  // leave nothing, so the toggle is a user-level launch's alone.
+  document.getElementById("same-patient-filter").hidden = app.mode !== "user";
   draw();
   loadImage(`/app/api/image/${encodeURIComponent(viewer.study)}`)
     .then((img) => { viewer.xray = img; draw(); document.getElementById("xray").dataset.loaded = "true"; })
-    .catch((err) => showError(err));
+    // The study's own error (e.g. 403, another patient's study) says more than this one.
+    .catch((err) => { if (document.getElementById("error").hidden) showError(err); });
   const poll = async () => {
     try {
       const s = await api(`/app/api/study/${encodeURIComponent(viewer.study)}`);
