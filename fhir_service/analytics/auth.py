@@ -291,6 +291,12 @@ class StandaloneLaunch:
     def ready(self) -> bool:
         return bool(self.client.ready)
 
+    @property
+    def access_token(self) -> str | None:
+        """The access token once finished (e.g. for :class:`BearerToken` elsewhere)."""
+        token = getattr(self.client.server.auth, "access_token", None)
+        return None if token is None else str(token)
+
 
 def _refresh(client: Any) -> bool:
     # fhirclient's reauthorize() fails with a TypeError when there is no refresh token.

@@ -357,48 +357,34 @@ def findings_frame(
     """cxr-fhir's AI findings on ``base_url`` as a DataFrame, one row per AI Observation.
 
     Reads ``Observation?_security=…|AIAST&code=<NIH label system>|&_include=Observation:device``
-    with fhirclient, following ``next`` links (only to the same host) until the end or
-    ``limit`` rows; each model version is read once, from the included Devices.
+    with fhirclient, following ``next`` links (same host only) to the end or to ``limit``
+    rows; each model version is read once (from the included Devices).
 
-    Filters (each one value or a list, OR-ed; filters are AND-ed):
+    Filters, each one value or a list (OR), AND-ed together: ``code`` — NIH label (any
+    case), one of our codes (``"36118008"``) or ``"system|code"``; ``patient`` — ``"123"``
+    or ``"Patient/123"``; ``study`` — ImagingStudy id (``derived-from``); ``since`` —
+    tz-aware, rows issued at or after it (``_lastUpdated=ge`` on the server, then ``issued``
+    here: R4 cannot search ``Observation.issued``); ``status`` — default
+    :data:`LIVE_STATUSES` (no results cancelled by a newer image), ``None`` for all.
 
-    - ``code``: NIH label (``"Pneumothorax"``, any case), one of our codes (``"36118008"``) or
-      ``"system|code"`` → ``code``;
-    - ``patient``: ``"123"`` or ``"Patient/123"`` → ``subject``;
-    - ``study``: ImagingStudy id → ``derived-from``;
-    - ``since``: tz-aware date-time; rows issued at or after it (``_lastUpdated=ge`` on the
-      server, then ``issued`` here: R4 cannot search ``Observation.issued``);
-    - ``status``: default :data:`LIVE_STATUSES` (leaves out results cancelled by a newer
-      image); ``None`` for every status.
-
-    ``auth``: ``None`` for an open server, :class:`BearerToken`, :class:`BackendServices`,
+    ``auth``: ``None`` (open server), :class:`BearerToken`, :class:`BackendServices`,
     :class:`ClientSecret` or a finished :class:`StandaloneLaunch` (see
     :mod:`fhir_service.analytics.auth`). ``session``: a ``requests.Session`` to send through
-    (proxies, CA bundles; its own timeouts then apply).
+    (proxies, CA bundles; its own timeouts apply).
 
-    Columns (:data:`COLUMNS`):
+    Columns (:data:`COLUMNS`): ``study``/``patient`` ids; ``finding`` (NIH label);
+    ``finding_system``/``finding_code`` (SNOMED CT; DICOM 112121 for Infiltration);
+    ``calibrated_probability`` = ``valueQuantity``, the probability after the per-finding
+    calibration (with none fitted, the identity: it then equals the sigmoid score, and
+    ``model_version`` names no calibration); ``band_low``/``band_high`` (the AIconfidence
+    band); ``flag`` POS/NEG at ``threshold``; ``untrained`` — True for the untrained test
+    model, **not a finding**; ``model_version`` (Device.version; missing if the Device is
+    unreadable); ``status`` (preliminary, final/amended once reviewed); ``issued``
+    (datetime64[ns, UTC]); ``observation`` id. Ordered by issued, study, NIH finding order.
 
-    ========================  =================================================================
-    study, patient            ImagingStudy id (``derivedFrom``), Patient id (``subject``)
-    finding                   NIH ChestX-ray14 label the model outputs (``Pneumothorax``)
-    finding_system/_code      the standard coding (SNOMED CT; DICOM 112121 for Infiltration)
-    calibrated_probability    ``valueQuantity``: the model's probability after calibration
-                              (identity when no calibration file was fitted; never the raw
-                              sigmoid score, which stays a component)
-    band_low, band_high       the confidence band (``AIconfidence`` extension)
-    flag                      ``POS`` / ``NEG``: calibrated probability vs threshold
-    threshold                 the operating threshold on the calibrated probability
-    untrained                 True for output of the untrained test model: NOT a finding
-    model_version             the Device's version (``<NA>`` if the Device is unreadable)
-    status                    preliminary, final (reviewed, agreed), amended (disagreed) …
-    issued                    ``datetime64[ns, UTC]``
-    observation               the Observation id
-    ========================  =================================================================
-
-    Rows are ordered by issued, study and the NIH finding order. Errors: ``InputError`` for
-    bad filters, ``FhirError`` for a refusal (401/403 with the server's reason),
-    ``FhirUnavailableError`` for timeouts and 5xx, ``ConfigError`` for an auth the server
-    cannot do.
+    Raises ``InputError`` (bad filters), ``FhirError`` (a refusal, with the server's
+    reason), ``FhirUnavailableError`` (timeouts, 5xx), ``ConfigError`` (an auth the server
+    cannot do).
     """
     search = findings_search(
         code=code, patient=patient, study=study, since=since, status=status, page_size=page_size
