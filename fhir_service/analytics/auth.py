@@ -174,7 +174,10 @@ def _endpoint(config: dict[str, Any], name: str, base: str) -> str:
 
 
 def _client(base: str, app_id: str, session: requests.Session, **settings: Any) -> Any:
-    client = FHIRClient(settings={"app_id": app_id, "api_base": base, **settings})
+    try:
+        client = FHIRClient(settings={"app_id": app_id, "api_base": base, **settings})
+    except Exception as exc:  # fhirclient: bare Exception for a base it will not take
+        raise InputError(f"fhirclient refuses the base URL {base!r}: {exc}") from exc
     client.server.session = session
     # Without a patient_id fhirclient prepends launch/patient to every scope it asks for;
     # our scopes are complete as given.
@@ -190,7 +193,8 @@ def _token_error(exc: Exception, token_uri: str) -> FhirError:
     response = getattr(exc, "response", None)
     if response is None:
         return FhirUnavailableError(f"token request to {token_uri} failed: {exc}")
-    return FhirError(
+    kind = FhirUnavailableError if response.status_code >= 500 else FhirError
+    return kind(
         f"token request to {token_uri} refused ({response.status_code}): {response.text[:300]}"
     )
 

@@ -6,10 +6,13 @@ across patients), and a patient-bound token that cannot read Devices."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -130,6 +133,21 @@ def test_paging_and_filters_on_the_real_server(stack: Stack, posted: Posted) -> 
     after = findings_frame(base, study=posted.studies, since=issued.max() + pd.Timedelta("1s"))
     assert after.empty and tuple(after.columns) == COLUMNS
     assert len(findings_frame(base, study=posted.studies, limit=3)) == 3
+
+
+def test_readme_example_runs(stack: Stack, posted: Posted) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Analytics (Python)", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:8080/fhir" in example
+    code = example.replace("http://127.0.0.1:8080/fhir", stack.settings.fhir_base_url)
+    out, names = io.StringIO(), dict[str, Any]()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), names)
+    assert "calibrated_probability" in out.getvalue()
+    assert set(posted.frame["observation"]) <= set(names["df"]["observation"])
+    assert set(names["pneumothorax"]["finding"]) == {"Pneumothorax"}
+    assert len(names["everything"]) >= len(names["df"])
 
 
 # --- through the dev EHR's token-checking proxy -------------------------------------------------

@@ -447,3 +447,25 @@ def test_standalone_launch_pkce_state_and_code_exchange(two_studies: FakeHapi) -
     assert len(findings_frame(FHIR, auth=launch)) == 28
     with pytest.raises(InputError, match="the launch was for"):
         findings_frame("http://other.test/fhir", auth=launch)
+
+
+def test_a_refused_token_request_says_why(two_studies: FakeHapi) -> None:
+    tokens = TokenServer()
+
+    def refuse(request: requests.PreparedRequest) -> tuple[int, Any] | None:
+        if str(request.url) == TOKEN_URL:
+            return 400, {"error": "invalid_client", "error_description": "unknown key k9"}
+        return tokens(request)
+
+    two_studies.extra = refuse
+    with pytest.raises(FhirError, match=r"refused \(400\).*unknown key k9"):
+        findings_frame(FHIR, auth=ClientSecret("a", "s"), session=two_studies.session())
+    two_studies.extra = lambda r: (502, {}) if str(r.url) == TOKEN_URL else tokens(r)
+    with pytest.raises(FhirUnavailableError, match=r"refused \(502\)"):
+        findings_frame(FHIR, auth=ClientSecret("a", "s"), session=two_studies.session())
+
+
+@pytest.mark.parametrize("base", ["ftp://fhir.test/fhir", "fhir.test/fhir", "http://a/b"])
+def test_bad_base_urls_are_input_errors(base: str) -> None:
+    with pytest.raises(InputError, match="base"):
+        findings_frame(base, session=FakeHapi([]).session())
