@@ -62,7 +62,11 @@ def hapi(test_settings: Settings) -> Iterator[HapiServer]:
     hapi_server.stop(settings)
     shutil.rmtree(settings.hapi_dir, ignore_errors=True)
     (settings.log_dir / "hapi.log").unlink(missing_ok=True)
-    boot_s = hapi_server.start(settings)
+    try:
+        boot_s = hapi_server.start(settings)
+    except BaseException:
+        hapi_server.stop(settings)  # a HAPI that did not get ready in time must not outlive the run
+        raise
     server = HapiServer(settings=settings, boot_s=boot_s)
     try:
         yield server
