@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 
 from cxr_errors import CxrError
 from fhir_service.api import health, hook, metadata, similar
+from fhir_service.api.headers import SecurityHeaders
 from fhir_service.app_ui import router as app_ui_router
 from fhir_service.database import database_url
 from fhir_service.fhir_client import FhirClient
@@ -62,6 +63,7 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         store.close()
 
     app = FastAPI(title="cxr-fhir", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(SecurityHeaders)
     app.add_exception_handler(CxrError, cxr_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(hook.router)

@@ -193,6 +193,11 @@ class Settings(BaseSettings):
         "required in prod",
     )
     app_session_lifetime_s: int = Field(default=8 * 3600, ge=60)
+    app_frame_ancestors: list[str] = Field(
+        default_factory=list,
+        description="origins allowed to frame the app (CSP frame-ancestors), e.g. the EHR's; "
+        "empty = none",
+    )
     app_poll_interval_s: float = Field(default=3.0, gt=0, description="worklist refresh")
     app_heatmap_on_demand: bool = Field(
         default=True,

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from cxr_errors import FhirError, NotFoundError
+from cxr_errors import FhirError, ImageError, NotFoundError
 from fhir_service.app_ui import clinical, smart
 from fhir_service.app_ui.access import PATIENT_SEARCH_PARAM, LaunchAccess
 from fhir_service.app_ui.heatmaps import HeatmapRenderer
@@ -357,11 +357,11 @@ class AppUi:
         content = media.get("content") or {}
         if not content.get("data"):
             # content.url (Binary) is outside the patient compartment the token grants.
-            raise NotFoundError(f"Media/{media.get('id')} carries no inline image data")
+            raise ImageError(f"Media/{media.get('id')} carries no inline image data")
         try:
             data = base64.b64decode(str(content["data"]), validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise NotFoundError(f"Media/{media.get('id')} holds invalid base64") from exc
+            raise ImageError(f"Media/{media.get('id')} holds invalid base64") from exc
         found = (data, str(content.get("contentType", "application/octet-stream")))
         if len(cache) >= _IMAGE_CACHE:
             cache.pop(next(iter(cache)))
