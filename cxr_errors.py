@@ -12,7 +12,8 @@ with the right status). Each class's docstring is its default message.
     │   ├── ImageError       pixels that cannot be decoded or are out of bounds
     │   │   └── ImageTooLargeError
     │   ├── NotFoundError    an id that does not exist
-    │   └── ForbiddenError   the caller may not see this (outside its patient or scopes)
+    │   ├── ForbiddenError   the caller may not see this (outside its patient or scopes)
+    │   └── PayloadTooLargeError  a request body over the configured limit
     ├── ModelError           the model cannot produce a result (weights, shapes)
     ├── FhirError            the FHIR server refused or failed a request
     │   └── FhirUnavailableError   transient: timeouts, 5xx; retried
@@ -33,6 +34,7 @@ __all__ = [
     "InputError",
     "ModelError",
     "NotFoundError",
+    "PayloadTooLargeError",
     "ServiceError",
     "StoreError",
 ]
@@ -87,6 +89,13 @@ class ForbiddenError(InputError):
 
     http_status = 403
     issue_code = "forbidden"
+
+
+class PayloadTooLargeError(InputError):
+    """The request body exceeds the configured limit."""
+
+    http_status = 413
+    issue_code = "too-costly"
 
 
 class ModelError(CxrError):

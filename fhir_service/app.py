@@ -13,11 +13,16 @@ from fastapi.exceptions import RequestValidationError
 from cxr_errors import CxrError
 from fhir_service.api import health, hook, metadata, similar
 from fhir_service.api.headers import SecurityHeaders
+from fhir_service.api.limits import BodyLimit
 from fhir_service.app_ui import router as app_ui_router
 from fhir_service.database import database_url
 from fhir_service.fhir_client import FhirClient
 from fhir_service.model_config import model_version_for
-from fhir_service.outcome import cxr_error_handler, validation_error_handler
+from fhir_service.outcome import (
+    cxr_error_handler,
+    unexpected_error_handler,
+    validation_error_handler,
+)
 from fhir_service.settings import Settings
 from fhir_service.similar import LazyEncoder, SimilarService
 from subscriptions.analyzer import ModelQueryEncoder
@@ -63,8 +68,10 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         store.close()
 
     app = FastAPI(title="cxr-fhir", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit_for=settings.request_limit)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(CxrError, cxr_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(hook.router)
     app.include_router(health.router)

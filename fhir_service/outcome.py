@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import Request
@@ -9,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from cxr_errors import CxrError
+
+log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 
@@ -38,3 +41,12 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     assert isinstance(exc, RequestValidationError)
     parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
     return fhir_response(operation_outcome("; ".join(parts), code="invalid"), 400)
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not bad input: logged with its traceback, answered as a FHIR 500 that names
+    nothing of the internals."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return fhir_response(
+        operation_outcome("internal error; see the service log", severity="fatal"), 500
+    )

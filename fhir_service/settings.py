@@ -132,6 +132,17 @@ class Settings(BaseSettings):
     clip_offline: bool | None = Field(
         default=None, description="None = probe the model hub once; true skips it (HF_HUB_OFFLINE)"
     )
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="largest request body any endpoint of cxr serve / cxr dev-ehr reads; "
+        "larger ones get 413 before they are read",
+    )
+    max_similar_request_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="largest body of POST …/$similar (a Parameters resource with an image)",
+    )
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     tta: bool = Field(default=True, description="test-time augmentation for the confidence band")
@@ -204,6 +215,12 @@ class Settings(BaseSettings):
         description="render heatmaps the worker did not store (negative findings) by loading "
         "the classifier in the service process on first use",
     )
+
+    def request_limit(self, path: str) -> int:
+        """The body limit of a request to ``path`` (see :mod:`fhir_service.api.limits`)."""
+        if path.endswith("/$similar"):
+            return self.max_similar_request_bytes
+        return self.max_request_bytes
 
     @property
     def model_cache_path(self) -> Path:

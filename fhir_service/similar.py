@@ -85,6 +85,7 @@ def _int(name: str, raw: str | None, lo: int, hi: int) -> int | None:
     return value
 
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _PATIENT_ID = re.compile(r"(?:Patient/)?(?P<id>[A-Za-z0-9\-.]{1,64})")
 
 
@@ -106,30 +107,43 @@ def _bool(name: str, raw: str | None) -> bool:
     raise InputError(f"{name} must be true or false, got {raw!r}")
 
 
-def params_from_resource(body: Mapping[str, Any]) -> tuple[dict[str, str], bytes | None, str]:
-    """Flatten a ``Parameters`` body: primitive values as strings, plus the image attachment."""
-    if body.get("resourceType") != "Parameters":
+def params_from_resource(body: Any) -> tuple[dict[str, str], bytes | None, str]:
+    """Flatten a ``Parameters`` body: primitive values as strings, plus the image attachment.
+    Anything else (not an object, a parameter that is not one, a repeated name, a value that
+    is not primitive) is an InputError."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise InputError("the POST body must be a FHIR Parameters resource")
+    parameters = body.get("parameter", [])
+    if not isinstance(parameters, list):
+        raise InputError("Parameters.parameter must be a list")
     flat: dict[str, str] = {}
     image: bytes | None = None
     image_type = ""
-    for p in body.get("parameter", []):
-        name = p.get("name")
+    for p in parameters:
+        name = p.get("name") if isinstance(p, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InputError("each Parameters.parameter must be an object with a name")
+        if name in flat or (name == "image" and image is not None):
+            raise InputError(f"parameter {name!r} is given more than once")
         if name == "image":
-            att = p.get("valueAttachment")
-            if not isinstance(att, dict) or not att.get("data"):
-                raise InputError("parameter 'image' must be an Attachment with inline data")
-            image_type = str(att.get("contentType", ""))
-            try:
-                image = base64.b64decode(att["data"], validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise InputError(f"image data is not valid base64: {exc}") from exc
+            image, image_type = _image_parameter(p)
             continue
         values = [v for k, v in p.items() if k.startswith("value")]
-        if len(values) != 1 or isinstance(values[0], dict | list):
+        if len(values) != 1 or isinstance(values[0], dict | list) or values[0] is None:
             raise InputError(f"parameter {name!r} must have one primitive value")
-        flat[str(name)] = str(values[0]).lower() if isinstance(values[0], bool) else str(values[0])
+        flat[name] = str(values[0]).lower() if isinstance(values[0], bool) else str(values[0])
     return flat, image, image_type
+
+
+def _image_parameter(p: Mapping[str, Any]) -> tuple[bytes, str]:
+    att = p.get("valueAttachment")
+    if not isinstance(att, dict) or not isinstance(att.get("data"), str) or not att["data"]:
+        raise InputError("parameter 'image' must be an Attachment with inline data")
+    try:
+        image = base64.b64decode(att["data"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"image data is not valid base64: {exc}") from exc
+    return image, str(att.get("contentType", ""))
 
 
 def parse_query(
@@ -161,6 +175,8 @@ def parse_query(
             raise InputError("a text query needs space=clip (DenseNet features have no text)")
     if image is not None and image_type and not image_type.startswith(_IMAGE_TYPES):
         raise InputError(f"image contentType {image_type!r} is not one of {_IMAGE_TYPES}")
+    if study_id is not None and not _FHIR_ID.fullmatch(study_id):
+        raise InputError(f"{study_id!r} is not a FHIR resource id")
     given = sum(x is not None for x in (study_id, text, image))
     if given != 1:
         raise InputError("give exactly one of: a study (instance level), text, or image")

@@ -6,13 +6,12 @@ work is queued durably and never done inline.
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
-from cxr_errors import InputError
+from fhir_service.api.limits import parse_json
 from fhir_service.deps import QueueDep, SettingsDep
 from fhir_service.outcome import fhir_response, operation_outcome
 from subscriptions.bootstrap import SECRET_HEADER
@@ -33,10 +32,7 @@ async def imaging_study_notification(
     secret: str | None = Header(default=None, alias=SECRET_HEADER),
 ) -> JSONResponse:
     check_secret(secret, settings.subscription_secret)
-    try:
-        body = json.loads(await request.body())
-    except ValueError as exc:
-        raise InputError(f"rest-hook body is not JSON: {exc}") from exc
+    body = parse_json(await request.body(), "the rest-hook body")
     note = parse_notification(study_id, body)
     if note.status != "available":
         text = f"ImagingStudy/{study_id} is {note.status!r}, not 'available'; nothing queued"
@@ -45,7 +41,7 @@ async def imaging_study_notification(
     text = (
         f"queued ImagingStudy/{study_id}/_history/{note.version_id}"
         if queued
-        else f"ImagingStudy/{study_id}/_history/{note.version_id} is already queued"
+        else f"ImagingStudy/{study_id} is already queued (the job reads its current version)"
     )
     log.info(text)
     return fhir_response(operation_outcome(text, severity="information", code="informational"))

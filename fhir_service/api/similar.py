@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -10,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from cxr_errors import InputError
+from fhir_service.api.limits import parse_json
 from fhir_service.deps import SettingsDep, SimilarDep
 from fhir_service.outcome import fhir_response
 from fhir_service.similar import params_from_resource, parse_query
@@ -22,10 +22,7 @@ async def _inputs(request: Request) -> tuple[dict[str, str], bytes | None, str]:
     if request.method == "POST":
         raw = await request.body()
         if raw:
-            try:
-                body: Any = json.loads(raw)
-            except ValueError as exc:
-                raise InputError(f"the POST body is not JSON: {exc}") from exc
+            body: Any = parse_json(raw, "the POST body")
             flat, image, image_type = params_from_resource(body)
             clash = set(flat) & set(params)
             if clash:

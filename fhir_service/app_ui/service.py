@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from fhir_service.app_ui.session import AppSession, SessionStore, Tokens
 from fhir_service.settings import Settings
 
 FHIR_JSON = "application/fhir+json"
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _PAGE = "100"
 _MAX_PAGES = 20
 _IMAGE_CACHE = 8
@@ -203,6 +205,8 @@ class AppUi:
     async def read(self, session: AppSession, rtype: str, rid: str) -> FhirAnswer:
         """``{rtype}/{rid}``; one the launch may not show is refused (ForbiddenError)."""
         access = self.access(session)
+        if not _FHIR_ID.fullmatch(rid) or rid.strip(".") == "":
+            return FhirAnswer(404, {})  # not an id: nothing to ask the EHR for
         if not access.may(rtype, "r"):
             return FhirAnswer(403, {})
         answer = await self.fhir(session, f"{rtype}/{rid}")

@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from fhir_service.api.limits import BodyLimit
 from fhir_service.dev_ehr import oauth, pages, proxy
 from fhir_service.dev_ehr.context import DevEhr, EhrDep
 from fhir_service.dev_ehr.store import GrantStore, Kind
@@ -87,6 +88,7 @@ def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.ehr = ehr
+    app.add_middleware(BodyLimit, limit_for=settings.request_limit)
     # Browser-side SMART clients call the token endpoint and the FHIR base cross-origin.
     app.add_middleware(
         CORSMiddleware,
