@@ -6,10 +6,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cxr_errors import ConfigError
+from fhir_service.issuers import check_pattern
 
 DEFAULT_SECRET = "dev-only-subscription-secret"
 DEFAULT_APP_SESSION_SECRET = "dev-only-app-session-secret-change-me"
@@ -200,8 +201,9 @@ class Settings(BaseSettings):
     app_client_id: str = Field(default=CXR_APP_CLIENT_ID, description="SMART client id (public)")
     app_issuers: list[str] = Field(
         default_factory=list,
-        description="FHIR bases (iss) the app may be launched from; empty = any in dev mode, "
-        "required in prod",
+        description="FHIR bases (iss) the app may be launched from, exact or with * for one "
+        "path segment (fhir_service.issuers); empty = the dev EHR only in dev mode, required "
+        "in prod",
     )
     app_session_lifetime_s: int = Field(default=8 * 3600, ge=60)
     app_frame_ancestors: list[str] = Field(
@@ -221,6 +223,19 @@ class Settings(BaseSettings):
         if path.endswith("/$similar"):
             return self.max_similar_request_bytes
         return self.max_request_bytes
+
+    @field_validator("app_issuers")
+    @classmethod
+    def _issuer_patterns(cls, value: list[str]) -> list[str]:
+        return [check_pattern(entry) for entry in value]
+
+    @property
+    def app_issuer_allow_list(self) -> list[str]:
+        """``app_issuers``, or in dev mode with none listed the dev EHR's FHIR base alone:
+        never "any issuer", which would fetch from and redirect to any host."""
+        if self.app_issuers:
+            return self.app_issuers
+        return [self.dev_ehr_fhir_url] if self.mode == "dev" else []
 
     @property
     def model_cache_path(self) -> Path:

@@ -17,6 +17,9 @@ import pytest
 from fhir_service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+#: Ports (before the offset) of the dev EHRs integration tests start: test_dev_ehr (18002),
+#: test_app_browser (18004, 18005), test_app_patient_context (18006), test_similar (18007).
+DEV_EHR_PORTS = (18002, 18004, 18005, 18006, 18007)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +40,8 @@ def test_settings(test_data_dir: Path) -> Settings:
         service_port=18001 + offset,
         model_weights="untrained",
         clip_weights="untrained",
+        # The dev EHRs the integration tests start (each module its own port).
+        app_issuers=[f"http://127.0.0.1:{port + offset}/fhir" for port in DEV_EHR_PORTS],
     )
 
 

@@ -33,6 +33,7 @@ from fhir_service.app_ui import clinical, smart
 from fhir_service.app_ui.access import PATIENT_SEARCH_PARAM, LaunchAccess
 from fhir_service.app_ui.heatmaps import HeatmapRenderer
 from fhir_service.app_ui.session import AppSession, SessionStore, Tokens
+from fhir_service.issuers import issuer_allowed
 from fhir_service.settings import Settings
 
 FHIR_JSON = "application/fhir+json"
@@ -85,10 +86,9 @@ class AppUi:
         return f"{self.settings.service_url}/app/callback"
 
     def issuer_allowed(self, iss: str) -> bool:
-        allowed = [i.rstrip("/") for i in self.settings.app_issuers]
-        if allowed:
-            return iss.rstrip("/") in allowed
-        return self.settings.mode == "dev" and iss.startswith(("http://", "https://"))
+        """Whether a launch from ``iss`` may go on: nothing is fetched from, nor redirected
+        to, an issuer outside the allow-list (:mod:`fhir_service.issuers`)."""
+        return issuer_allowed(iss, self.settings.app_issuer_allow_list)
 
     # --- tokens ---------------------------------------------------------------------------
 
