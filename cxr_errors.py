@@ -13,6 +13,7 @@ with the right status). Each class's docstring is its default message.
     │   │   └── ImageTooLargeError
     │   ├── NotFoundError    an id that does not exist
     │   ├── ForbiddenError   the caller may not see this (outside its patient or scopes)
+    │   ├── UnauthorizedError  no credentials, or ones that are not valid here
     │   └── PayloadTooLargeError  a request body over the configured limit
     ├── ModelError           the model cannot produce a result (weights, shapes)
     ├── FhirError            the FHIR server refused or failed a request
@@ -37,6 +38,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ServiceError",
     "StoreError",
+    "UnauthorizedError",
 ]
 
 
@@ -89,6 +91,13 @@ class ForbiddenError(InputError):
 
     http_status = 403
     issue_code = "forbidden"
+
+
+class UnauthorizedError(InputError):
+    """Credentials are missing or not valid here."""
+
+    http_status = 401
+    issue_code = "login"
 
 
 class PayloadTooLargeError(InputError):

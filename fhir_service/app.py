@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 
 from cxr_errors import CxrError
 from fhir_service.api import health, hook, metadata, similar
+from fhir_service.api.auth import SimilarAuth
 from fhir_service.api.headers import SecurityHeaders
 from fhir_service.api.limits import BodyLimit
 from fhir_service.app_ui import router as app_ui_router
@@ -45,6 +46,7 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         app.state.queue = queue
         store = VectorStore(dsn, ef_search=settings.search_ef)
         await asyncio.to_thread(migrate, dsn)
+        app.state.similar_auth = SimilarAuth(settings)
         app.state.similar = SimilarService(
             fhir=app.state.fhir,
             store=store,
@@ -65,6 +67,7 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
                 log.info("Subscription/%s is %s", sub["id"], sub["status"])
             yield
         app.state.fhir.close()
+        await app.state.similar_auth.aclose()
         store.close()
 
     app = FastAPI(title="cxr-fhir", version="0.1.0", lifespan=lifespan)

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from cxr_errors import CxrError
+from cxr_errors import CxrError, UnauthorizedError
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,13 @@ def fhir_response(body: dict[str, Any], status_code: int = 200) -> JSONResponse:
 async def cxr_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CxrError)
     severity = "error" if exc.http_status < 500 else "fatal"
-    return fhir_response(
+    response = fhir_response(
         operation_outcome(exc.message, severity=severity, code=exc.issue_code), exc.http_status
     )
+    if isinstance(exc, UnauthorizedError):
+        # RFC 6750 §3: a bearer-token resource says how to authenticate.
+        response.headers["WWW-Authenticate"] = 'Bearer realm="cxr-fhir", error="invalid_token"'
+    return response
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ from fhir_service.issuers import check_pattern
 
 DEFAULT_SECRET = "dev-only-subscription-secret"
 DEFAULT_APP_SESSION_SECRET = "dev-only-app-session-secret-change-me"
+DEFAULT_SERVICE_API_KEY = "dev-only-service-api-key-change-me"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,6 +37,23 @@ class DevEhrClient(BaseModel):
     client_id: str
     redirect_uris: list[str]
     scope: str = Field(default=CXR_APP_SCOPES, description="the most this client may be granted")
+
+
+class TrustedIssuer(BaseModel):
+    """A SMART authorization server whose access tokens ``$similar`` accepts.
+
+    Tokens are checked against the issuer's keys (``jwks_uri``, by default found through
+    ``{issuer}/.well-known/openid-configuration``), or, when ``introspection_endpoint`` is
+    set, by asking the issuer (RFC 7662: also catches revoked tokens). ``audience`` is the
+    FHIR base the tokens are issued for (SMART's ``aud``): the EHR's, through which
+    ``$similar`` reaches this service."""
+
+    issuer: str
+    audience: str
+    jwks_uri: str | None = None
+    introspection_endpoint: str | None = None
+    introspection_client_id: str | None = None
+    introspection_client_secret: str | None = None
 
 
 def _default_shared_dir() -> Path:
@@ -91,6 +109,17 @@ class Settings(BaseSettings):
         default=None, description="URL at which HAPI reaches the service; default from host/port"
     )
     subscription_secret: str = DEFAULT_SECRET
+    service_api_key: str = Field(
+        default=DEFAULT_SERVICE_API_KEY,
+        description="the service's own key: `Authorization: Bearer <key>` gives trusted "
+        "system callers (cxr similar, operators) unfiltered $similar; refused as the default "
+        "in prod",
+    )
+    similar_issuers: list[TrustedIssuer] = Field(
+        default_factory=list,
+        description="SMART issuers whose access tokens $similar accepts (JSON list); empty = "
+        "the dev EHR in dev mode, none in prod",
+    )
     image_hosts: list[str] = Field(
         default_factory=list,
         description="hosts besides the FHIR server from which Media.content.url may be fetched",
@@ -238,6 +267,13 @@ class Settings(BaseSettings):
         return [self.dev_ehr_fhir_url] if self.mode == "dev" else []
 
     @property
+    def similar_trusted_issuers(self) -> list[TrustedIssuer]:
+        """``similar_issuers``, or in dev mode with none listed the dev EHR."""
+        if self.similar_issuers or self.mode != "dev":
+            return self.similar_issuers
+        return [TrustedIssuer(issuer=self.dev_ehr_url, audience=self.dev_ehr_fhir_url)]
+
+    @property
     def model_cache_path(self) -> Path:
         return self.model_cache_dir or self.data_dir / "models"
 
@@ -265,6 +301,11 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "CXR_APP_SESSION_SECRET is still the development default; "
                 "set a real secret in production (CXR_MODE=prod)"
+            )
+        if self.mode == "prod" and self.service_api_key == DEFAULT_SERVICE_API_KEY:
+            raise ConfigError(
+                "CXR_SERVICE_API_KEY is still the development default; "
+                "set a real key in production (CXR_MODE=prod)"
             )
         if self.mode == "prod" and not self.app_issuers:
             raise ConfigError(

@@ -10,13 +10,13 @@ import binascii
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from cxr_errors import InputError
+from cxr_errors import ForbiddenError, InputError
 from fhir_service.builders import TERMINOLOGY
 from fhir_service.fhir_client import FhirClient
 from vector_store.store import MAX_K, SearchFilters, VectorStore
@@ -229,30 +229,20 @@ class SimilarService:
     model_version: str
     encoder: LazyEncoder
 
-    def run(self, q: SimilarQuery, base_url: str) -> dict[str, Any]:
-        exclude_patient: str | None = None
-        exclude_study: str | None = None
-        if q.study_id is not None:
-            study = self.fhir.read("ImagingStudy", q.study_id)  # NotFoundError → 404
-            record = self.store.get(q.study_id, self.model_version)
-            vector = record.vector(q.space) if record is not None else None
-            if vector is None:
-                raise Unprocessable(
-                    f"ImagingStudy/{q.study_id} has no {q.space} embedding for model "
-                    f"{self.model_version} (not processed yet, or processing failed)"
-                )
-            exclude_study = q.study_id
-            if q.exclude_same_patient:
-                exclude_patient = study.get("subject", {}).get("reference", "").split("/")[-1]
-        elif q.text is not None:
-            vector = self.encoder.get().text(q.text)
-        else:
-            assert q.image is not None
-            vector = self.encoder.get().image(q.image, q.space)
+    def run(
+        self, q: SimilarQuery, base_url: str, *, bound_patient: str | None = None
+    ) -> dict[str, Any]:
+        """The searchset for ``q``. ``bound_patient`` (a patient-context caller) limits
+        everything to that patient: the query study must be theirs and so is every match."""
+        if bound_patient is not None:
+            if q.patient not in (None, bound_patient):
+                raise ForbiddenError(f"this token may search Patient/{bound_patient} only")
+            q = replace(q, patient=bound_patient)
+        vector, exclude_patient = self._query_vector(q, bound_patient)
         filters = SearchFilters(
-            exclude_patient=exclude_patient or None,
+            exclude_patient=exclude_patient,
             patient=q.patient,
-            exclude_study=exclude_study,
+            exclude_study=q.study_id,
             gender=q.gender,
             view_position=q.view_position,
             age_min=q.age_min,
@@ -262,15 +252,43 @@ class SimilarService:
         hits = self.store.search(
             vector, space=q.space, k=q.count, model_version=self.model_version, filters=filters
         )
-        return self._bundle([(h.study_id, h.score) for h in hits], base_url)
+        return self._bundle([(h.study_id, h.score) for h in hits], base_url, q.patient)
 
-    def _bundle(self, hits: Sequence[tuple[str, float]], base_url: str) -> dict[str, Any]:
+    def _query_vector(
+        self, q: SimilarQuery, bound_patient: str | None
+    ) -> tuple[npt.NDArray[np.float32], str | None]:
+        """The query's embedding, and the patient to leave out (``exclude-same-patient``)."""
+        if q.study_id is None:
+            encoder = self.encoder.get()
+            if q.text is not None:
+                return encoder.text(q.text), None
+            assert q.image is not None
+            return encoder.image(q.image, q.space), None
+        study = self.fhir.read("ImagingStudy", q.study_id)  # NotFoundError → 404
+        subject = _subject_id(study)
+        if bound_patient is not None and subject != bound_patient:
+            raise ForbiddenError(f"ImagingStudy/{q.study_id} is not Patient/{bound_patient}'s")
+        record = self.store.get(q.study_id, self.model_version)
+        vector = record.vector(q.space) if record is not None else None
+        if vector is None:
+            raise Unprocessable(
+                f"ImagingStudy/{q.study_id} has no {q.space} embedding for model "
+                f"{self.model_version} (not processed yet, or processing failed)"
+            )
+        return vector, (subject if q.exclude_same_patient else None)
+
+    def _bundle(
+        self, hits: Sequence[tuple[str, float]], base_url: str, patient: str | None
+    ) -> dict[str, Any]:
         studies: dict[str, dict[str, Any]] = {}
         if hits:
             ids = ",".join(sid for sid, _ in hits)
             found = self.fhir.search("ImagingStudy", {"_id": ids, "_count": str(len(hits))})
             for entry in found.get("entry", []):
-                studies[entry["resource"]["id"]] = entry["resource"]
+                study = entry["resource"]
+                # The index's patient could be stale: the study as it is now decides.
+                if patient is None or _subject_id(study) == patient:
+                    studies[study["id"]] = study
         entries = [
             {
                 "fullUrl": f"{base_url}/ImagingStudy/{sid}",
@@ -286,3 +304,9 @@ class SimilarService:
             "total": len(entries),
             "entry": entries,
         }
+
+
+def _subject_id(study: Mapping[str, Any]) -> str | None:
+    ref = (study.get("subject") or {}).get("reference", "")
+    m = re.fullmatch(r"(?:.*/)?Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?", str(ref))
+    return m.group(1) if m else None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fhir_service.settings import Settings
+from fhir_service.settings import Settings, TrustedIssuer
 
 REPO = Path(__file__).resolve().parent.parent
 #: Ports (before the offset) of the dev EHRs integration tests start: test_dev_ehr (18002),
@@ -42,6 +42,14 @@ def test_settings(test_data_dir: Path) -> Settings:
         clip_weights="untrained",
         # The dev EHRs the integration tests start (each module its own port).
         app_issuers=[f"http://127.0.0.1:{port + offset}/fhir" for port in DEV_EHR_PORTS],
+        # $similar (reached through their FHIR proxies and HAPI) accepts their tokens.
+        similar_issuers=[
+            TrustedIssuer(
+                issuer=f"http://127.0.0.1:{port + offset}",
+                audience=f"http://127.0.0.1:{port + offset}/fhir",
+            )
+            for port in DEV_EHR_PORTS
+        ],
     )
 
 

@@ -1,4 +1,7 @@
-"""``$similar`` at ``{service}/fhir``: instance level (by study) and type level (text, image)."""
+"""``$similar`` at ``{service}/fhir``: instance level (by study) and type level (text, image).
+
+Every call is authenticated first (:mod:`fhir_service.api.auth`); a patient-context token
+gets its own patient's studies only."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from cxr_errors import InputError
 from fhir_service.api.limits import parse_json
-from fhir_service.deps import SettingsDep, SimilarDep
+from fhir_service.deps import AuthDep, SettingsDep, SimilarDep
 from fhir_service.outcome import fhir_response
 from fhir_service.similar import params_from_resource, parse_query
 
@@ -37,21 +40,27 @@ def _base(request: Request, settings: SettingsDep) -> str:
 
 @router.api_route("/ImagingStudy/{study_id}/$similar", methods=["GET", "POST"])
 async def similar_to_study(
-    study_id: str, request: Request, settings: SettingsDep, service: SimilarDep
+    study_id: str, request: Request, settings: SettingsDep, service: SimilarDep, auth: AuthDep
 ) -> JSONResponse:
+    caller = await auth.caller(request.headers.get("authorization"))
     params, image, _ = await _inputs(request)
     if image is not None:
         raise InputError("instance-level $similar takes no image; POST to ImagingStudy/$similar")
     query = parse_query(params, study_id=study_id)
-    bundle = await run_in_threadpool(service.run, query, _base(request, settings))
+    bundle = await run_in_threadpool(
+        service.run, query, _base(request, settings), bound_patient=caller.patient
+    )
     return fhir_response(bundle)
 
 
 @router.api_route("/ImagingStudy/$similar", methods=["GET", "POST"])
 async def similar_by_text_or_image(
-    request: Request, settings: SettingsDep, service: SimilarDep
+    request: Request, settings: SettingsDep, service: SimilarDep, auth: AuthDep
 ) -> JSONResponse:
+    caller = await auth.caller(request.headers.get("authorization"))
     params, image, image_type = await _inputs(request)
     query = parse_query(params, image=image, image_type=image_type)
-    bundle = await run_in_threadpool(service.run, query, _base(request, settings))
+    bundle = await run_in_threadpool(
+        service.run, query, _base(request, settings), bound_patient=caller.patient
+    )
     return fhir_response(bundle)

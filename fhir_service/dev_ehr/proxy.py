@@ -16,7 +16,9 @@ access token.
   and the token must be granted search on it: a chain reads the type it passes through.
 - Reads and searches only: every write is refused (403), since only ``.rs`` is granted.
   ``ImagingStudy/$similar`` and ``ImagingStudy/{id}/$similar`` are allowed, GET or POST, as
-  they do not change state. ``_format``/``_pretty`` are dropped and ``_has``, ``_filter``,
+  they do not change state; the token goes along to HAPI (whose forwarder passes it to the
+  cxr service, which checks it again and keeps a patient token to its patient).
+  ``_format``/``_pretty`` are dropped and ``_has``, ``_filter``,
   ``_query``, ``_contained`` refused whatever the token.
 - ``metadata`` needs no token (FHIR), and carries SMART's oauth-uris extension.
 
@@ -249,10 +251,13 @@ class Upstream:
         *,
         body: bytes | None = None,
         content_type: str | None = None,
+        authorization: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         headers = {"Accept": FHIR_JSON}
         if content_type:
             headers["Content-Type"] = content_type
+        if authorization:
+            headers["Authorization"] = authorization
         try:
             resp = await self.ehr.upstream.request(
                 method, path, params=httpx.QueryParams(list(params)), content=body, headers=headers
@@ -380,6 +385,9 @@ async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str)
             [(k, v) for k, v in params if k not in _DROPPED_PARAMS],
             body=sim_body,
             content_type=request.headers.get("content-type"),
+            # The service behind HAPI checks the token itself and bounds $similar to the
+            # token's patient; HAPI's forwarder passes it on.
+            authorization=request.headers.get("authorization"),
         )
         return _fhir(filter_bundle(body, access) if status == 200 else body, status)
 

@@ -131,6 +131,7 @@ def test_an_unlisted_issuer_gets_no_request_and_no_redirect(
         dev_ehr_port=10002,
         subscription_secret="s" * 32,
         app_session_secret="t" * 32,
+        service_api_key="u" * 32,
         app_issuers=[] if mode == "dev" else ["http://127.0.0.1:10002/fhir"],
     )
     ui = AppUi(settings, transport=httpx.MockTransport(recorder))
