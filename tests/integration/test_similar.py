@@ -269,7 +269,7 @@ def test_similar_needs_credentials_everywhere_it_is_served(corpus: Corpus) -> No
             answers = [
                 httpx.get(f"{base}/ImagingStudy/{corpus.ids[0]}/$similar", headers=headers),
                 httpx.get(f"{base}/ImagingStudy/$similar?text=x", headers=headers),
-                httpx.post(f"{base}/ImagingStudy/$similar", json=text, headers=headers),
+                httpx.post(f"{base}/ImagingStudy/$similar", json=text, headers=headers, timeout=60),
             ]
             for r in answers:
                 assert r.status_code == 401, (base, headers, r.text)
@@ -286,12 +286,16 @@ def test_post_parameters_are_forwarded_by_hapi(corpus: Corpus) -> None:
             {"name": "count", "valueInteger": 7},
         ],
     }
-    direct = httpx.post(f"{service(corpus.stack)}/ImagingStudy/$similar", json=body, headers=AUTH)
+    # A long timeout: the service may just have been restarted (the 503 test) and loads CLIP
+    # again on its first text query.
+    direct = httpx.post(
+        f"{service(corpus.stack)}/ImagingStudy/$similar", json=body, headers=AUTH, timeout=300
+    )
     via_hapi = httpx.post(
         f"{corpus.stack.settings.fhir_base_url}/ImagingStudy/$similar",
         json=body,
         headers={**AUTH, "Content-Type": "application/fhir+json"},
-        timeout=60,
+        timeout=300,
     )
     assert direct.status_code == 200, direct.text
     assert via_hapi.status_code == 200, via_hapi.text

@@ -39,8 +39,12 @@ public class SimilarForwardingProvider implements PlainProvider {
 	private static final String FHIR_JSON = "application/fhir+json";
 
 	private final CxrProperties props;
-	private final HttpClient http =
-			HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(3)).build();
+	// HTTP/1.1: Java's client otherwise asks a plain-http server to upgrade to h2c, which the
+	// service (uvicorn) does not speak; POSTs with a body then arrived mangled or not at all.
+	private final HttpClient http = HttpClient.newBuilder()
+			.version(HttpClient.Version.HTTP_1_1)
+			.connectTimeout(Duration.ofSeconds(3))
+			.build();
 
 	public SimilarForwardingProvider(CxrProperties props) {
 		this.props = props;
