@@ -67,13 +67,17 @@ def build_ehr(
     )
 
 
-def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
-    ehr = ehr or build_ehr(settings)
+def _warn_if_unfiltered(settings: Settings) -> None:
     if not settings.dev_ehr_proxy_filter:
         log.warning(
             "TEST-ONLY: CXR_DEV_EHR_PROXY_FILTER=false — the FHIR proxy does not narrow patient "
             "tokens to their patient; only the app's own checks keep patients apart"
         )
+
+
+def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
+    ehr = ehr or build_ehr(settings)
+    _warn_if_unfiltered(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
