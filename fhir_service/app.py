@@ -6,15 +6,18 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 
 from cxr_errors import CxrError
 from fhir_service.api import health, hook, metadata, similar
 from fhir_service.api.auth import SimilarAuth
 from fhir_service.api.headers import SecurityHeaders
 from fhir_service.api.limits import BodyLimit
+from fhir_service.api.openapi import add_security_scheme
 from fhir_service.app_ui import router as app_ui_router
 from fhir_service.database import database_url
 from fhir_service.fhir_client import FhirClient
@@ -81,4 +84,13 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
     app.include_router(similar.router)
     app.include_router(metadata.router)
     app.include_router(app_ui_router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_security_scheme(
+                get_openapi(title=app.title, version=app.version, routes=app.routes)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -175,7 +175,7 @@ def parse_query(
             raise InputError("a text query needs space=clip (DenseNet features have no text)")
     if image is not None and image_type and not image_type.startswith(_IMAGE_TYPES):
         raise InputError(f"image contentType {image_type!r} is not one of {_IMAGE_TYPES}")
-    if study_id is not None and not _FHIR_ID.fullmatch(study_id):
+    if study_id is not None and (not _FHIR_ID.fullmatch(study_id) or not study_id.strip(".")):
         raise InputError(f"{study_id!r} is not a FHIR resource id")
     given = sum(x is not None for x in (study_id, text, image))
     if given != 1:

@@ -37,7 +37,7 @@ def parse_notification(path_id: str, body: Any) -> Notification:
     """The ImagingStudy HAPI PUT to ``{hook}/ImagingStudy/{id}``; its id must match the path."""
     if not isinstance(body, dict) or body.get("resourceType") != "ImagingStudy":
         raise InputError("rest-hook body is not an ImagingStudy resource")
-    if not _FHIR_ID.fullmatch(path_id):
+    if not _FHIR_ID.fullmatch(path_id) or not path_id.strip("."):
         raise InputError(f"{path_id!r} is not a FHIR resource id")
     if str(body.get("id", path_id)) != path_id:
         raise InputError(f"body id {body.get('id')!r} does not match the URL id {path_id!r}")

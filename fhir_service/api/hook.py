@@ -7,11 +7,13 @@ work is queued durably and never done inline.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from fhir_service.api.limits import parse_json
+from fhir_service.api.openapi import NOTIFICATION_BODY, OPERATION_OUTCOME, responses
 from fhir_service.deps import QueueDep, SettingsDep
 from fhir_service.outcome import fhir_response, operation_outcome
 from subscriptions.bootstrap import SECRET_HEADER
@@ -22,8 +24,14 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/hook", tags=["rest-hook"])
 
 
-@router.put("/ImagingStudy/{study_id}")
-@router.post("/ImagingStudy/{study_id}")
+_DOC: dict[str, Any] = {
+    "responses": responses(OPERATION_OUTCOME, 400, 401, 413),
+    "openapi_extra": {"requestBody": NOTIFICATION_BODY},
+}
+
+
+@router.put("/ImagingStudy/{study_id}", **_DOC)
+@router.post("/ImagingStudy/{study_id}", **_DOC)
 async def imaging_study_notification(
     study_id: str,
     request: Request,

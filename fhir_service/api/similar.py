@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from cxr_errors import InputError
 from fhir_service.api.limits import parse_json
+from fhir_service.api.openapi import SEARCHSET, responses, similar_openapi
 from fhir_service.deps import AuthDep, SettingsDep, SimilarDep
 from fhir_service.outcome import fhir_response
 from fhir_service.similar import params_from_resource, parse_query
@@ -38,7 +39,19 @@ def _base(request: Request, settings: SettingsDep) -> str:
     return f"{settings.service_url}/fhir"
 
 
-@router.api_route("/ImagingStudy/{study_id}/$similar", methods=["GET", "POST"])
+_STATUSES = (400, 401, 403, 404, 413, 422, 502, 503)
+
+
+@router.get(
+    "/ImagingStudy/{study_id}/$similar",
+    responses=responses(SEARCHSET, *_STATUSES),
+    openapi_extra=similar_openapi(text=False, body=False),
+)
+@router.post(
+    "/ImagingStudy/{study_id}/$similar",
+    responses=responses(SEARCHSET, *_STATUSES),
+    openapi_extra=similar_openapi(text=False, body=True),
+)
 async def similar_to_study(
     study_id: str, request: Request, settings: SettingsDep, service: SimilarDep, auth: AuthDep
 ) -> JSONResponse:
@@ -53,7 +66,16 @@ async def similar_to_study(
     return fhir_response(bundle)
 
 
-@router.api_route("/ImagingStudy/$similar", methods=["GET", "POST"])
+@router.get(
+    "/ImagingStudy/$similar",
+    responses=responses(SEARCHSET, *_STATUSES),
+    openapi_extra=similar_openapi(text=True, body=False),
+)
+@router.post(
+    "/ImagingStudy/$similar",
+    responses=responses(SEARCHSET, *_STATUSES),
+    openapi_extra=similar_openapi(text=True, body=True),
+)
 async def similar_by_text_or_image(
     request: Request, settings: SettingsDep, service: SimilarDep, auth: AuthDep
 ) -> JSONResponse:

@@ -116,7 +116,7 @@ def test_malformed_parameters_bodies_are_input_errors(body: Any) -> None:
         params_from_resource(body)
 
 
-@pytest.mark.parametrize("study_id", ["../metadata", "a/b", "", "x" * 65, "a b", "ü"])
+@pytest.mark.parametrize("study_id", ["../metadata", "a/b", "", "x" * 65, "a b", "ü", ".", ".."])
 def test_a_study_id_that_is_no_fhir_id_is_an_input_error(study_id: str) -> None:
     with pytest.raises(InputError, match="not a FHIR resource id"):
         parse_query({}, study_id=study_id)
