@@ -12,7 +12,9 @@ with the right status). Each class's docstring is its default message.
     │   ├── ImageError       pixels that cannot be decoded or are out of bounds
     │   │   └── ImageTooLargeError
     │   ├── NotFoundError    an id that does not exist
-    │   └── ForbiddenError   the caller may not see this (outside its patient or scopes)
+    │   ├── ForbiddenError   the caller may not see this (outside its patient or scopes)
+    │   ├── UnauthorizedError  no credentials, or ones that are not valid here
+    │   └── PayloadTooLargeError  a request body over the configured limit
     ├── ModelError           the model cannot produce a result (weights, shapes)
     ├── FhirError            the FHIR server refused or failed a request
     │   └── FhirUnavailableError   transient: timeouts, 5xx; retried
@@ -33,8 +35,10 @@ __all__ = [
     "InputError",
     "ModelError",
     "NotFoundError",
+    "PayloadTooLargeError",
     "ServiceError",
     "StoreError",
+    "UnauthorizedError",
 ]
 
 
@@ -87,6 +91,20 @@ class ForbiddenError(InputError):
 
     http_status = 403
     issue_code = "forbidden"
+
+
+class UnauthorizedError(InputError):
+    """Credentials are missing or not valid here."""
+
+    http_status = 401
+    issue_code = "login"
+
+
+class PayloadTooLargeError(InputError):
+    """The request body exceeds the configured limit."""
+
+    http_status = 413
+    issue_code = "too-costly"
 
 
 class ModelError(CxrError):

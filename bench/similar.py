@@ -482,7 +482,12 @@ def http_section(args: argparse.Namespace, reuse: tuple[Matrix, Metadata] | None
             ("through HAPI: GET {hapi}/fhir/ImagingStudy/{id}/$similar", settings.fhir_base_url),
         ]
         timed: list[tuple[list[float], list[int]]] = [([], []) for _ in endpoints]
-        with httpx.Client(timeout=60, headers={"Accept": "application/fhir+json"}) as http:
+        # The service key (a trusted system caller); a SMART token would add one JWKS check.
+        headers = {
+            "Accept": "application/fhir+json",
+            "Authorization": f"Bearer {settings.service_api_key}",
+        }
+        with httpx.Client(timeout=60, headers=headers) as http:
 
             def call(fhir_base: str, i: int) -> int:
                 sid = queries[i % len(queries)]

@@ -7,13 +7,23 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 
 from cxr_errors import CxrError
 from fhir_service.api import health, hook, metadata, similar
-from fhir_service.api.responses import cxr_error_handler, validation_error_handler
+from fhir_service.api.auth import SimilarAuth
+from fhir_service.api.headers import SecurityHeaders
+from fhir_service.api.limits import BodyLimit
+from fhir_service.api.openapi import add_security_scheme
+from fhir_service.api.responses import (
+    cxr_error_handler,
+    unexpected_error_handler,
+    validation_error_handler,
+)
 from fhir_service.app_ui import router as app_ui_router
 from fhir_service.fhir.client import FhirClient
 from fhir_service.ops.database import database_url
@@ -40,6 +50,7 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         app.state.models = LazyModels(settings)
         store = VectorStore(dsn, ef_search=settings.search_ef)
         await asyncio.to_thread(migrate, dsn)
+        app.state.similar_auth = SimilarAuth(settings)
         app.state.similar = SimilarService(
             fhir=app.state.fhir,
             store=store,
@@ -60,14 +71,27 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
                 log.info("Subscription/%s is %s", sub["id"], sub["status"])
             yield
         app.state.fhir.close()
+        await app.state.similar_auth.aclose()
         store.close()
 
     app = FastAPI(title="cxr-fhir", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit_for=settings.request_limit)
+    app.add_middleware(SecurityHeaders)
     app.add_exception_handler(CxrError, cxr_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(hook.router)
     app.include_router(health.router)
     app.include_router(similar.router)
     app.include_router(metadata.router)
     app.include_router(app_ui_router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_security_scheme(
+                get_openapi(title=app.title, version=app.version, routes=app.routes)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -7,6 +7,7 @@ from typing import Annotated
 import procrastinate
 from fastapi import Depends, Request
 
+from fhir_service.api.auth import SimilarAuth
 from fhir_service.fhir.client import FhirClient
 from fhir_service.settings import Settings
 from fhir_service.similar import SimilarService
@@ -32,7 +33,13 @@ def _similar(request: Request) -> SimilarService:
     return service
 
 
+def _auth(request: Request) -> SimilarAuth:
+    auth: SimilarAuth = request.app.state.similar_auth
+    return auth
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 FhirDep = Annotated[FhirClient, Depends(_fhir)]
 QueueDep = Annotated[procrastinate.App, Depends(_queue)]
 SimilarDep = Annotated[SimilarService, Depends(_similar)]
+AuthDep = Annotated[SimilarAuth, Depends(_auth)]

@@ -6,13 +6,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cxr_errors import ConfigError
+from fhir_service.issuers import check_pattern
 
 DEFAULT_SECRET = "dev-only-subscription-secret"
 DEFAULT_APP_SESSION_SECRET = "dev-only-app-session-secret-change-me"
+DEFAULT_SERVICE_API_KEY = "dev-only-service-api-key-change-me"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,6 +37,23 @@ class DevEhrClient(BaseModel):
     client_id: str
     redirect_uris: list[str]
     scope: str = Field(default=CXR_APP_SCOPES, description="the most this client may be granted")
+
+
+class TrustedIssuer(BaseModel):
+    """A SMART authorization server whose access tokens ``$similar`` accepts.
+
+    Tokens are checked against the issuer's keys (``jwks_uri``, by default found through
+    ``{issuer}/.well-known/openid-configuration``), or, when ``introspection_endpoint`` is
+    set, by asking the issuer (RFC 7662: also catches revoked tokens). ``audience`` is the
+    FHIR base the tokens are issued for (SMART's ``aud``): the EHR's, through which
+    ``$similar`` reaches this service."""
+
+    issuer: str
+    audience: str
+    jwks_uri: str | None = None
+    introspection_endpoint: str | None = None
+    introspection_client_id: str | None = None
+    introspection_client_secret: str | None = None
 
 
 def _default_shared_dir() -> Path:
@@ -90,6 +109,17 @@ class Settings(BaseSettings):
         default=None, description="URL at which HAPI reaches the service; default from host/port"
     )
     subscription_secret: str = DEFAULT_SECRET
+    service_api_key: str = Field(
+        default=DEFAULT_SERVICE_API_KEY,
+        description="the service's own key: `Authorization: Bearer <key>` gives trusted "
+        "system callers (cxr similar, operators) unfiltered $similar; refused as the default "
+        "in prod",
+    )
+    similar_issuers: list[TrustedIssuer] = Field(
+        default_factory=list,
+        description="SMART issuers whose access tokens $similar accepts (JSON list); empty = "
+        "the dev EHR in dev mode, none in prod",
+    )
     image_hosts: list[str] = Field(
         default_factory=list,
         description="hosts besides the FHIR server from which Media.content.url may be fetched",
@@ -131,6 +161,17 @@ class Settings(BaseSettings):
     clip_backend: Literal["onnx", "torch"] = "onnx"
     clip_offline: bool | None = Field(
         default=None, description="None = probe the model hub once; true skips it (HF_HUB_OFFLINE)"
+    )
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="largest request body any endpoint of cxr serve / cxr dev-ehr reads; "
+        "larger ones get 413 before they are read",
+    )
+    max_similar_request_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="largest body of POST …/$similar (a Parameters resource with an image)",
     )
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 50_000_000
@@ -189,16 +230,48 @@ class Settings(BaseSettings):
     app_client_id: str = Field(default=CXR_APP_CLIENT_ID, description="SMART client id (public)")
     app_issuers: list[str] = Field(
         default_factory=list,
-        description="FHIR bases (iss) the app may be launched from; empty = any in dev mode, "
-        "required in prod",
+        description="FHIR bases (iss) the app may be launched from, exact or with * for one "
+        "path segment (fhir_service.issuers); empty = the dev EHR only in dev mode, required "
+        "in prod",
     )
     app_session_lifetime_s: int = Field(default=8 * 3600, ge=60)
+    app_frame_ancestors: list[str] = Field(
+        default_factory=list,
+        description="origins allowed to frame the app (CSP frame-ancestors), e.g. the EHR's; "
+        "empty = none",
+    )
     app_poll_interval_s: float = Field(default=3.0, gt=0, description="worklist refresh")
     app_heatmap_on_demand: bool = Field(
         default=True,
         description="render heatmaps the worker did not store (negative findings) by loading "
         "the classifier in the service process on first use",
     )
+
+    def request_limit(self, path: str) -> int:
+        """The body limit of a request to ``path`` (see :mod:`fhir_service.api.limits`)."""
+        if path.endswith("/$similar"):
+            return self.max_similar_request_bytes
+        return self.max_request_bytes
+
+    @field_validator("app_issuers")
+    @classmethod
+    def _issuer_patterns(cls, value: list[str]) -> list[str]:
+        return [check_pattern(entry) for entry in value]
+
+    @property
+    def app_issuer_allow_list(self) -> list[str]:
+        """``app_issuers``, or in dev mode with none listed the dev EHR's FHIR base alone:
+        never "any issuer", which would fetch from and redirect to any host."""
+        if self.app_issuers:
+            return self.app_issuers
+        return [self.dev_ehr_fhir_url] if self.mode == "dev" else []
+
+    @property
+    def similar_trusted_issuers(self) -> list[TrustedIssuer]:
+        """``similar_issuers``, or in dev mode with none listed the dev EHR."""
+        if self.similar_issuers or self.mode != "dev":
+            return self.similar_issuers
+        return [TrustedIssuer(issuer=self.dev_ehr_url, audience=self.dev_ehr_fhir_url)]
 
     @property
     def model_cache_path(self) -> Path:
@@ -228,6 +301,11 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "CXR_APP_SESSION_SECRET is still the development default; "
                 "set a real secret in production (CXR_MODE=prod)"
+            )
+        if self.mode == "prod" and self.service_api_key == DEFAULT_SERVICE_API_KEY:
+            raise ConfigError(
+                "CXR_SERVICE_API_KEY is still the development default; "
+                "set a real key in production (CXR_MODE=prod)"
             )
         if self.mode == "prod" and not self.app_issuers:
             raise ConfigError(

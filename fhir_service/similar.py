@@ -9,13 +9,13 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from cxr_errors import InputError
+from cxr_errors import ForbiddenError, InputError
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.terminology import TERMINOLOGY, finding_label
 from vector_store.records import MAX_K, EmbeddingStore, SearchFilters
@@ -80,6 +80,7 @@ def _int(name: str, raw: str | None, lo: int, hi: int) -> int | None:
     return value
 
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _PATIENT_ID = re.compile(r"(?:Patient/)?(?P<id>[A-Za-z0-9\-.]{1,64})")
 
 
@@ -101,30 +102,43 @@ def _bool(name: str, raw: str | None) -> bool:
     raise InputError(f"{name} must be true or false, got {raw!r}")
 
 
-def params_from_resource(body: Mapping[str, Any]) -> tuple[dict[str, str], bytes | None, str]:
-    """Flatten a ``Parameters`` body: primitive values as strings, plus the image attachment."""
-    if body.get("resourceType") != "Parameters":
+def params_from_resource(body: Any) -> tuple[dict[str, str], bytes | None, str]:
+    """Flatten a ``Parameters`` body: primitive values as strings, plus the image attachment.
+    Anything else (not an object, a parameter that is not one, a repeated name, a value that
+    is not primitive) is an InputError."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise InputError("the POST body must be a FHIR Parameters resource")
+    parameters = body.get("parameter", [])
+    if not isinstance(parameters, list):
+        raise InputError("Parameters.parameter must be a list")
     flat: dict[str, str] = {}
     image: bytes | None = None
     image_type = ""
-    for p in body.get("parameter", []):
-        name = p.get("name")
+    for p in parameters:
+        name = p.get("name") if isinstance(p, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InputError("each Parameters.parameter must be an object with a name")
+        if name in flat or (name == "image" and image is not None):
+            raise InputError(f"parameter {name!r} is given more than once")
         if name == "image":
-            att = p.get("valueAttachment")
-            if not isinstance(att, dict) or not att.get("data"):
-                raise InputError("parameter 'image' must be an Attachment with inline data")
-            image_type = str(att.get("contentType", ""))
-            try:
-                image = base64.b64decode(att["data"], validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise InputError(f"image data is not valid base64: {exc}") from exc
+            image, image_type = _image_parameter(p)
             continue
         values = [v for k, v in p.items() if k.startswith("value")]
-        if len(values) != 1 or isinstance(values[0], dict | list):
+        if len(values) != 1 or isinstance(values[0], dict | list) or values[0] is None:
             raise InputError(f"parameter {name!r} must have one primitive value")
-        flat[str(name)] = str(values[0]).lower() if isinstance(values[0], bool) else str(values[0])
+        flat[name] = str(values[0]).lower() if isinstance(values[0], bool) else str(values[0])
     return flat, image, image_type
+
+
+def _image_parameter(p: Mapping[str, Any]) -> tuple[bytes, str]:
+    att = p.get("valueAttachment")
+    if not isinstance(att, dict) or not isinstance(att.get("data"), str) or not att["data"]:
+        raise InputError("parameter 'image' must be an Attachment with inline data")
+    try:
+        image = base64.b64decode(att["data"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"image data is not valid base64: {exc}") from exc
+    return image, str(att.get("contentType", ""))
 
 
 def parse_query(
@@ -156,6 +170,8 @@ def parse_query(
             raise InputError("a text query needs space=clip (DenseNet features have no text)")
     if image is not None and image_type and not image_type.startswith(_IMAGE_TYPES):
         raise InputError(f"image contentType {image_type!r} is not one of {_IMAGE_TYPES}")
+    if study_id is not None and (not _FHIR_ID.fullmatch(study_id) or not study_id.strip(".")):
+        raise InputError(f"{study_id!r} is not a FHIR resource id")
     given = sum(x is not None for x in (study_id, text, image))
     if given != 1:
         raise InputError("give exactly one of: a study (instance level), text, or image")
@@ -194,30 +210,20 @@ class SimilarService:
     encoder: QueryEncoder
     """loads its models on first use (``runtime.ModelQueryEncoder``): a study query needs none"""
 
-    def run(self, q: SimilarQuery, base_url: str) -> dict[str, Any]:
-        exclude_patient: str | None = None
-        exclude_study: str | None = None
-        if q.study_id is not None:
-            study = self.fhir.read("ImagingStudy", q.study_id)  # NotFoundError → 404
-            record = self.store.get(q.study_id, self.model_version)
-            vector = record.vector(q.space) if record is not None else None
-            if vector is None:
-                raise Unprocessable(
-                    f"ImagingStudy/{q.study_id} has no {q.space} embedding for model "
-                    f"{self.model_version} (not processed yet, or processing failed)"
-                )
-            exclude_study = q.study_id
-            if q.exclude_same_patient:
-                exclude_patient = study.get("subject", {}).get("reference", "").split("/")[-1]
-        elif q.text is not None:
-            vector = self.encoder.text(q.text)
-        else:
-            assert q.image is not None
-            vector = self.encoder.image(q.image, q.space)
+    def run(
+        self, q: SimilarQuery, base_url: str, *, bound_patient: str | None = None
+    ) -> dict[str, Any]:
+        """The searchset for ``q``. ``bound_patient`` (a patient-context caller) limits
+        everything to that patient: the query study must be theirs and so is every match."""
+        if bound_patient is not None:
+            if q.patient not in (None, bound_patient):
+                raise ForbiddenError(f"this token may search Patient/{bound_patient} only")
+            q = replace(q, patient=bound_patient)
+        vector, exclude_patient = self._query_vector(q, bound_patient)
         filters = SearchFilters(
-            exclude_patient=exclude_patient or None,
+            exclude_patient=exclude_patient,
             patient=q.patient,
-            exclude_study=exclude_study,
+            exclude_study=q.study_id,
             gender=q.gender,
             view_position=q.view_position,
             age_min=q.age_min,
@@ -227,15 +233,43 @@ class SimilarService:
         hits = self.store.search(
             vector, space=q.space, k=q.count, model_version=self.model_version, filters=filters
         )
-        return self._bundle([(h.study_id, h.score) for h in hits], base_url)
+        return self._bundle([(h.study_id, h.score) for h in hits], base_url, q.patient)
 
-    def _bundle(self, hits: Sequence[tuple[str, float]], base_url: str) -> dict[str, Any]:
+    def _query_vector(
+        self, q: SimilarQuery, bound_patient: str | None
+    ) -> tuple[npt.NDArray[np.float32], str | None]:
+        """The query's embedding, and the patient to leave out (``exclude-same-patient``)."""
+        if q.study_id is None:
+            encoder = self.encoder
+            if q.text is not None:
+                return encoder.text(q.text), None
+            assert q.image is not None
+            return encoder.image(q.image, q.space), None
+        study = self.fhir.read("ImagingStudy", q.study_id)  # NotFoundError → 404
+        subject = _subject_id(study)
+        if bound_patient is not None and subject != bound_patient:
+            raise ForbiddenError(f"ImagingStudy/{q.study_id} is not Patient/{bound_patient}'s")
+        record = self.store.get(q.study_id, self.model_version)
+        vector = record.vector(q.space) if record is not None else None
+        if vector is None:
+            raise Unprocessable(
+                f"ImagingStudy/{q.study_id} has no {q.space} embedding for model "
+                f"{self.model_version} (not processed yet, or processing failed)"
+            )
+        return vector, (subject if q.exclude_same_patient else None)
+
+    def _bundle(
+        self, hits: Sequence[tuple[str, float]], base_url: str, patient: str | None
+    ) -> dict[str, Any]:
         studies: dict[str, dict[str, Any]] = {}
         if hits:
             ids = ",".join(sid for sid, _ in hits)
             found = self.fhir.search("ImagingStudy", {"_id": ids, "_count": str(len(hits))})
             for entry in found.get("entry", []):
-                studies[entry["resource"]["id"]] = entry["resource"]
+                study = entry["resource"]
+                # The index's patient could be stale: the study as it is now decides.
+                if patient is None or _subject_id(study) == patient:
+                    studies[study["id"]] = study
         entries = [
             {
                 "fullUrl": f"{base_url}/ImagingStudy/{sid}",
@@ -251,3 +285,9 @@ class SimilarService:
             "total": len(entries),
             "entry": entries,
         }
+
+
+def _subject_id(study: Mapping[str, Any]) -> str | None:
+    ref = (study.get("subject") or {}).get("reference", "")
+    m = re.fullmatch(r"(?:.*/)?Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?", str(ref))
+    return m.group(1) if m else None

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
 
@@ -83,6 +84,78 @@ def fetch_pixels(
     return _fetch_url(fhir, str(url), where, max_bytes, allowed_hosts, content.get("contentType"))
 
 
+#: A Binary id (FHIR R4 id), the only thing a same-server image URL may name.
+_BINARY = re.compile(r"Binary/(?P<id>[A-Za-z0-9\-.]{1,64})")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _unsafe(text: str) -> bool:
+    return any(c.isspace() or ord(c) < 32 or c == "\\" for c in text)
+
+
+def _decoded(url: str, where: str) -> str:
+    """``url`` with percent-encoding undone until it is stable (``%252e`` → ``%2e`` → ``.``),
+    refusing characters no image URL needs: a check on the encoded form would let
+    ``Binary/%2e%2e/%2e%2e/Patient/1`` through."""
+    if _unsafe(url):
+        raise ImageError(f"{where} content.url {url!r} contains whitespace or a backslash")
+    text = url
+    for _ in range(4):
+        decoded = unquote(text)
+        if decoded == text:
+            break
+        text = decoded
+    if "%" in text or _unsafe(text):
+        raise ImageError(f"{where} content.url {url!r} is encoded more than we accept")
+    return text
+
+
+def _origin(parts: SplitResult) -> tuple[str, str, int | None]:
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def same_server_binary(base_url: str, url: str, where: str) -> str | None:
+    """``Binary/{id}`` when ``url`` names a Binary on the FHIR server at ``base_url``
+    (relative, or absolute under the base); None when it points at another server. Anything
+    else that claims this server, or tries to leave ``Binary/`` (``..``, ``.``, encoded or
+    not, a query), is refused: the worker reads it with the service's own access."""
+    text = _decoded(url, where)
+    parts = urlsplit(text)
+    extra = parts.query or parts.fragment
+    relative = parts.path
+    if parts.scheme or parts.netloc:
+        base = urlsplit(base_url.rstrip("/"))
+        if _origin(parts) != _origin(base) or "@" in parts.netloc:
+            return None
+        prefix = base.path.rstrip("/") + "/"
+        if not parts.path.startswith(prefix):
+            raise ImageError(f"{where} content.url {url!r} is not under this FHIR base")
+        relative = parts.path[len(prefix) :]
+    m = _BINARY.fullmatch(relative)
+    if m is None or extra or m.group("id").strip(".") == "":
+        raise ImageError(f"{where} content.url {url!r} is not a Binary on this FHIR server")
+    return relative
+
+
+def _external(url: str, where: str, allowed_hosts: frozenset[str]) -> str:
+    """``url`` when it is on an allow-listed image host, else ImageError. Exact host names
+    only: no user information (``http://allowed@evil/``), no other scheme; ``localhost.``,
+    ``[::1]`` and ``2130706433`` are hosts of their own, refused unless listed as such."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in _DEFAULT_PORTS:
+        raise ImageError(f"{where} content.url {url!r} is not an http(s) URL")
+    if "@" in parts.netloc:
+        raise ImageError(f"{where} content.url {url!r} carries user information")
+    host = parts.hostname or ""
+    if host not in allowed_hosts:
+        raise ImageError(
+            f"{where} content.url points at {host!r}, which is neither this FHIR server nor an "
+            "allow-listed image host (CXR_IMAGE_HOSTS)"
+        )
+    return url
+
+
 def _fetch_url(
     fhir: FhirClient,
     url: str,
@@ -91,32 +164,27 @@ def _fetch_url(
     allowed_hosts: frozenset[str],
     content_type: str | None,
 ) -> Pixels:
-    relative = url[len(fhir.base_url) + 1 :] if url.startswith(fhir.base_url + "/") else url
-    if not relative.startswith(("http://", "https://")):
-        if not relative.startswith("Binary/"):
-            raise ImageError(f"{where} content.url {url!r} is not a Binary on this FHIR server")
+    relative = same_server_binary(fhir.base_url, url, where)
+    if relative is not None:
         response = fhir.request("GET", relative, headers={"Accept": "application/octet-stream"})
         if len(response.content) > max_bytes:
             raise ImageTooLargeError(f"{relative} is larger than {max_bytes} bytes")
         return Pixels(
             response.content, f"{where} ({relative})", response.headers.get("content-type")
         )
-    host = urlparse(relative).hostname or ""
-    if host not in allowed_hosts:
-        raise ImageError(
-            f"{where} content.url points at {host!r}, which is neither this FHIR server nor an "
-            "allow-listed image host (CXR_IMAGE_HOSTS)"
-        )
+    target = _external(url, where, allowed_hosts)
     chunks: list[bytes] = []
     total = 0
     try:
-        with httpx.stream("GET", relative, timeout=30, follow_redirects=False) as response:
-            response.raise_for_status()
+        with httpx.stream("GET", target, timeout=30, follow_redirects=False) as response:
+            if response.status_code != 200:
+                # Redirects are not followed: one could lead past the allow-list.
+                raise ImageError(f"cannot fetch {target}: it answered {response.status_code}")
             for chunk in response.iter_bytes():
                 total += len(chunk)
                 if total > max_bytes:
-                    raise ImageTooLargeError(f"{relative} is larger than {max_bytes} bytes")
+                    raise ImageTooLargeError(f"{target} is larger than {max_bytes} bytes")
                 chunks.append(chunk)
     except httpx.HTTPError as exc:
-        raise ImageError(f"cannot fetch {relative}: {exc}") from exc
-    return Pixels(b"".join(chunks), f"{where} ({relative})", content_type)
+        raise ImageError(f"cannot fetch {target}: {exc}") from exc
+    return Pixels(b"".join(chunks), f"{where} ({target})", content_type)

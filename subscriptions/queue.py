@@ -2,9 +2,12 @@
 
 Keys, written down once:
 
-* one job per (study id, version id): the *queueing lock* ``study:{id}:{version}`` makes a
-  second defer of the same notification a no-op while the first is still waiting, so 20
-  duplicate rest-hook deliveries queue one job;
+* one waiting job per study, whatever version a notification names: the *queueing lock*
+  ``queued:study:{id}`` makes any further defer a no-op while one job for the study is still
+  waiting, so 20 duplicate rest-hook deliveries (or 200 that differ only in
+  ``meta.versionId``) queue one job. That is safe because the job reads the study as it is
+  when it runs, not the version that queued it; a notification that arrives once the job
+  has started queues the next one;
 * one job at a time per study: the *lock* ``study:{id}`` serialises jobs for the same study
   across any number of workers, so two versions never race their writes;
 * the FHIR writes themselves are conditional creates on the report identifier, so a job
@@ -66,8 +69,9 @@ def apply_schema(dsn: str) -> None:
             conn.execute("SELECT pg_advisory_unlock(hashtext('cxr.procrastinate.schema'))")
 
 
-def study_queueing_lock(study_id: str, version_id: str) -> str:
-    return f"study:{study_id}:{version_id}"
+def study_queueing_lock(study_id: str) -> str:
+    """One waiting job per study: the job processes whatever version is current then."""
+    return f"queued:study:{study_id}"
 
 
 def study_lock(study_id: str) -> str:
@@ -121,8 +125,8 @@ def register_tasks(
                 await app.job_manager.retry_job(job)
                 log.warning("retrying stalled job %s (%s)", job.id, job.task_name)
             except UniqueViolation:
-                # The sweep already queued the same study version again; that copy will do
-                # the work once this one releases the study lock.
+                # The study was queued again meanwhile; that job does the work (on the then
+                # current version) once this one releases the study lock.
                 await app.job_manager.finish_job(job, Status.ABORTED, delete_job=False)
                 log.warning("stalled job %s superseded by a queued duplicate", job.id)
 
@@ -136,12 +140,13 @@ def _study_job(app: procrastinate.App, study_id: str, version_id: str) -> JobDef
         PROCESS_TASK,
         queue=QUEUE,
         lock=study_lock(study_id),
-        queueing_lock=study_queueing_lock(study_id, version_id),
+        queueing_lock=study_queueing_lock(study_id),
     )
 
 
 async def enqueue_study(app: procrastinate.App, study_id: str, version_id: str) -> bool:
-    """Queue processing of one study version; False when the same one is already waiting."""
+    """Queue processing of the study (``version_id`` is what the notification named, kept
+    for the logs); False when a job for the study is already waiting."""
     try:
         await _study_job(app, study_id, version_id).defer_async(
             study_id=study_id, version_id=version_id

@@ -11,16 +11,25 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from fhir_service.settings import Settings
+from fhir_service.ops import hapi_server
+from fhir_service.ops.stack import start_service, start_workers, stop_all
+from fhir_service.settings import Settings, TrustedIssuer
 from models.types import ImageAnalysis
 from tests.factories import make_analysis, make_study
+from tests.integration.stack import Stack
 
 REPO = Path(__file__).resolve().parent.parent
+#: Ports (before the offset) of the dev EHRs integration tests start: test_dev_ehr (18002),
+#: test_app_browser (18004, 18005), test_app_patient_context (18006), test_similar (18007),
+#: tests/security (18008).
+DEV_EHR_PORTS = (18002, 18004, 18005, 18006, 18007, 18008)
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +50,16 @@ def test_settings(test_data_dir: Path) -> Settings:
         service_port=18001 + offset,
         model_weights="untrained",
         clip_weights="untrained",
+        # The dev EHRs the integration tests start (each module its own port).
+        app_issuers=[f"http://127.0.0.1:{port + offset}/fhir" for port in DEV_EHR_PORTS],
+        # $similar (reached through their FHIR proxies and HAPI) accepts their tokens.
+        similar_issuers=[
+            TrustedIssuer(
+                issuer=f"http://127.0.0.1:{port + offset}",
+                audience=f"http://127.0.0.1:{port + offset}/fhir",
+            )
+            for port in DEV_EHR_PORTS
+        ],
     )
 
 
@@ -81,3 +100,80 @@ def untrained_analysis() -> ImageAnalysis:
 @pytest.fixture
 def study() -> dict[str, Any]:
     return make_study()
+
+
+# --- the real servers (shared by tests/integration and tests/security) -------------------------
+# HAPI takes 20-40 s to boot on a small machine, so it is started once per session and stopped
+# at the end; tests share it and keep their resources apart with unique identifiers.
+
+FHIR_JSON = "application/fhir+json"
+
+
+def _fhir_content_type(request: httpx.Request) -> None:
+    # httpx labels ``json=`` bodies application/json. HAPI reads that as FHIR for most types,
+    # but a POST /Binary with it stores the JSON text itself as the binary content.
+    if request.headers.get("content-type") == "application/json":
+        request.headers["Content-Type"] = FHIR_JSON
+
+
+@dataclass
+class HapiServer:
+    """Handle on the session's HAPI process."""
+
+    settings: Settings
+    boot_s: float
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.fhir_base_url
+
+    def client(self, timeout_s: float = 60.0) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url,
+            headers={"Accept": FHIR_JSON},
+            timeout=timeout_s,
+            event_hooks={"request": [_fhir_content_type]},
+        )
+
+    def restart(self) -> float:
+        """Stop and start HAPI on the same data dir; returns seconds to ready."""
+        hapi_server.stop(self.settings)
+        self.boot_s = hapi_server.start(self.settings)
+        return self.boot_s
+
+
+@pytest.fixture(scope="session")
+def hapi(test_settings: Settings) -> Iterator[HapiServer]:
+    settings = test_settings
+    # A HAPI left behind by an interrupted run would hold the port and the H2 file lock.
+    hapi_server.stop(settings)
+    shutil.rmtree(settings.hapi_dir, ignore_errors=True)
+    (settings.log_dir / "hapi.log").unlink(missing_ok=True)
+    try:
+        boot_s = hapi_server.start(settings)
+    except BaseException:
+        hapi_server.stop(settings)  # a HAPI that did not get ready in time must not outlive the run
+        raise
+    server = HapiServer(settings=settings, boot_s=boot_s)
+    try:
+        yield server
+    finally:
+        hapi_server.stop(settings)
+
+
+@pytest.fixture(scope="session")
+def stack(hapi: HapiServer, database: str, test_settings: Settings) -> Iterator[Stack]:
+    """HAPI + PostgreSQL + one ``cxr serve`` + one ``cxr worker`` (untrained), per session."""
+    stop_all(test_settings)
+    try:
+        start_service(test_settings)
+        start_workers(test_settings, 1)
+        s = Stack(test_settings, database)
+    except BaseException:
+        stop_all(test_settings)  # a half-started stack must not outlive the run
+        raise
+    try:
+        yield s
+    finally:
+        stop_all(test_settings)
+        s.fhir.close()

@@ -6,13 +6,14 @@ work is queued durably and never done inline.
 
 from __future__ import annotations
 
-import json
 import logging
+from typing import Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
-from cxr_errors import InputError
+from fhir_service.api.limits import parse_json
+from fhir_service.api.openapi import NOTIFICATION_BODY, OPERATION_OUTCOME, responses
 from fhir_service.api.responses import fhir_response
 from fhir_service.deps import QueueDep, SettingsDep
 from fhir_service.fhir.outcome import operation_outcome
@@ -24,8 +25,14 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/hook", tags=["rest-hook"])
 
 
-@router.put("/ImagingStudy/{study_id}")
-@router.post("/ImagingStudy/{study_id}")
+_DOC: dict[str, Any] = {
+    "responses": responses(OPERATION_OUTCOME, 400, 401, 413),
+    "openapi_extra": {"requestBody": NOTIFICATION_BODY},
+}
+
+
+@router.put("/ImagingStudy/{study_id}", **_DOC)
+@router.post("/ImagingStudy/{study_id}", **_DOC)
 async def imaging_study_notification(
     study_id: str,
     request: Request,
@@ -34,10 +41,7 @@ async def imaging_study_notification(
     secret: str | None = Header(default=None, alias=SECRET_HEADER),
 ) -> JSONResponse:
     check_secret(secret, settings.subscription_secret)
-    try:
-        body = json.loads(await request.body())
-    except ValueError as exc:
-        raise InputError(f"rest-hook body is not JSON: {exc}") from exc
+    body = parse_json(await request.body(), "the rest-hook body")
     note = parse_notification(study_id, body)
     if note.status != "available":
         text = f"ImagingStudy/{study_id} is {note.status!r}, not 'available'; nothing queued"
@@ -46,7 +50,7 @@ async def imaging_study_notification(
     text = (
         f"queued ImagingStudy/{study_id}/_history/{note.version_id}"
         if queued
-        else f"ImagingStudy/{study_id}/_history/{note.version_id} is already queued"
+        else f"ImagingStudy/{study_id} is already queued (the job reads its current version)"
     )
     log.info(text)
     return fhir_response(operation_outcome(text, severity="information", code="informational"))

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from cxr_errors import NotFoundError
+from fhir_service.api.openapi import responses
 from fhir_service.api.responses import fhir_response
 from fhir_service.deps import SettingsDep
 from fhir_service.similar import DEFAULT_COUNT, MAX_TEXT
@@ -108,12 +109,15 @@ def capability_statement(base: str) -> dict[str, Any]:
     }
 
 
-@router.get("/metadata")
+_RESOURCE = {"type": "object", "required": ["resourceType"]}
+
+
+@router.get("/metadata", responses=responses(_RESOURCE))
 def metadata(settings: SettingsDep) -> Any:
     return fhir_response(capability_statement(f"{settings.service_url}/fhir"))
 
 
-@router.get("/OperationDefinition/{op_id}")
+@router.get("/OperationDefinition/{op_id}", responses=responses(_RESOURCE, 404))
 def read_operation_definition(op_id: str, settings: SettingsDep) -> Any:
     if op_id != OPERATION_ID:
         raise NotFoundError(f"OperationDefinition/{op_id} is not known")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import io
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -27,8 +26,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from cxr_errors import CxrError, FhirError, ForbiddenError, NotFoundError
-from fhir_service.app_ui import clinical, smart
+from cxr_errors import CxrError, FhirError, ForbiddenError, ImageError, NotFoundError
+from fhir_service.app_ui import clinical, images, smart
 from fhir_service.app_ui.service import AppUi, NotSignedIn
 from fhir_service.app_ui.session import COOKIE, AppSession, Pending
 
@@ -37,11 +36,18 @@ log = logging.getLogger(__name__)
 _STATIC = files("fhir_service.app_ui") / "static"
 _STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
 _PENDING_LIFETIME_S = 600
-# Everything the pages load comes from this origin; images may be data:/blob: URLs.
+#: Re-encoded images kept per session (the worklist and similar panel ask for the same ones).
+_RENDERED_CACHE = 32
+# Everything the pages load comes from this origin (the favicon is a data: URL); no inline
+# script or style, no plugins, no <base>, forms post here only; framing only by the EHR
+# origins CXR_APP_FRAME_ANCESTORS names (none by default).
 _CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
-    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'"
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors {ancestors}"
 )
+#: The header a state-changing call carries, holding the session's CSRF token.
+CSRF_HEADER = "X-Cxr-Csrf"
 _NO_STORE = {"Cache-Control": "no-store"}
 _SIMILAR_PARAMS = (
     "count",
@@ -81,12 +87,18 @@ def _session(request: Request, ui: UiDep) -> AppSession:
     return session
 
 
-def _page(body: str, status: int = 200) -> HTMLResponse:
-    return HTMLResponse(body, status, headers={"Content-Security-Policy": _CSP, **_NO_STORE})
+def page_csp(frame_ancestors: list[str]) -> str:
+    return _CSP.format(ancestors=" ".join(frame_ancestors) or "'none'")
 
 
-def _error_page(title: str, message: str, status: int) -> HTMLResponse:
+def _page(ui: AppUi, body: str, status: int = 200) -> HTMLResponse:
+    csp = page_csp(ui.settings.app_frame_ancestors)
+    return HTMLResponse(body, status, headers={"Content-Security-Policy": csp, **_NO_STORE})
+
+
+def _error_page(ui: AppUi, title: str, message: str, status: int) -> HTMLResponse:
     return _page(
+        ui,
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>{html.escape(title)} — cxr</title>"
@@ -98,6 +110,8 @@ def _error_page(title: str, message: str, status: int) -> HTMLResponse:
 
 
 def _set_cookie(response: Response, ui: AppUi, session: AppSession) -> None:
+    # Lax, not Strict: the EHR's redirect to /app/callback is a cross-site navigation, and a
+    # Strict cookie would not come with it. State-changing calls need the CSRF token too.
     response.set_cookie(
         COOKIE,
         ui.sessions.cookie_value(session),
@@ -118,11 +132,11 @@ async def launch(
 ) -> Response:
     iss = iss.rstrip("/")
     if not ui.issuer_allowed(iss):
-        return _error_page("Unknown EHR", f"{iss} is not an EHR this app trusts.", 400)
+        return _error_page(ui, "Unknown EHR", f"{iss} is not an EHR this app trusts.", 400)
     try:
         config = await smart.discover(ui.http, iss)
     except smart.LaunchError as exc:
-        return _error_page("Launch failed", str(exc), 502)
+        return _error_page(ui, "Launch failed", str(exc), 502)
     # A launch always starts a new session: tokens of an earlier patient must not leak in.
     old = ui.sessions.from_cookie(request.cookies.get(COOKIE))
     if old is not None:
@@ -161,15 +175,15 @@ async def callback(
     session = ui.sessions.from_cookie(request.cookies.get(COOKIE))
     pending = session.pending if session else None
     if session is None or pending is None:
-        return _error_page("Launch failed", "no launch in progress in this browser", 400)
+        return _error_page(ui, "Launch failed", "no launch in progress in this browser", 400)
     if not state or not secrets.compare_digest(state, pending.state):
         session.pending = None
-        return _error_page("Launch failed", "the state parameter does not match", 400)
+        return _error_page(ui, "Launch failed", "the state parameter does not match", 400)
     session.pending = None
     if pending.created + _PENDING_LIFETIME_S < ui.clock():
-        return _error_page("Launch failed", "the launch took too long; start again", 400)
+        return _error_page(ui, "Launch failed", "the launch took too long; start again", 400)
     if error or not code:
-        return _error_page("Access not granted", error_description or error or "no code", 403)
+        return _error_page(ui, "Access not granted", error_description or error or "no code", 403)
     try:
         body = await smart.exchange_code(
             ui.http,
@@ -181,11 +195,11 @@ async def callback(
             clock=ui.clock,
         )
     except smart.LaunchError as exc:
-        return _error_page("Launch failed", str(exc), 502)
+        return _error_page(ui, "Launch failed", str(exc), 502)
     try:
         mode = smart.launch_mode(body)
     except smart.LaunchError as exc:
-        return _error_page("Launch failed", str(exc), 400)
+        return _error_page(ui, "Launch failed", str(exc), 400)
     session.iss = pending.iss
     session.token_endpoint = pending.token_endpoint
     session.mode = mode
@@ -193,12 +207,29 @@ async def callback(
     return RedirectResponse("/app/", status_code=303, headers=_NO_STORE)
 
 
+def same_origin_with_token(request: Request, ui: AppUi, session: AppSession) -> bool:
+    """CSRF defence of a state-changing call: the session's token in ``X-Cxr-Csrf`` (a
+    header only same-origin script can set; the token is read from ``/app/api/context``),
+    and no ``Origin`` or ``Sec-Fetch-Site`` saying another site sent it."""
+    origin = request.headers.get("origin")
+    if origin is not None and origin.rstrip("/") != ui.settings.service_url:
+        return False
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
+    given = request.headers.get(CSRF_HEADER, "")
+    return secrets.compare_digest(given.encode(), session.csrf.encode())
+
+
 @router.post("/logout")
 async def logout(request: Request, ui: UiDep) -> Response:
     session = ui.sessions.from_cookie(request.cookies.get(COOKIE))
-    if session is not None:
-        ui.sessions.drop(session)
-    response = RedirectResponse("/app/", status_code=303)
+    if session is None:
+        return _api_error(401, "not signed in")
+    if not same_origin_with_token(request, ui, session):
+        log.warning("refused a logout without the session's CSRF token (cross-site?)")
+        return _api_error(403, "missing or wrong CSRF token")
+    ui.sessions.drop(session)
+    response = Response(status_code=204, headers=_NO_STORE)
     response.delete_cookie(COOKIE, path="/app")
     return response
 
@@ -208,13 +239,13 @@ def _static_text(name: str) -> str:
 
 
 @router.get("/")
-async def worklist_page() -> HTMLResponse:
-    return _page(_static_text("index.html"))
+async def worklist_page(ui: UiDep) -> HTMLResponse:
+    return _page(ui, _static_text("index.html"))
 
 
 @router.get("/study/{study_id}")
-async def study_page(study_id: str) -> HTMLResponse:
-    return _page(_static_text("study.html"))
+async def study_page(ui: UiDep, study_id: str) -> HTMLResponse:
+    return _page(ui, _static_text("study.html"))
 
 
 @router.get("/static/{name}")
@@ -244,6 +275,8 @@ async def _guard(call: Any) -> Any:
         return _api_error(404, str(exc))
     except ForbiddenError as exc:
         return _api_error(403, str(exc))
+    except ImageError as exc:
+        return _api_error(exc.http_status, str(exc))
     except FhirError as exc:
         return _api_error(502, str(exc))
     except CxrError as exc:
@@ -268,6 +301,7 @@ async def context(request: Request, ui: UiDep) -> Response:
             "user": tokens.fhir_user,
             "iss": session.iss,
             "poll_interval_s": ui.settings.app_poll_interval_s,
+            "csrf": session.csrf,
         }
         if mode == "patient" and tokens.patient is not None:
             patient = await ui.read(session, "Patient", tokens.patient)
@@ -301,16 +335,6 @@ async def study(request: Request, ui: UiDep, study_id: str) -> Response:
     return result
 
 
-def _thumbnail(data: bytes, size: int) -> bytes:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        img.thumbnail((size, size))
-        out = io.BytesIO()
-        img.convert("L").save(out, format="PNG", optimize=True)
-        return out.getvalue()
-
-
 @router.get("/api/image/{study_id}")
 async def image(
     request: Request,
@@ -318,11 +342,40 @@ async def image(
     study_id: str,
     size: Annotated[int | None, Query(ge=32, le=1024)] = None,
 ) -> Response:
+    """The study's X-ray as a PNG our decoder wrote (never the stored bytes, whatever the
+    Media's contentType); a thumbnail (``size``) of an undecodable image is a placeholder."""
+
     async def run() -> Response:
-        data, content_type = await ui.image(_session(request, ui), study_id)
-        if size is not None:
-            data, content_type = await asyncio.to_thread(_thumbnail, data, size), "image/png"
-        return Response(data, media_type=content_type, headers={"Cache-Control": "private"})
+        session = _session(request, ui)
+        cache: dict[tuple[str, int | None], tuple[bytes, str]] = session.extra.setdefault(
+            "rendered", {}
+        )
+        if (study_id, size) not in cache:
+            try:
+                data, _ = await ui.image(session, study_id)
+            except ImageError:
+                if size is None:
+                    raise
+                data = b""  # a Media without usable bytes: its thumbnail is the placeholder
+            limits = {
+                "max_bytes": ui.settings.max_image_bytes,
+                "max_pixels": ui.settings.max_image_pixels,
+            }
+            if size is None:
+                png = await asyncio.to_thread(images.display_png, data, size=None, **limits)
+                kind = "image"
+            else:
+                png, decoded = await asyncio.to_thread(
+                    images.thumbnail_png, data, size=size, **limits
+                )
+                kind = "image" if decoded else "placeholder"
+            if len(cache) >= _RENDERED_CACHE:
+                cache.pop(next(iter(cache)))
+            cache[(study_id, size)] = (png, kind)
+        png, kind = cache[(study_id, size)]
+        return Response(
+            png, media_type=images.PNG, headers={"Cache-Control": "private", "X-Cxr-Image": kind}
+        )
 
     result: Response = await _guard(run())
     return result
@@ -332,9 +385,11 @@ async def image(
 async def heatmap(request: Request, ui: UiDep, study_id: str, finding: str) -> Response:
     async def run() -> Response:
         png, source = await ui.heatmap(_session(request, ui), study_id, finding)
+        if source == "stored":
+            png = await asyncio.to_thread(images.overlay_png, png)
         return Response(
             png,
-            media_type="image/png",
+            media_type=images.PNG,
             headers={"Cache-Control": "private", "X-Cxr-Heatmap": source},
         )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,15 +28,17 @@ from typing import Any
 
 import httpx
 
-from cxr_errors import FhirError, NotFoundError
+from cxr_errors import FhirError, ImageError, NotFoundError
 from fhir_service.app_ui import clinical, smart
 from fhir_service.app_ui.access import PATIENT_SEARCH_PARAM, LaunchAccess
 from fhir_service.app_ui.heatmaps import HeatmapRenderer
 from fhir_service.app_ui.session import AppSession, SessionStore, Tokens
+from fhir_service.issuers import issuer_allowed
 from fhir_service.runtime import LazyModels
 from fhir_service.settings import Settings
 
 FHIR_JSON = "application/fhir+json"
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _PAGE = "100"
 _MAX_PAGES = 20
 _IMAGE_CACHE = 8
@@ -85,10 +88,9 @@ class AppUi:
         return f"{self.settings.service_url}/app/callback"
 
     def issuer_allowed(self, iss: str) -> bool:
-        allowed = [i.rstrip("/") for i in self.settings.app_issuers]
-        if allowed:
-            return iss.rstrip("/") in allowed
-        return self.settings.mode == "dev" and iss.startswith(("http://", "https://"))
+        """Whether a launch from ``iss`` may go on: nothing is fetched from, nor redirected
+        to, an issuer outside the allow-list (:mod:`fhir_service.issuers`)."""
+        return issuer_allowed(iss, self.settings.app_issuer_allow_list)
 
     # --- tokens ---------------------------------------------------------------------------
 
@@ -205,6 +207,8 @@ class AppUi:
     async def read(self, session: AppSession, rtype: str, rid: str) -> FhirAnswer:
         """``{rtype}/{rid}``; one the launch may not show is refused (ForbiddenError)."""
         access = self.access(session)
+        if not _FHIR_ID.fullmatch(rid) or rid.strip(".") == "":
+            return FhirAnswer(404, {})  # not an id: nothing to ask the EHR for
         if not access.may(rtype, "r"):
             return FhirAnswer(403, {})
         answer = await self.fhir(session, f"{rtype}/{rid}")
@@ -359,11 +363,11 @@ class AppUi:
         content = media.get("content") or {}
         if not content.get("data"):
             # content.url (Binary) is outside the patient compartment the token grants.
-            raise NotFoundError(f"Media/{media.get('id')} carries no inline image data")
+            raise ImageError(f"Media/{media.get('id')} carries no inline image data")
         try:
             data = base64.b64decode(str(content["data"]), validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise NotFoundError(f"Media/{media.get('id')} holds invalid base64") from exc
+            raise ImageError(f"Media/{media.get('id')} holds invalid base64") from exc
         found = (data, str(content.get("contentType", "application/octet-stream")))
         if len(cache) >= _IMAGE_CACHE:
             cache.pop(next(iter(cache)))

@@ -60,6 +60,8 @@ class AppSession:
     #: Set with the first tokens (see :func:`fhir_service.app_ui.smart.launch_mode`).
     mode: Mode | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Sent back in ``X-Cxr-Csrf`` by the pages on every state-changing call.
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -211,6 +211,10 @@ def _print_triage(rows: list[dict[str, Any]], settings: Settings, model_version:
         f"Its results:      {base}/DiagnosticReport?_id={first['report']}"
         "&_include=DiagnosticReport:result&_include=DiagnosticReport:media"
     )
-    console.print(f"Similar cases:    {base}/ImagingStudy/{first['study']}/$similar?count=5")
+    console.print(
+        f"Similar cases:    {base}/ImagingStudy/{first['study']}/$similar?count=5 "
+        "(Authorization: Bearer $CXR_SERVICE_API_KEY, or `cxr similar "
+        f"{first['study']}`)"
+    )
     console.print(f"Service health:   {settings.service_url}/healthz")
     console.print(f"Logs:             {settings.log_dir}")

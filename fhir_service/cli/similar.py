@@ -52,6 +52,8 @@ def similar(
         if exclude_same_patient:
             params["exclude-same-patient"] = "true"
         base = f"{settings.service_url}/fhir/ImagingStudy"
+        # The service's own key: the CLI is a trusted system caller (CXR_SERVICE_API_KEY).
+        auth = {"Authorization": f"Bearer {settings.service_api_key}"}
         try:
             if image is not None:
                 ctype = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
@@ -69,11 +71,17 @@ def similar(
                         }
                     ],
                 }
-                r = httpx.post(f"{base}/$similar", params=params, json=body, timeout=120)
+                r = httpx.post(
+                    f"{base}/$similar", params=params, json=body, headers=auth, timeout=120
+                )
             elif text is not None:
-                r = httpx.get(f"{base}/$similar", params={**params, "text": text}, timeout=60)
+                r = httpx.get(
+                    f"{base}/$similar", params={**params, "text": text}, headers=auth, timeout=60
+                )
             else:
-                r = httpx.get(f"{base}/{study_id}/$similar", params=params, timeout=60)
+                r = httpx.get(
+                    f"{base}/{study_id}/$similar", params=params, headers=auth, timeout=60
+                )
         except httpx.TransportError as exc:
             raise FhirUnavailableError(
                 f"the service at {settings.service_url} is not reachable ({exc}); "

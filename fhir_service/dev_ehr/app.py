@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from fhir_service.api.limits import BodyLimit
 from fhir_service.dev_ehr import oauth, pages, proxy
 from fhir_service.dev_ehr.context import DevEhr, EhrDep
 from fhir_service.dev_ehr.store import GrantStore, Kind
@@ -66,13 +67,17 @@ def build_ehr(
     )
 
 
-def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
-    ehr = ehr or build_ehr(settings)
+def _warn_if_unfiltered(settings: Settings) -> None:
     if not settings.dev_ehr_proxy_filter:
         log.warning(
             "TEST-ONLY: CXR_DEV_EHR_PROXY_FILTER=false — the FHIR proxy does not narrow patient "
             "tokens to their patient; only the app's own checks keep patients apart"
         )
+
+
+def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
+    ehr = ehr or build_ehr(settings)
+    _warn_if_unfiltered(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,6 +92,7 @@ def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.ehr = ehr
+    app.add_middleware(BodyLimit, limit_for=settings.request_limit)
     # Browser-side SMART clients call the token endpoint and the FHIR base cross-origin.
     app.add_middleware(
         CORSMiddleware,

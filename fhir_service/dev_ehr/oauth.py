@@ -9,7 +9,9 @@
   screen beyond the picker.
 - ``token``: ``authorization_code`` with ``code_verifier`` (codes live
   ``dev_ehr_code_lifetime_s``, single-use), ``refresh_token`` (rotated; a replayed code
-  or refresh token revokes the whole grant, access tokens included).
+  or refresh token revokes the whole grant, access tokens included). A request refused
+  for any other reason (wrong verifier, redirect_uri or client, a wider scope) uses
+  nothing up.
 - granted scopes ⊆ requested ∩ the client's registered scopes, ``patient/`` ones with a
   patient in context and read/search ``user/`` ones without (the token response then has
   no ``patient``).
@@ -343,46 +345,68 @@ async def token(request: Request, ehr: EhrDep) -> Response:
     grant_type = form.get("grant_type")
 
     if grant_type == "authorization_code":
-        code = form.get("code")
-        if not code:
-            return _token_error("invalid_request", "code is required")
-        taken = ehr.store.take(Kind.CODE, code)
-        if taken.outcome is not Outcome.OK or taken.data is None or taken.family is None:
-            return _token_error(
-                "invalid_grant", f"the authorization code {_REFUSED[taken.outcome]}"
-            )
-        grant = taken.data
-        if grant["client_id"] != client_id:
-            return _token_error("invalid_grant", "the code was issued to another client")
-        if form.get("redirect_uri") != grant["redirect_uri"]:
-            return _token_error("invalid_grant", "redirect_uri does not match the authorization")
-        verifier = form.get("code_verifier", "")
-        if not _VERIFIER.fullmatch(verifier):
-            return _token_error("invalid_grant", "code_verifier is missing or malformed")
-        if not hmac.compare_digest(s256(verifier), grant["code_challenge"]):
-            return _token_error("invalid_grant", "code_verifier does not match code_challenge")
-        return _token_response(ehr, grant, taken.family, grant_type=grant_type)
-
+        return _redeem_code(ehr, form, client_id)
     if grant_type == "refresh_token":
-        refresh_token = form.get("refresh_token")
-        if not refresh_token:
-            return _token_error("invalid_request", "refresh_token is required")
-        taken = ehr.store.take(Kind.REFRESH, refresh_token)
-        if taken.outcome is not Outcome.OK or taken.data is None or taken.family is None:
-            return _token_error("invalid_grant", f"the refresh token {_REFUSED[taken.outcome]}")
-        grant = taken.data
-        if grant["client_id"] != client_id:
-            ehr.store.revoke(taken.family)
-            return _token_error("invalid_grant", "the refresh token was issued to another client")
-        requested = form.get("scope")
-        if requested is not None:
-            # RFC 6749 §6: a refresh may narrow the scope, never widen it.
-            narrowed = scopes.split(requested)
-            if not set(narrowed) <= set(grant["scopes"]):
-                return _token_error("invalid_scope", "scope exceeds what was granted")
-            grant = {**grant, "scopes": narrowed}
-        return _token_response(ehr, grant, taken.family, grant_type=grant_type)
-
+        return _redeem_refresh(ehr, form, client_id)
     return _token_error(
         "unsupported_grant_type", "grant_type must be authorization_code or refresh_token"
     )
+
+
+def _code_refusal(grant: dict[str, Any], form: dict[str, str], client_id: str) -> str | None:
+    if grant["client_id"] != client_id:
+        return "the code was issued to another client"
+    if form.get("redirect_uri") != grant["redirect_uri"]:
+        return "redirect_uri does not match the authorization"
+    verifier = form.get("code_verifier", "")
+    if not _VERIFIER.fullmatch(verifier):
+        return "code_verifier is missing or malformed"
+    if not hmac.compare_digest(s256(verifier), grant["code_challenge"]):
+        return "code_verifier does not match code_challenge"
+    return None
+
+
+def _redeem_code(ehr: DevEhr, form: dict[str, str], client_id: str) -> JSONResponse:
+    """Check everything before using the code up: a refused request (wrong verifier or
+    redirect_uri, another client) leaves it to the client it was issued to. A code already
+    used is a replay and revokes its grant (:meth:`GrantStore.peek`)."""
+    code = form.get("code")
+    if not code:
+        return _token_error("invalid_request", "code is required")
+    found = ehr.store.peek(Kind.CODE, code)
+    if found.outcome is not Outcome.OK or found.data is None:
+        return _token_error("invalid_grant", f"the authorization code {_REFUSED[found.outcome]}")
+    refusal = _code_refusal(found.data, form, client_id)
+    if refusal is not None:
+        return _token_error("invalid_grant", f"{refusal} (the code stays unused)")
+    taken = ehr.store.take(Kind.CODE, code)  # a concurrent redemption may have won
+    if taken.outcome is not Outcome.OK or taken.data is None or taken.family is None:
+        return _token_error("invalid_grant", f"the authorization code {_REFUSED[taken.outcome]}")
+    return _token_response(ehr, taken.data, taken.family, grant_type="authorization_code")
+
+
+def _redeem_refresh(ehr: DevEhr, form: dict[str, str], client_id: str) -> JSONResponse:
+    """Rotate a refresh token, only when the request is granted: one asking for a wider
+    scope, or from another client, is refused and the token stays valid."""
+    refresh_token = form.get("refresh_token")
+    if not refresh_token:
+        return _token_error("invalid_request", "refresh_token is required")
+    found = ehr.store.peek(Kind.REFRESH, refresh_token)
+    if found.outcome is not Outcome.OK or found.data is None:
+        return _token_error("invalid_grant", f"the refresh token {_REFUSED[found.outcome]}")
+    grant = found.data
+    if grant["client_id"] != client_id:
+        return _token_error("invalid_grant", "the refresh token was issued to another client")
+    requested = form.get("scope")
+    if requested is not None:
+        # RFC 6749 §6: a refresh may narrow the scope, never widen it.
+        narrowed = scopes.split(requested)
+        if not set(narrowed) <= set(grant["scopes"]):
+            return _token_error(
+                "invalid_scope", "scope exceeds what was granted (the refresh token stays valid)"
+            )
+        grant = {**grant, "scopes": narrowed}
+    taken = ehr.store.take(Kind.REFRESH, refresh_token)
+    if taken.outcome is not Outcome.OK or taken.family is None:
+        return _token_error("invalid_grant", f"the refresh token {_REFUSED[taken.outcome]}")
+    return _token_response(ehr, grant, taken.family, grant_type="refresh_token")

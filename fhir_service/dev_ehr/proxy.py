@@ -16,7 +16,9 @@ access token.
   and the token must be granted search on it: a chain reads the type it passes through.
 - Reads and searches only: every write is refused (403), since only ``.rs`` is granted.
   ``ImagingStudy/$similar`` and ``ImagingStudy/{id}/$similar`` are allowed, GET or POST, as
-  they do not change state. ``_format``/``_pretty`` are dropped and ``_has``, ``_filter``,
+  they do not change state; the token goes along to HAPI (whose forwarder passes it to the
+  cxr service, which checks it again and keeps a patient token to its patient).
+  ``_format``/``_pretty`` are dropped and ``_has``, ``_filter``,
   ``_query``, ``_contained`` refused whatever the token.
 - ``metadata`` needs no token (FHIR), and carries SMART's oauth-uris extension.
 
@@ -249,10 +251,13 @@ class Upstream:
         *,
         body: bytes | None = None,
         content_type: str | None = None,
+        authorization: str | None = None,
     ) -> tuple[int, dict[str, Any]]:
         headers = {"Accept": FHIR_JSON}
         if content_type:
             headers["Content-Type"] = content_type
+        if authorization:
+            headers["Authorization"] = authorization
         try:
             resp = await self.ehr.upstream.request(
                 method, path, params=httpx.QueryParams(list(params)), content=body, headers=headers
@@ -342,6 +347,36 @@ def _search_params(
     return user_params(params, access)
 
 
+async def _similar(
+    up: Upstream,
+    access: Access,
+    request: Request,
+    segments: list[str],
+    params: list[tuple[str, str]],
+) -> Response:
+    method = request.method
+    if method not in ("GET", "POST"):
+        raise Denied(403, "$similar is GET or POST")
+    _require(access, "ImagingStudy", "s")
+    if len(segments) == 3:
+        _require(access, "ImagingStudy", "r")
+        status, body = await _read_checked(up, access, f"ImagingStudy/{segments[1]}")
+        if status != 200:
+            return _fhir(body, status)
+    sim_body = await request.body() if method == "POST" else None
+    status, body = await up.call(
+        method,
+        "/".join(segments),
+        [(k, v) for k, v in params if k not in _DROPPED_PARAMS],
+        body=sim_body,
+        content_type=request.headers.get("content-type"),
+        # The service behind HAPI checks the token itself and bounds $similar to the
+        # token's patient; HAPI's forwarder passes it on.
+        authorization=request.headers.get("authorization"),
+    )
+    return _fhir(filter_bundle(body, access) if status == 200 else body, status)
+
+
 async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str) -> Response:
     access = Access(claims, compartment=ehr.settings.dev_ehr_proxy_filter)
     if claims.patient is None and not scopes.scopes_in(claims.scopes, "user"):
@@ -365,23 +400,7 @@ async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str)
         raise Denied(403, f"{path} is not a read or search this dev EHR allows")
 
     if rtype == "ImagingStudy" and segments[-1] == "$similar" and len(segments) in (2, 3):
-        if method not in ("GET", "POST"):
-            raise Denied(403, "$similar is GET or POST")
-        _require(access, "ImagingStudy", "s")
-        if len(segments) == 3:
-            _require(access, "ImagingStudy", "r")
-            status, body = await _read_checked(up, access, f"ImagingStudy/{segments[1]}")
-            if status != 200:
-                return _fhir(body, status)
-        sim_body = await request.body() if method == "POST" else None
-        status, body = await up.call(
-            method,
-            "/".join(segments),
-            [(k, v) for k, v in params if k not in _DROPPED_PARAMS],
-            body=sim_body,
-            content_type=request.headers.get("content-type"),
-        )
-        return _fhir(filter_bundle(body, access) if status == 200 else body, status)
+        return await _similar(up, access, request, segments, params)
 
     if method != "GET":
         raise Denied(403, "the dev EHR grants read/search scopes only; writes are refused")

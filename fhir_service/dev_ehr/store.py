@@ -4,7 +4,9 @@ tokens) in one SQLite file under the data dir, so a restart keeps refresh tokens
 Only a SHA-256 of each token is stored. Codes and refresh tokens are single-use: presenting
 one a second time revokes its whole grant family (RFC 6749 §4.1.2 and OAuth 2.0 Security BCP
 §4.14: a replayed code or refresh token means it leaked), which the FHIR proxy checks for
-access tokens too.
+access tokens too. Only a *successful* redemption uses one up: the token endpoint checks a
+request against :meth:`GrantStore.peek` first, so whoever sees a code cannot spend it by
+sending a wrong verifier or redirect_uri, and a refused refresh keeps the grant.
 """
 
 from __future__ import annotations
@@ -106,6 +108,29 @@ class GrantStore:
         if row[1] <= self._clock():
             return Taken(Outcome.EXPIRED)
         return Taken(Outcome.OK, json.loads(row[0]), row[2])
+
+    def peek(self, kind: Kind, token: str) -> Taken:
+        """Check a single-use grant without using it, so that a request refused for another
+        reason (wrong verifier, redirect_uri, scope) leaves it to its rightful client. A
+        grant already used is a replay: its family is revoked here too."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data, expires_at, family, used FROM grants "
+                "WHERE kind = ? AND token_hash = ?",
+                (kind.value, _hash(token)),
+            ).fetchone()
+            if row is None:
+                return Taken(Outcome.UNKNOWN)
+            data, expires_at, family, used = row
+            if used:
+                if family:
+                    self._revoke(family)
+                return Taken(Outcome.REUSED, family=family)
+            if family and self._is_revoked(family):
+                return Taken(Outcome.REVOKED, family=family)
+        if expires_at <= self._clock():
+            return Taken(Outcome.EXPIRED, family=family)
+        return Taken(Outcome.OK, json.loads(data), family)
 
     def take(self, kind: Kind, token: str) -> Taken:
         """Use a single-use grant (code, refresh token). A second use revokes its family."""

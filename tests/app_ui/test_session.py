@@ -254,7 +254,12 @@ class App:
     def __init__(self, tmp_path: Path) -> None:
         self.clock = Clock()
         self.ehr = FakeEhr()
-        settings = Settings(data_dir=tmp_path, model_weights="untrained", clip_weights="untrained")
+        settings = Settings(
+            data_dir=tmp_path,
+            model_weights="untrained",
+            clip_weights="untrained",
+            app_issuers=[ISS],
+        )
         self.ui = AppUi(settings, transport=httpx.MockTransport(self.ehr), clock=self.clock)
         app = FastAPI()
         app.include_router(routes.router)

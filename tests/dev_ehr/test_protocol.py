@@ -208,11 +208,19 @@ def test_missing_code_verifier_is_invalid_grant(smart: SmartClient) -> None:
     assert _error(smart.exchange(code, None)) == "invalid_grant"
 
 
-def test_wrong_code_verifier_is_invalid_grant_and_burns_the_code(smart: SmartClient) -> None:
+def test_wrong_code_verifier_is_invalid_grant_and_leaves_the_code_to_its_client(
+    smart: SmartClient,
+) -> None:
+    """Issue 13: a refused redemption used to burn the code, so anyone who saw a code could
+    deny it to the real client with one wrong verifier. Only a successful one uses it up
+    (guessing a verifier means inverting SHA-256 over 43+ random characters)."""
     code, verifier = _code(smart)
     assert _error(smart.exchange(code, "x" * 64)) == "invalid_grant"
-    # The code is single-use even when the first try failed: no guessing verifiers.
-    assert _error(smart.exchange(code, verifier)) == "invalid_grant"
+    assert _error(smart.exchange(code, None)) == "invalid_grant"
+    assert _error(smart.exchange(code, verifier, redirect_uri=f"{APP}/other")) == "invalid_grant"
+    token = smart.exchange(code, verifier)
+    assert token.status_code == 200, token.text
+    assert smart.fhir("Patient/p1", token.json()["access_token"]).status_code == 200
 
 
 def test_expired_code_is_invalid_grant(smart: SmartClient, clock: FakeClock) -> None:
@@ -280,6 +288,22 @@ def test_refresh_may_narrow_but_not_widen_scope(smart: SmartClient) -> None:
     assert smart.fhir("ImagingStudy", token).status_code == 403
     widened = smart.refresh(narrowed.json()["refresh_token"], scope="patient/*.cruds")
     assert _error(widened) == "invalid_scope"
+
+
+def test_a_refused_refresh_keeps_the_refresh_token_and_the_grant(smart: SmartClient) -> None:
+    """Issue 13: a refresh asking for a wider scope was refused but burnt the refresh token
+    and revoked the grant."""
+    first = smart.ehr_launch_token("p1")
+    assert _error(smart.refresh(first["refresh_token"], scope="patient/*.cruds")) == (
+        "invalid_scope"
+    )
+    assert smart.fhir("Patient/p1", first["access_token"]).status_code == 200
+    again = smart.refresh(first["refresh_token"])
+    assert again.status_code == 200, again.text
+    assert smart.fhir("Patient/p1", again.json()["access_token"]).status_code == 200
+    # A replay of the now used token still revokes the grant.
+    assert _error(smart.refresh(first["refresh_token"])) == "invalid_grant"
+    assert smart.fhir("Patient/p1", again.json()["access_token"]).status_code == 401
 
 
 def test_expired_refresh_token_is_invalid_grant(smart: SmartClient, clock: FakeClock) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import psycopg
 
 from fhir_service.fhir import identifiers
@@ -14,6 +16,7 @@ from fhir_service.ingest.nih import NihRecord, read_manifest
 from fhir_service.ingest.transaction import created_id, study_bundle
 from fhir_service.runtime import model_version_for
 from fhir_service.settings import Settings
+from subscriptions.bootstrap import SECRET_HEADER
 from tests.factories import unique_suffix
 
 WAIT_S = 120.0
@@ -72,6 +75,15 @@ class Stack:
                 "WHERE task_name = 'cxr.process_study' ORDER BY id"
             ).fetchall()
         return [r for r in rows if status is None or r[1] == status]
+
+    def notify_burst(self, study: dict[str, Any], versions: range) -> list[httpx.Response]:
+        """The rest-hook notification of ``study`` once per version in ``versions``, 16 at a
+        time (as HAPI redelivers), each with that ``meta.versionId``."""
+        hook = f"{self.settings.service_url}/hook/ImagingStudy/{study['id']}"
+        headers = {SECRET_HEADER: self.settings.subscription_secret}
+        bodies = [{**study, "meta": {**study["meta"], "versionId": str(v)}} for v in versions]
+        with httpx.Client(timeout=30) as http, ThreadPoolExecutor(16) as pool:
+            return list(pool.map(lambda body: http.put(hook, json=body, headers=headers), bodies))
 
     def drained(self) -> bool:
         return not any(r[1] in ("todo", "doing") for r in self.jobs())

@@ -1,16 +1,22 @@
 """``$similar`` end to end: NIH sample studies processed by the real pipeline, then searched
-by study, text and image, at the service's FHIR base and through HAPI's."""
+by study, text and image, at the service's FHIR base and through HAPI's — with credentials:
+the service key (a trusted system caller) for most tests, and real SMART tokens from a
+``cxr dev-ehr`` for what a patient or a user may see."""
 
 from __future__ import annotations
 
 import base64
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from fhir_service.ops.stack import service_process, start_service
+from fhir_service.ops.stack import service_process, start_dev_ehr, start_service, stop_dev_ehr
+from fhir_service.settings import Settings
+from tests.dev_ehr.smart_client import SmartClient
 from tests.factories import unique_suffix
 from tests.integration.stack import Stack, wait_for
 
@@ -46,6 +52,7 @@ class Corpus:
 
 @pytest.fixture(scope="module")
 def corpus(stack: Stack) -> Corpus:
+    AUTH["Authorization"] = f"Bearer {stack.settings.service_api_key}"
     return Corpus(stack)
 
 
@@ -53,8 +60,12 @@ def service(stack: Stack) -> str:
     return f"{stack.settings.service_url}/fhir"
 
 
+#: ``Authorization`` with the service's own key (set from the session's settings).
+AUTH: dict[str, str] = {}
+
+
 def get(url: str, **params: Any) -> httpx.Response:
-    return httpx.get(url, params=params, timeout=60)
+    return httpx.get(url, params=params, headers=AUTH, timeout=60)
 
 
 def ours(bundle: dict[str, Any], corpus: Corpus) -> list[str]:
@@ -174,7 +185,7 @@ def test_image_query(corpus: Corpus, space: str) -> None:
     png = (corpus.stack.settings.shared_dir / "data" / "nih-sample" / rec.image_index).read_bytes()
     url = f"{service(corpus.stack)}/ImagingStudy/$similar?space={space}"
     body = image_parameters(png, "image/png", count=10)
-    r = httpx.post(url, json=body, timeout=120)
+    r = httpx.post(url, json=body, headers=AUTH, timeout=120)
     assert r.status_code == 200, r.text
     scores = check_bundle(r.json())
     assert len(scores) == 10
@@ -207,7 +218,9 @@ def test_bad_requests_get_operation_outcomes(
 
 def test_non_image_attachment_and_study_without_embedding(corpus: Corpus) -> None:
     url = f"{service(corpus.stack)}/ImagingStudy/$similar"
-    r = httpx.post(url, json=image_parameters(b"%PDF-1.4", "application/pdf"), timeout=30)
+    r = httpx.post(
+        url, json=image_parameters(b"%PDF-1.4", "application/pdf"), headers=AUTH, timeout=30
+    )
     assert r.status_code == 400
     assert "contentType" in r.json()["issue"][0]["diagnostics"]
     bare = corpus.stack.post_study(8, image=None)
@@ -238,3 +251,136 @@ def test_hapi_answers_503_when_the_service_is_down(corpus: Corpus) -> None:
         assert r.json()["resourceType"] == "OperationOutcome"
     finally:
         start_service(settings)
+
+
+# --- who may call $similar, and what they see (issue 13) --------------------------------------
+
+
+def _bases(stack: Stack) -> list[str]:
+    return [service(stack), stack.settings.fhir_base_url]
+
+
+def test_similar_needs_credentials_everywhere_it_is_served(corpus: Corpus) -> None:
+    """Issue 13: $similar answered anyone who reached the port (or HAPI's base), with
+    studies of every patient."""
+    text = {"resourceType": "Parameters", "parameter": [{"name": "text", "valueString": "x"}]}
+    for base in _bases(corpus.stack):
+        for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Basic eDp5"}):
+            answers = [
+                httpx.get(f"{base}/ImagingStudy/{corpus.ids[0]}/$similar", headers=headers),
+                httpx.get(f"{base}/ImagingStudy/$similar?text=x", headers=headers),
+                httpx.post(f"{base}/ImagingStudy/$similar", json=text, headers=headers, timeout=60),
+            ]
+            for r in answers:
+                assert r.status_code == 401, (base, headers, r.text)
+                assert r.json()["resourceType"] == "OperationOutcome"
+                assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_post_parameters_are_forwarded_by_hapi(corpus: Corpus) -> None:
+    """Issue 13: HAPI's forwarder lost the POST body (→ 400)."""
+    body = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "text", "valueString": "left pleural effusion"},
+            {"name": "count", "valueInteger": 7},
+        ],
+    }
+    # A long timeout: the service may just have been restarted (the 503 test) and loads CLIP
+    # again on its first text query.
+    direct = httpx.post(
+        f"{service(corpus.stack)}/ImagingStudy/$similar", json=body, headers=AUTH, timeout=300
+    )
+    via_hapi = httpx.post(
+        f"{corpus.stack.settings.fhir_base_url}/ImagingStudy/$similar",
+        json=body,
+        headers={**AUTH, "Content-Type": "application/fhir+json"},
+        timeout=300,
+    )
+    assert direct.status_code == 200, direct.text
+    assert via_hapi.status_code == 200, via_hapi.text
+    assert via_hapi.json() == direct.json()
+    assert len(via_hapi.json()["entry"]) == 7
+
+
+@pytest.fixture(scope="module")
+def dev_ehr(corpus: Corpus, test_settings: Settings) -> Iterator[SmartClient]:
+    offset = int(os.environ.get("CXR_TEST_PORT_OFFSET", "0"))
+    settings = test_settings.model_copy(
+        update={
+            "data_dir": test_settings.data_dir / "dev-ehr-similar",
+            "dev_ehr_port": 18007 + offset,
+        }
+    )
+    stop_dev_ehr(settings)
+    start_dev_ehr(settings)
+    try:
+        with httpx.Client(base_url=settings.dev_ehr_url, timeout=60) as http:
+            yield SmartClient(
+                http,
+                iss=settings.dev_ehr_fhir_url,
+                redirect_uri=f"{settings.service_url}/app/callback",
+            )
+    finally:
+        stop_dev_ehr(settings)
+
+
+def _patient_of(stack: Stack, study: str) -> str:
+    return str(stack.fhir.read("ImagingStudy", study)["subject"]["reference"]).split("/")[-1]
+
+
+def test_a_patient_token_sees_its_own_patients_studies_only(
+    corpus: Corpus, dev_ehr: SmartClient
+) -> None:
+    stack = corpus.stack
+    query = corpus.ids[1]  # NIH patient 13: four more studies in the corpus
+    patient = _patient_of(stack, query)
+    theirs = {str(s["id"]) for s in stack.fhir.search_all("ImagingStudy", {"patient": patient})}
+    token = dev_ehr.ehr_launch_token(patient)["access_token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    for base in _bases(stack):
+        found = httpx.get(
+            f"{base}/ImagingStudy/{query}/$similar", params={"count": 100}, headers=bearer
+        )
+        assert found.status_code == 200, found.text
+        ids = {e["resource"]["id"] for e in found.json()["entry"]}
+        assert ids == theirs - {query}
+        by_text = httpx.get(
+            f"{base}/ImagingStudy/$similar",
+            params={"text": "effusion", "count": 100},
+            headers=bearer,
+        )
+        assert {e["resource"]["id"] for e in by_text.json()["entry"]} == theirs
+        other = next(sid for sid in corpus.ids if _patient_of(stack, sid) != patient)
+        refused = httpx.get(f"{base}/ImagingStudy/{other}/$similar", headers=bearer)
+        assert refused.status_code == 403, refused.text
+        widened = httpx.get(
+            f"{base}/ImagingStudy/$similar",
+            params={"text": "x", "patient": _patient_of(stack, other)},
+            headers=bearer,
+        )
+        assert widened.status_code == 403
+    # And through the dev EHR's own proxy, the way the app calls it.
+    proxied = dev_ehr.fhir(f"ImagingStudy/{query}/$similar?count=100", token)
+    assert proxied.status_code == 200, proxied.text
+    assert {e["resource"]["id"] for e in proxied.json()["entry"]} == theirs - {query}
+
+
+def test_a_user_token_sees_every_patient_and_a_revoked_grant_nothing(
+    corpus: Corpus, dev_ehr: SmartClient
+) -> None:
+    token = dev_ehr.user_launch_token()
+    bearer = {"Authorization": f"Bearer {token['access_token']}"}
+    found = httpx.get(
+        f"{service(corpus.stack)}/ImagingStudy/{corpus.ids[0]}/$similar",
+        params={"count": 100},
+        headers=bearer,
+    )
+    assert found.status_code == 200, found.text
+    assert set(ours(found.json(), corpus)) == set(corpus.ids) - {corpus.ids[0]}
+    # The dev EHR's proxy knows about revocation (a replayed refresh token); the service,
+    # checking signatures only, does not: introspection is the way to learn it.
+    dev_ehr.refresh(token["refresh_token"])
+    dev_ehr.refresh(token["refresh_token"])  # replay: the grant is revoked
+    revoked = dev_ehr.fhir(f"ImagingStudy/{corpus.ids[0]}/$similar", token["access_token"])
+    assert revoked.status_code == 401

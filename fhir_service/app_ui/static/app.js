@@ -61,9 +61,19 @@ function setBanner(untrained) {
     : "";
 }
 
+async function signOut() {
+  // The CSRF token comes from /app/api/context, which only same-origin script can read.
+  await fetch("/app/logout", { method: "POST", credentials: "same-origin", headers: { "X-Cxr-Csrf": app.csrf } });
+  location.href = "/app/";
+}
+
 async function loadContext() {
   const ctx = await api("/app/api/context");
   app.mode = ctx.mode;
+  app.csrf = ctx.csrf;
+  const logout = document.getElementById("logout");
+  logout.hidden = false;
+  logout.addEventListener("click", signOut);
   document.body.dataset.mode = ctx.mode;
   const label = document.getElementById("patient");
   if (ctx.mode === "user") {

@@ -1,0 +1,59 @@
+"""One waiting job per study, whatever version a notification names (procrastinate's
+in-memory connector, which enforces queueing locks as PostgreSQL's unique index does).
+
+Issue 13 sent 200 notifications of one study that differed only in ``meta.versionId``, and
+each ran a full job. The job reads the study as it is when it runs, so one waiting job
+covers them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import procrastinate
+from procrastinate.testing import InMemoryConnector
+
+from subscriptions.queue import PROCESS_TASK, enqueue_study, register_tasks
+
+
+def _app() -> tuple[procrastinate.App, InMemoryConnector]:
+    connector = InMemoryConnector()
+    app = procrastinate.App(connector=connector)
+    register_tasks(app, lambda final, study_id, version_id: "done")
+    return app, connector
+
+
+def _queued(connector: InMemoryConnector, study_id: str) -> list[dict[str, object]]:
+    return [
+        job
+        for job in connector.jobs.values()
+        if job["task_name"] == PROCESS_TASK and job["args"]["study_id"] == study_id
+    ]
+
+
+def test_notifications_that_differ_only_in_version_queue_one_job() -> None:
+    app, connector = _app()
+
+    async def notify() -> list[bool]:
+        async with app.open_async():
+            return [await enqueue_study(app, "s1", str(version)) for version in range(1, 201)]
+
+    queued = asyncio.run(notify())
+    assert queued[0] is True and queued[1:] == [False] * 199
+    assert len(_queued(connector, "s1")) == 1
+
+
+def test_other_studies_queue_their_own_job_and_a_started_job_lets_the_next_queue() -> None:
+    app, connector = _app()
+
+    async def run() -> list[bool]:
+        async with app.open_async():
+            first = await enqueue_study(app, "s1", "1")
+            other = await enqueue_study(app, "s2", "1")
+            (job,) = _queued(connector, "s1")
+            job["status"] = "doing"  # a worker took it: a newer version must queue again
+            again = await enqueue_study(app, "s1", "2")
+            return [first, other, again]
+
+    assert asyncio.run(run()) == [True, True, True]
+    assert len(_queued(connector, "s1")) == 2
