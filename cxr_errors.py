@@ -10,7 +10,8 @@ with the right status). Each class's docstring is its default message.
     ├── ConfigError          settings that cannot work (missing weights, bad URL, default secret)
     ├── InputError           bad input from a user or a client: 4xx, never retried
     │   ├── ImageError       pixels that cannot be decoded or are out of bounds
-    │   │   └── ImageTooLargeError
+    │   │   ├── ImageTooLargeError
+    │   │   └── NotARadiographError   decodable, but not a frontal chest radiograph (models.gate)
     │   └── NotFoundError    an id that does not exist
     ├── ModelError           the model cannot produce a result (weights, shapes)
     ├── FhirError            the FHIR server refused or failed a request
@@ -30,6 +31,7 @@ __all__ = [
     "ImageTooLargeError",
     "InputError",
     "ModelError",
+    "NotARadiographError",
     "NotFoundError",
     "ServiceError",
     "StoreError",
@@ -71,6 +73,10 @@ class ImageTooLargeError(ImageError):
 
     http_status = 413
     issue_code = "too-costly"
+
+
+class NotARadiographError(ImageError):
+    """The image is not a frontal chest radiograph."""
 
 
 class NotFoundError(InputError):
