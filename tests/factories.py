@@ -235,6 +235,32 @@ def make_png(width: int = 8, height: int = 8, shade: int = 128) -> bytes:
     )
 
 
+def make_xray_png(width: int = 512, height: int = 512) -> bytes:
+    """A greyscale PNG that passes the input gate (models.gate): smooth, not flat, large."""
+    y, x = np.mgrid[0:height, 0:width]
+    body = 0.5 + 0.3 * np.sin(x / 40.0) * np.cos(y / 55.0)
+    shades = np.clip(body * 255, 0, 255).astype(np.uint8)
+    return make_gray_png(shades)
+
+
+def make_gray_png(shades: np.ndarray) -> bytes:
+    """A greyscale 8-bit PNG of ``shades`` ([H, W] uint8), built by hand like make_png."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    height, width = shades.shape
+    rows = b"".join(b"\x00" + shades[r].tobytes() for r in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
 def make_heatmaps(analysis: ImageAnalysis) -> dict[str, bytes]:
     return {
         f.finding: make_png(shade=40 + i) for i, f in enumerate(analysis.findings) if f.positive
