@@ -186,7 +186,7 @@ def expected_calibration_error(
     y = np.asarray(labels, dtype=np.float64).ravel()
     if p.size == 0:
         return math.nan
-    idx = np.minimum((p * bins).astype(int), bins - 1)
+    idx = np.clip((p * bins).astype(int), 0, bins - 1)
     count = np.bincount(idx, minlength=bins)
     gap = np.abs(np.bincount(idx, p, minlength=bins) - np.bincount(idx, y, minlength=bins))
     return float(gap.sum() / p.size) if count.sum() else math.nan
@@ -198,7 +198,7 @@ def reliability_curve(
     """(mean predicted, observed frequency, count) per equal-width bin; NaN for empty bins."""
     p = np.asarray(probabilities, dtype=np.float64).ravel()
     y = np.asarray(labels, dtype=np.float64).ravel()
-    idx = np.minimum((p * bins).astype(int), bins - 1)
+    idx = np.clip((p * bins).astype(int), 0, bins - 1)
     count = np.bincount(idx, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_p = np.bincount(idx, p, minlength=bins) / count
