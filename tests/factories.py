@@ -183,8 +183,11 @@ def make_analysis(
     untrained: bool = False,
     model_version: str | None = None,
     threshold: float = THRESHOLD,
+    calibrated: bool = True,
+    band_kind: str = "calibration+tta",
 ) -> ImageAnalysis:
-    """An ImageAnalysis with the given calibrated probabilities (others 0.05)."""
+    """An ImageAnalysis with the given calibrated probabilities (others 0.05); with
+    ``calibrated=False`` they are uncalibrated scores."""
     probs = dict(DEFAULT_PROBABILITIES if probabilities is None else probabilities)
     findings = []
     for name in NIH_FINDINGS:
@@ -198,9 +201,11 @@ def make_analysis(
                 logit=logit,
                 sigmoid_score=sigmoid,
                 calibrated_probability=p,
-                band_low=max(0.0, p - 0.08),
-                band_high=min(1.0, p + 0.06),
+                band_low=max(0.0, p - 0.08) if band_kind != "none" else p,
+                band_high=min(1.0, p + 0.06) if band_kind != "none" else p,
                 threshold=threshold,
+                calibrated=calibrated,
+                band_kind=band_kind,
             )
         )
     logits = np.array([f.logit for f in findings], dtype=np.float32)
