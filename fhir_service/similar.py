@@ -40,6 +40,10 @@ class QueryEncoder(Protocol):
 
     def image(self, data: bytes, space: str) -> npt.NDArray[np.float32]: ...
 
+    def clip_version(self) -> str:
+        """The version of the CLIP model that embeds text and image queries."""
+        ...
+
 
 @dataclass(frozen=True)
 class SimilarQuery:
@@ -180,6 +184,7 @@ class SimilarService:
     def run(self, q: SimilarQuery, base_url: str) -> dict[str, Any]:
         exclude_patient: str | None = None
         exclude_study: str | None = None
+        clip_version: str | None = None
         if q.study_id is not None:
             study = self.fhir.read("ImagingStudy", q.study_id)  # NotFoundError → 404
             record = self.store.get(q.study_id, self.model_version)
@@ -189,14 +194,19 @@ class SimilarService:
                     f"ImagingStudy/{q.study_id} has no {q.space} embedding for model "
                     f"{self.model_version} (not processed yet, or processing failed)"
                 )
+            if q.space == "clip":
+                assert record is not None
+                clip_version = self._known_clip_version(q.study_id, record.clip_version)
             exclude_study = q.study_id
             if q.exclude_same_patient:
                 exclude_patient = study.get("subject", {}).get("reference", "").split("/")[-1]
         elif q.text is not None:
             vector = self.encoder.text(q.text)
+            clip_version = self.encoder.clip_version()
         else:
             assert q.image is not None
             vector = self.encoder.image(q.image, q.space)
+            clip_version = self.encoder.clip_version() if q.space == "clip" else None
         filters = SearchFilters(
             exclude_patient=exclude_patient or None,
             exclude_study=exclude_study,
@@ -207,9 +217,24 @@ class SimilarService:
             finding=q.finding,
         )
         hits = self.store.search(
-            vector, space=q.space, k=q.count, model_version=self.model_version, filters=filters
+            vector,
+            space=q.space,
+            k=q.count,
+            model_version=self.model_version,
+            filters=filters,
+            clip_version=clip_version,
         )
         return self._bundle([(h.study_id, h.score) for h in hits], base_url)
+
+    @staticmethod
+    def _known_clip_version(study_id: str, version: str | None) -> str:
+        """The query study's CLIP version: its neighbours must share it."""
+        if version is None:
+            raise Unprocessable(
+                f"ImagingStudy/{study_id}'s CLIP embedding was stored without its CLIP version, "
+                "so it cannot be compared safely; re-process the study (or use space=densenet)"
+            )
+        return version
 
     def _bundle(self, hits: Sequence[tuple[str, float]], base_url: str) -> dict[str, Any]:
         studies: dict[str, dict[str, Any]] = {}

@@ -5,8 +5,9 @@ counts) are testable without a server.
 
 Urgency: a positive Pneumothorax (score at or above its operating threshold) ranks first —
 it is the finding that cannot wait; then the highest score among the critical findings. A
-score is a calibrated probability only where the Observation says so ("score_kind"). Studies without a result follow: pending (newest
-first), then failed (their pixels need a human look without AI help).
+score is a calibrated probability only where the Observation says so ("score_kind").
+Studies without a result follow: pending (newest first), then failed (their pixels need a
+human look without AI help).
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ class _Classifier:
 
 
 class _Clip:
+    model_version = "clip-test"
+
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
 
@@ -60,6 +62,7 @@ def test_one_pass_for_the_batch_and_a_bad_image_fails_alone() -> None:
     assert isinstance(first, AnalyzedImage) and isinstance(last, AnalyzedImage)
     assert first.analysis.findings[7].calibrated_probability == pytest.approx(0.6)
     assert last.clip_embedding is not None and last.clip_embedding[0] == 9.0
+    assert last.clip_version == "clip-test"
     # heatmaps for the positive findings only: Pneumothorax 0.6 and 0.9, at threshold 0.5
     assert "Pneumothorax" in first.heatmaps and "Pneumothorax" in last.heatmaps
     assert "Atelectasis" not in first.heatmaps  # 0.05
