@@ -397,7 +397,8 @@ class Box:
 def pointing_hit(heatmap: npt.NDArray[np.floating[Any]], box: Box) -> bool:
     """Whether the heatmap's maximum lies inside the box."""
     row, col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    return box.x <= col + 0.5 <= box.x + box.width and box.y <= row + 0.5 <= box.y + box.height
+    inside_x = box.x <= float(col) + 0.5 <= box.x + box.width
+    return bool(inside_x and box.y <= float(row) + 0.5 <= box.y + box.height)
 
 
 def iobb(heatmap: npt.NDArray[np.floating[Any]], box: Box, level: float = 0.5) -> float:
