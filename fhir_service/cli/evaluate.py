@@ -64,7 +64,8 @@ class Predictions:
     """(image, finding) → heatmap in image pixels, for the boxed ones"""
     refused: list[str] = field(default_factory=list)
     source: str = ""
-    calibrated: bool = False
+    calibrated: bool | None = None
+    """None: another model's numbers, whose calibration we cannot know"""
 
 
 @contextmanager
@@ -318,7 +319,13 @@ def _evaluate(
         "images": len(names),
         "unlabelled": len(preds.names) - len(names),
         "refused": preds.refused,
-        "probability": "calibrated probability" if preds.calibrated else "uncalibrated score",
+        "probability": (
+            "as given in the predictions file"
+            if preds.calibrated is None
+            else "calibrated probability"
+            if preds.calibrated
+            else "uncalibrated score"
+        ),
         "resamples": resamples,
         "seed": seed,
         "findings": [

@@ -50,7 +50,7 @@ def test_predictions_csv_metrics_equal_scikit_learn_and_report(env: Path) -> Non
     result = CliRunner().invoke(app, [*args, "--resamples", "200", "--json", "--out", str(out)])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["images"] == 56 and doc["probability"] == "uncalibrated score"
+    assert doc["images"] == 56 and doc["probability"] == "as given in the predictions file"
     assert [f["finding"] for f in doc["findings"]] == list(NIH_FINDINGS)
     for k, f in enumerate(doc["findings"]):
         assert f["positives"] == int(y[:, k].sum()) and f["n"] == 56
