@@ -224,7 +224,12 @@ class SimilarService:
             filters=filters,
             clip_version=clip_version,
         )
-        return self._bundle([(h.study_id, h.score) for h in hits], base_url)
+        bundle = self._bundle([(h.study_id, h.score) for h in hits], base_url)
+        made_by = (clip_version or "") if q.space == "clip" else self.model_version
+        if "untrained" in made_by.lower():
+            # An untrained model's ranking is noise: say so on the answer itself.
+            bundle["meta"] = {"tag": [TERMINOLOGY.concept("untrained_model")]}
+        return bundle
 
     @staticmethod
     def _known_clip_version(study_id: str, version: str | None) -> str:

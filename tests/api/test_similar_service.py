@@ -158,3 +158,17 @@ def test_a_study_of_unknown_clip_version_is_refused_in_clip_space(service: Simil
         service.run(parse_query({}, study_id="s11"), BASE)
     # the densenet space does not depend on CLIP
     assert service.run(parse_query({"space": "densenet"}, study_id="s11"), BASE)["entry"] == []
+
+
+def test_an_untrained_clip_tags_the_answer() -> None:
+    store = InMemoryVectorStore()
+    version = "untrained-ViT-B-32-seed0@abc"
+    store.upsert(EmbeddingRecord("s0", MODEL, "1", clip=_unit(0), clip_version=version))
+    store.upsert(EmbeddingRecord("s1", MODEL, "1", clip=_unit(1), clip_version=version))
+    service = SimilarService(fhir=_fhir(), store=store, model_version=MODEL, encoder=_Encoder())
+    bundle = service.run(parse_query({}, study_id="s0"), BASE)
+    assert _ids(bundle) == ["s1"]
+    (tag,) = bundle["meta"]["tag"]
+    assert tag["code"] == "untrained" and "UNTRAINED" in tag["display"]
+    trained = service.run(parse_query({"text": "x"}), BASE)  # the encoder's CLIP-v1
+    assert "meta" not in trained
