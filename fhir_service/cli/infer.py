@@ -188,20 +188,31 @@ def calibrate(
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split."),
 ) -> None:
     """Fit per-finding temperature + bias and thresholds; ECE/Brier before/after on held-out."""
+    import torch
+
     from models.calibration import fit_calibration
 
     settings = Settings()
     with cli_errors():
         paths, y = _read_labels(labels, images)
         classifier = build_classifier(settings, tta=False, calibrated=False)
-        logits = []
+        tensors, kept = [], []
+        for i, path in enumerate(paths):
+            try:
+                tensors.append(classifier.preprocess(path))
+                kept.append(i)
+            except InputError as exc:  # refused by the input gate, or undecodable
+                err_console.print(f"[yellow]skipped[/] {exc.message}")
+        if len(kept) < 2:
+            raise InputError("fewer than 2 usable labelled images")
         batch = settings.model_batch_size
-        for start in range(0, len(paths), batch):
-            x = classifier.prepare(paths[start : start + batch])
-            logits.append(classifier.logits(x))
+        logits = [
+            classifier.logits(torch.stack(tensors[start : start + batch]))
+            for start in range(0, len(tensors), batch)
+        ]
         calibration = fit_calibration(
             np.concatenate(logits),
-            y,
+            y[kept],
             weights_name=classifier.loaded.model_version.split("@")[0],
             weights_sha256=classifier.weights_sha256,
             meta={"labels": str(labels), "images": str(images)},
@@ -212,7 +223,7 @@ def calibrate(
         )
         target = out or settings.default_calibration_file
         calibration.save(target)
-    _print_calibration(calibration, len(paths))
+    _print_calibration(calibration, len(kept))
     if classifier.untrained:
         console.print("[bold yellow]fitted on an UNTRAINED model: for testing only.[/]")
     console.print(f"wrote {target} (for weights sha256 {calibration.weights_sha256})")
