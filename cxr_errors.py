@@ -10,7 +10,8 @@ with the right status). Each class's docstring is its default message.
     ├── ConfigError          settings that cannot work (missing weights, bad URL, default secret)
     ├── InputError           bad input from a user or a client: 4xx, never retried
     │   ├── ImageError       pixels that cannot be decoded or are out of bounds
-    │   │   └── ImageTooLargeError
+    │   │   ├── ImageTooLargeError
+    │   │   └── MissingImageError   no image for the study yet (it may still arrive)
     │   └── NotFoundError    an id that does not exist
     ├── ModelError           the model cannot produce a result (weights, shapes)
     ├── FhirError            the FHIR server refused or failed a request
@@ -29,6 +30,7 @@ __all__ = [
     "ImageError",
     "ImageTooLargeError",
     "InputError",
+    "MissingImageError",
     "ModelError",
     "NotFoundError",
     "ServiceError",
@@ -71,6 +73,13 @@ class ImageTooLargeError(ImageError):
 
     http_status = 413
     issue_code = "too-costly"
+
+
+class MissingImageError(ImageError):
+    """The study has no image yet."""
+
+    http_status = 409
+    issue_code = "incomplete"
 
 
 class NotFoundError(InputError):
