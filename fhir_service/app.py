@@ -10,9 +10,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry
 
 from cxr_errors import CxrError
-from fhir_service.api import health, hook, metadata, similar
+from fhir_service.api import health, hook, image_hook, metadata, metrics, similar
 from fhir_service.api.responses import cxr_error_handler, validation_error_handler
 from fhir_service.app_ui import router as app_ui_router
 from fhir_service.fhir.client import FhirClient
@@ -20,8 +21,9 @@ from fhir_service.ops.database import database_url
 from fhir_service.runtime import LazyModels, ModelQueryEncoder, model_version_for
 from fhir_service.settings import Settings
 from fhir_service.similar import SimilarService
-from subscriptions.bootstrap import ensure_subscription
-from subscriptions.queue import apply_schema, make_app
+from subscriptions.bootstrap import ensure_subscriptions
+from subscriptions.metrics import MergedCollector, QueueCollector, ServiceMetrics
+from subscriptions.queue import PROCESS_TASK, apply_schema, make_app
 from vector_store.migrate import migrate
 from vector_store.store import VectorStore
 
@@ -38,6 +40,10 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         app.state.fhir = FhirClient(settings.fhir_base_url, timeout=10)
         app.state.queue = queue
         app.state.models = LazyModels(settings)
+        app.state.metrics = ServiceMetrics()
+        app.state.metrics_registry = registry = CollectorRegistry(auto_describe=False)
+        registry.register(MergedCollector(dsn, app.state.metrics.registry))
+        registry.register(QueueCollector(dsn, PROCESS_TASK))
         store = VectorStore(dsn, ef_search=settings.search_ef)
         await asyncio.to_thread(migrate, dsn)
         app.state.similar = SimilarService(
@@ -48,13 +54,14 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         )
         async with queue.open_async():
             if bootstrap_subscription:
-                sub = await asyncio.to_thread(
-                    ensure_subscription,
+                subs = await asyncio.to_thread(
+                    ensure_subscriptions,
                     app.state.fhir,
                     f"{settings.service_url}/hook",
                     settings.subscription_secret,
                 )
-                log.info("Subscription/%s is %s", sub["id"], sub["status"])
+                for sub in subs:
+                    log.info("Subscription/%s is %s", sub["id"], sub["status"])
             yield
         app.state.fhir.close()
         store.close()
@@ -63,6 +70,8 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
     app.add_exception_handler(CxrError, cxr_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(hook.router)
+    app.include_router(image_hook.router)
+    app.include_router(metrics.router)
     app.include_router(health.router)
     app.include_router(similar.router)
     app.include_router(metadata.router)

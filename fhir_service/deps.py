@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fhir_service.fhir.client import FhirClient
 from fhir_service.settings import Settings
 from fhir_service.similar import SimilarService
+from subscriptions.metrics import ServiceMetrics
 
 
 def _settings(request: Request) -> Settings:
@@ -32,7 +33,13 @@ def _similar(request: Request) -> SimilarService:
     return service
 
 
+def _metrics(request: Request) -> ServiceMetrics:
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 FhirDep = Annotated[FhirClient, Depends(_fhir)]
 QueueDep = Annotated[procrastinate.App, Depends(_queue)]
 SimilarDep = Annotated[SimilarService, Depends(_similar)]
+MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
