@@ -85,12 +85,19 @@ def run_worker(settings: Settings, *, concurrency: int = 1) -> None:
         if census.stuck:
             log.warning("%d stuck studies, %d queued again", len(census.stuck), queued)
 
-    register_tasks(app, process, reconcile, requeue_stuck=stuck)
+    register_tasks(app, process, reconcile, requeue_stuck=stuck, stuck_cron=_stuck_cron(settings))
     publisher.start()
     try:
         asyncio.run(_serve(app, concurrency))
     finally:
         publisher.stop()
+
+
+def _stuck_cron(settings: Settings) -> str:
+    """Look for stuck studies twice per bound, between every minute and every 5 minutes (a
+    census reads every study of the last day from HAPI)."""
+    minutes = max(1, min(5, int(settings.stuck_after.total_seconds() // 120)))
+    return f"*/{minutes} * * * * 0"
 
 
 async def _serve(app: procrastinate.App, concurrency: int) -> None:

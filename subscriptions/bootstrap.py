@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from cxr_errors import FhirError, NotFoundError, ServiceError
+from cxr_errors import FhirError, FhirUnavailableError, NotFoundError, ServiceError
 from fhir_service.fhir.client import FhirClient
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ CRITERIA = "ImagingStudy?status=available,cancelled,entered-in-error"
 MEDIA_SUBSCRIPTION_ID = "cxr-media-part-of"
 MEDIA_CRITERIA = "Media?status=completed"
 SECRET_HEADER = "X-Cxr-Secret"
+T = TypeVar("T")
 
 _REASONS = {
     SUBSCRIPTION_ID: "cxr-fhir: chest X-ray triage of every available ImagingStudy",
@@ -91,16 +93,10 @@ def ensure_subscription(
     One that an operator switched ``off`` is switched back on: the service owns it.
     """
     wanted = desired_subscription(endpoint, secret, sid=sid, criteria=criteria)
-    try:
-        current: dict[str, Any] | None = fhir.read("Subscription", sid)
-    except NotFoundError:
-        current = None
-    if current is None or not _same(current, wanted) or current.get("status") in ("error", "off"):
-        log.info("writing Subscription/%s (%s) → %s", sid, criteria, endpoint)
-        fhir.update(wanted)
     deadline = time.monotonic() + timeout_s
+    _until(deadline, lambda: _write_if_needed(fhir, wanted))
     while True:
-        current = fhir.read("Subscription", sid)
+        current = _until(deadline, lambda: fhir.read("Subscription", sid))
         status = current.get("status")
         if status == "active":
             return current
@@ -112,3 +108,28 @@ def ensure_subscription(
                 "(are rest-hook subscriptions enabled in HAPI?)"
             )
         time.sleep(0.5)
+
+
+def _write_if_needed(fhir: FhirClient, wanted: dict[str, Any]) -> None:
+    sid = wanted["id"]
+    try:
+        current: dict[str, Any] | None = fhir.read("Subscription", sid)
+    except NotFoundError:
+        current = None
+    if current is None or not _same(current, wanted) or current.get("status") in ("error", "off"):
+        endpoint = wanted["channel"]["endpoint"]
+        log.info("writing Subscription/%s (%s) → %s", sid, wanted["criteria"], endpoint)
+        fhir.update(wanted)
+
+
+def _until(deadline: float, step: Callable[[], T]) -> T:
+    """``step`` again after a timeout or a 5xx (a busy or restarting HAPI; the PUT is
+    idempotent) until ``deadline``."""
+    while True:
+        try:
+            return step()
+        except FhirUnavailableError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("HAPI not answering yet (%s); trying again", exc.message)
+            time.sleep(2.0)

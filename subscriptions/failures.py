@@ -111,11 +111,11 @@ class RetryPolicy(BaseRetryStrategy):
     """How often each kind of failure is retried, and how long apart.
 
     ``attempts`` as procrastinate counts them: 0 on the first run. With the defaults a
-    transient failure is retried 8 times, 2, 4, 8, … 60 s apart (4 min in all: longer
+    transient failure is retried 10 times, 2, 4, 8, … 60 s apart (6 min in all: longer
     than a HAPI restart on a loaded machine), an internal one twice.
     """
 
-    transient_retries: int = 8
+    transient_retries: int = 10
     internal_retries: int = 2
     base_wait_s: float = 2.0
     max_wait_s: float = 60.0

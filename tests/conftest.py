@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ def test_settings(test_data_dir: Path) -> Settings:
         service_port=18001 + offset,
         model_weights="untrained",
         clip_weights="untrained",
+        # Long enough to see a study wait for its image, short enough to see the wait end.
+        image_wait=timedelta(seconds=30),
+        # The stuck sweep then runs every minute (tests/integration/test_status.py).
+        stuck_after=timedelta(seconds=60),
     )
 
 
