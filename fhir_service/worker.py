@@ -53,9 +53,7 @@ def run_worker(settings: Settings, *, concurrency: int = 1) -> None:
         metrics.started.inc()
         metrics.running.inc()
         try:
-            outcome = pipeline.process(study_id, version_id, attempt=attempts)
-            log.info("ImagingStudy/%s (%s): %s", study_id, version_id, outcome)
-            return outcome
+            return pipeline.process(study_id, version_id, attempt=attempts)
         finally:
             metrics.running.dec()
             publisher.publish()

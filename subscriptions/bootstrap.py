@@ -124,12 +124,14 @@ def _write_if_needed(fhir: FhirClient, wanted: dict[str, Any]) -> None:
 
 def _until(deadline: float, step: Callable[[], T]) -> T:
     """``step`` again after a timeout or a 5xx (a busy or restarting HAPI; the PUT is
-    idempotent) until ``deadline``."""
+    idempotent) until ``deadline``. A PUT that timed out on our side may still commit on
+    HAPI's, and the retry then collides with it (409): read again, it is there."""
     while True:
         try:
             return step()
-        except FhirUnavailableError as exc:
-            if time.monotonic() > deadline:
+        except FhirError as exc:
+            transient = isinstance(exc, FhirUnavailableError) or exc.http_status in (409, 412)
+            if not transient or time.monotonic() > deadline:
                 raise
             log.warning("HAPI not answering yet (%s); trying again", exc.message)
             time.sleep(2.0)

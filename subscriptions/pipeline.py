@@ -136,6 +136,7 @@ class Pipeline:
             else:
                 outcome = self._guarded(study, attempt, cid, lambda: self._process(study))
             self._count(outcome)
+            log.info("ImagingStudy/%s (%s): %s", study_id, version_id, outcome)
             return outcome
 
     def process_batch(self, studies: Sequence[tuple[str, str]]) -> list[str]:

@@ -292,12 +292,14 @@ class Drill:
 
         return self._run(f"{copies} duplicate notifications", 1, fault)
 
-    def subscription_off(self, n: int, *, off_s: float = 5.0) -> Tally:
-        """Both Subscriptions switched off while a batch is posted, then on again."""
+    def subscription_off(self, n: int, *, off_s: float = 40.0) -> Tally:
+        """Both Subscriptions switched off while a batch is posted, then on again after
+        ``off_s`` (longer than the sweep's 30 s: what is reported by then was found by it)."""
         started, swept = time.monotonic(), self.swept()
         for sid in (SUBSCRIPTION_ID, MEDIA_SUBSCRIPTION_ID):
             sub = self.fhir.read("Subscription", sid)
             self.fhir.update({**sub, "status": "off"})
+        time.sleep(5.0)  # HAPI drops the Subscription from its matcher asynchronously
         ids = self.post(n, "subscription-off")
         time.sleep(off_s)
         ensure_subscriptions(

@@ -62,7 +62,9 @@ def test_service_down_while_studies_are_posted(
 
 
 def test_subscriptions_off_for_a_batch(drill: Drill, capsys: pytest.CaptureFixture[str]) -> None:
-    _check(drill.subscription_off(BATCH), capsys)
+    tally = drill.subscription_off(BATCH)
+    _check(tally, capsys)
+    assert tally.queued_by_sweep >= 1, "nothing was left for the sweep: the hooks still fired"
 
 
 def test_postgresql_restarted_mid_batch(drill: Drill, capsys: pytest.CaptureFixture[str]) -> None:
