@@ -11,7 +11,8 @@ with the right status). Each class's docstring is its default message.
     ├── InputError           bad input from a user or a client: 4xx, never retried
     │   ├── ImageError       pixels that cannot be decoded or are out of bounds
     │   │   ├── ImageTooLargeError
-    │   │   └── NotARadiographError   decodable, but not a frontal chest radiograph (models.gate)
+    │   │   ├── NotARadiographError   decodable, but not a frontal chest radiograph (models.gate)
+    │   │   └── MissingImageError   no image for the study yet (it may still arrive)
     │   ├── NotFoundError    an id that does not exist
     │   ├── ForbiddenError   the caller may not see this (outside its patient or scopes)
     │   ├── UnauthorizedError  no credentials, or ones that are not valid here
@@ -34,6 +35,7 @@ __all__ = [
     "ImageError",
     "ImageTooLargeError",
     "InputError",
+    "MissingImageError",
     "ModelError",
     "NotARadiographError",
     "NotFoundError",
@@ -83,6 +85,13 @@ class ImageTooLargeError(ImageError):
 
 class NotARadiographError(ImageError):
     """The image is not a frontal chest radiograph."""
+
+
+class MissingImageError(ImageError):
+    """The study has no image yet."""
+
+    http_status = 409
+    issue_code = "incomplete"
 
 
 class NotFoundError(InputError):

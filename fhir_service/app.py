@@ -12,9 +12,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from prometheus_client import CollectorRegistry
 
 from cxr_errors import CxrError
-from fhir_service.api import health, hook, metadata, similar
+from fhir_service.api import health, hook, image_hook, metadata, metrics, similar
 from fhir_service.api.auth import SimilarAuth
 from fhir_service.api.headers import SecurityHeaders
 from fhir_service.api.limits import BodyLimit
@@ -30,8 +31,9 @@ from fhir_service.ops.database import database_url
 from fhir_service.runtime import LazyModels, ModelQueryEncoder, model_version_for
 from fhir_service.settings import Settings
 from fhir_service.similar import SimilarService
-from subscriptions.bootstrap import ensure_subscription
-from subscriptions.queue import apply_schema, make_app
+from subscriptions.bootstrap import ensure_subscriptions
+from subscriptions.metrics import MergedCollector, QueueCollector, ServiceMetrics
+from subscriptions.queue import PROCESS_TASK, apply_schema, make_app
 from vector_store.migrate import migrate
 from vector_store.store import VectorStore
 
@@ -48,6 +50,10 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         app.state.fhir = FhirClient(settings.fhir_base_url, timeout=10)
         app.state.queue = queue
         app.state.models = LazyModels(settings)
+        app.state.metrics = ServiceMetrics()
+        app.state.metrics_registry = registry = CollectorRegistry(auto_describe=False)
+        registry.register(MergedCollector(dsn, app.state.metrics.registry))
+        registry.register(QueueCollector(dsn, PROCESS_TASK))
         store = VectorStore(dsn, ef_search=settings.search_ef)
         await asyncio.to_thread(migrate, dsn)
         app.state.similar_auth = SimilarAuth(settings)
@@ -62,13 +68,14 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
                 # Its own client with a long timeout: the first write to a freshly booted HAPI
                 # (validation support warming up) can take far longer than a request should.
                 with FhirClient(settings.fhir_base_url, timeout=120) as boot:
-                    sub = await asyncio.to_thread(
-                        ensure_subscription,
+                    subs = await asyncio.to_thread(
+                        ensure_subscriptions,
                         boot,
                         f"{settings.service_url}/hook",
                         settings.subscription_secret,
                     )
-                log.info("Subscription/%s is %s", sub["id"], sub["status"])
+                for sub in subs:
+                    log.info("Subscription/%s is %s", sub["id"], sub["status"])
             yield
         app.state.fhir.close()
         await app.state.similar_auth.aclose()
@@ -81,6 +88,8 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
     app.add_exception_handler(Exception, unexpected_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.include_router(hook.router)
+    app.include_router(image_hook.router)
+    app.include_router(metrics.router)
     app.include_router(health.router)
     app.include_router(similar.router)
     app.include_router(metadata.router)

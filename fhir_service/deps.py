@@ -11,6 +11,7 @@ from fhir_service.api.auth import SimilarAuth
 from fhir_service.fhir.client import FhirClient
 from fhir_service.settings import Settings
 from fhir_service.similar import SimilarService
+from subscriptions.metrics import ServiceMetrics
 
 
 def _settings(request: Request) -> Settings:
@@ -38,8 +39,14 @@ def _auth(request: Request) -> SimilarAuth:
     return auth
 
 
+def _metrics(request: Request) -> ServiceMetrics:
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 FhirDep = Annotated[FhirClient, Depends(_fhir)]
 QueueDep = Annotated[procrastinate.App, Depends(_queue)]
 SimilarDep = Annotated[SimilarService, Depends(_similar)]
 AuthDep = Annotated[SimilarAuth, Depends(_auth)]
+MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]

@@ -87,6 +87,7 @@ def build_pipeline(
         store=store,
         max_image_bytes=settings.max_image_bytes,
         image_hosts=frozenset(settings.image_hosts),
+        image_wait=settings.image_wait,
     )
 
 

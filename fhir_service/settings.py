@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cxr_errors import ConfigError
@@ -54,6 +55,18 @@ class TrustedIssuer(BaseModel):
     introspection_endpoint: str | None = None
     introspection_client_id: str | None = None
     introspection_client_secret: str | None = None
+
+
+def _duration(value: Any) -> Any:
+    """Seconds as a plain number (``900``) besides pydantic's ISO 8601 (``PT15M``) and
+    ``HH:MM:SS`` forms, which it parses itself."""
+    if isinstance(value, str) and value.strip().replace(".", "", 1).isdigit():
+        return float(value)
+    return value
+
+
+#: A non-negative duration read from seconds, ISO 8601 (``PT15M``) or ``HH:MM:SS``.
+Duration = Annotated[timedelta, BeforeValidator(_duration), Field(ge=timedelta(0))]
 
 
 def _default_shared_dir() -> Path:
@@ -123,6 +136,23 @@ class Settings(BaseSettings):
     image_hosts: list[str] = Field(
         default_factory=list,
         description="hosts besides the FHIR server from which Media.content.url may be fetched",
+    )
+
+    # --- study jobs: waiting for images, the invariant, logs ---
+    image_wait: Duration = Field(
+        default=timedelta(minutes=15),
+        description="how long an available ImagingStudy without an image waits for one before "
+        "it fails (seconds, PT15M or 00:15:00)",
+    )
+    stuck_after: Duration = Field(
+        default=timedelta(minutes=10),
+        description="a study still without a final state this long after its last update "
+        "(after its image wait, if it waits) is stuck: `cxr status` exits non-zero and the "
+        "periodic sweep queues it again",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: one line with key=value fields; json: one JSON object per line",
     )
 
     # --- models ---

@@ -165,10 +165,28 @@ def decode_image(
     name = name or default_name
     if len(data) == 0:
         raise ImageError(f"{name}: the file is empty (0 bytes)")
-    if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
-        decoded = _decode_dicom(name, data, max_pixels, gate)
-    else:
-        decoded = _decode_raster(name, data, max_pixels, gate)
+    is_dicom = data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM"
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns about sloppy-but-readable headers (a long UID, an unknown
+            # character set): nothing for the caller, and an error where warnings are errors.
+            warnings.simplefilter("ignore", UserWarning)
+            if is_dicom:
+                decoded = _decode_dicom(name, data, max_pixels, gate)
+            else:
+                decoded = _decode_raster(name, data, max_pixels, gate)
+    except ImageError:
+        raise
+    except MemoryError as exc:
+        raise ImageTooLargeError(f"{name}: decoding needs more memory than there is") from exc
+    except Exception as exc:
+        # Parsers of untrusted bytes raise whatever their code meets (OSError "Truncated
+        # File Read" from PIL.Image.open, struct.error, KeyError, IndexError from pydicom):
+        # every one of them means the bytes are not an image we can read.
+        kind = "DICOM file" if is_dicom else "image"
+        raise ImageError(
+            f"{name}: the {kind} is truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
     if gate:
         check_pixels(decoded.pixels, name)
     return decoded

@@ -3,9 +3,11 @@
 Idempotent by construction: the report identifier is (study, model version, image sha256)
 and every write in the transaction is a conditional create on it, so a job that runs
 twice — duplicate notifications, a worker killed after writing, a sweep that overlaps the
-hook — changes nothing the second time. Failures that retrying cannot fix become one
-failed ``Task`` per study (updated, never duplicated); transient ones are raised for the
-queue to retry with backoff.
+hook — changes nothing the second time. What goes wrong is classified once
+(:mod:`subscriptions.failures`): bad input becomes one failed ``Task`` per study (updated,
+never duplicated) at once; transient and unknown errors are raised for the queue to retry
+with backoff, and the final attempt writes the failed Task. A study without an image waits
+for it, and a withdrawn one is closed (:mod:`subscriptions.lifecycle`).
 
 :meth:`Pipeline.process_batch` is the bulk path (``cxr ingest --bulk-inference``): the same
 steps for many studies, except that the model sees all their images in one batched pass.
@@ -20,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -32,16 +34,20 @@ from cxr_errors import (
     FhirError,
     FhirUnavailableError,
     InputError,
+    MissingImageError,
     ModelError,
     NotFoundError,
 )
 from fhir_service.fhir.client import FhirClient
-from fhir_service.fhir.identifiers import report_identifier, study_model_identifier, task_identifier
+from fhir_service.fhir.identifiers import report_identifier, study_model_identifier
 from fhir_service.fhir.inbound import check_resource
 from fhir_service.fhir.results import build_result_transaction
 from fhir_service.fhir.studies import study_age_and_view
-from fhir_service.fhir.tasks import build_completed_task, build_failed_task
 from models.types import ImageAnalysis
+from subscriptions.failures import DEFAULT_RETRY, Kind, RetryPolicy, classify, new_correlation_id
+from subscriptions.lifecycle import WITHDRAWN_STATUSES, StudyTasks, last_updated
+from subscriptions.logcontext import job_context
+from subscriptions.metrics import JobMetrics
 from subscriptions.pixels import Pixels, fetch_pixels
 from vector_store.records import EmbeddingRecord
 
@@ -94,19 +100,46 @@ class Pipeline:
     store: EmbeddingSink | None = None
     max_image_bytes: int = 64 * 1024 * 1024
     image_hosts: frozenset[str] = field(default_factory=frozenset)
+    image_wait: timedelta = timedelta(0)
+    """how long an available study without an image waits for one (CXR_IMAGE_WAIT)"""
+    retry: RetryPolicy = DEFAULT_RETRY
+    metrics: JobMetrics = field(default_factory=JobMetrics)
+
+    def __post_init__(self) -> None:
+        self.tasks = StudyTasks(self.fhir, self.image_wait, self._failed)
+
+    def _failed(self, business_status: str) -> None:
+        self.metrics.failed.labels(reason=business_status).inc()
 
     # --- the job --------------------------------------------------------------------------
 
-    def process(self, study_id: str, version_id: str, *, final_attempt: bool = True) -> str:
+    def process(
+        self,
+        study_id: str,
+        version_id: str,
+        *,
+        attempt: int = 0,
+        correlation_id: str | None = None,
+    ) -> str:
         """Process the study's *current* version; returns what happened (for logs/tests).
 
         Out-of-order notifications are harmless: whichever version a job names, it reads
-        the study as it is now, and the identifier keeps the result unique.
+        the study as it is now, and the identifier keeps the result unique. ``attempt`` is
+        how many runs of this job came before (procrastinate's count): the retry policy
+        decides from it whether this run is the last for the error it meets.
         """
-        study = self._current(study_id)
-        if isinstance(study, str):
-            return study
-        return self._guarded(study, final_attempt, lambda: self._process(study))
+        cid = correlation_id or new_correlation_id()
+        with job_context(study_id, cid):
+            study = self._current(study_id, withdrawn=True)
+            if isinstance(study, str):
+                outcome = study
+            elif study.get("status") in WITHDRAWN_STATUSES:
+                outcome = self.tasks.withdraw(study)
+            else:
+                outcome = self._guarded(study, attempt, cid, lambda: self._process(study))
+            self._count(outcome)
+            log.info("ImagingStudy/%s (%s): %s", study_id, version_id, outcome)
+            return outcome
 
     def process_batch(self, studies: Sequence[tuple[str, str]]) -> list[str]:
         """The bulk path: :meth:`process` for each study, with one batched model pass over
@@ -136,37 +169,87 @@ class Pipeline:
             outcomes[i] = self._bulk_step(job.study, partial(self._write, job, result))
         return outcomes
 
-    def _current(self, study_id: str) -> dict[str, Any] | str:
-        """The study as it is now, or why there is nothing to do."""
+    def _current(self, study_id: str, *, withdrawn: bool = False) -> dict[str, Any] | str:
+        """The study as it is now, or why there is nothing to do. ``registered`` studies wait
+        (their notification comes again when they become ``available``)."""
         try:
             study = self.fhir.read("ImagingStudy", study_id)
         except NotFoundError:
             log.warning("ImagingStudy/%s is gone; nothing to do", study_id)
             return "gone"
-        if study.get("status") != "available":
-            return f"skipped: status {study.get('status')!r}"
-        return study
+        status = study.get("status")
+        if status == "available" or (withdrawn and status in WITHDRAWN_STATUSES):
+            return study
+        return f"skipped: status {status!r}"
 
     def _guarded(
-        self, study: dict[str, Any], final_attempt: bool, step: Callable[[], T]
+        self, study: dict[str, Any], attempt: int, correlation_id: str, step: Callable[[], T]
     ) -> T | str:
-        """Run one step of a job: bad input → failed Task; other errors → failed Task on the
-        final attempt, raised either way (the queue retries)."""
+        """Run one step of a job, every exception classified once: no image yet → wait;
+        bad input → failed Task; transient or unknown → raised for the queue to retry, and
+        a failed Task first when the retry policy says this attempt was the last."""
         try:
             return step()
-        except InputError as exc:
-            self._fail(study, exc.message, "input-rejected")
-            return f"failed: {exc.message}"
-        except CxrError as exc:
-            if final_attempt:
-                self._fail(study, f"gave up after retries: {exc.message}", "retries-exhausted")
+        except MissingImageError as exc:
+            return self.tasks.missing_image(study, exc)
+        except Exception as exc:
+            failure = classify(exc)
+            if failure.kind is Kind.BAD_INPUT:
+                self.tasks.fail(study, failure.reason, failure.business_status)
+                return f"failed: {failure.reason}"
+            if not self.retry.is_final(failure.kind, attempt):
+                self.metrics.retried.labels(kind=failure.kind.value).inc()
+                log.warning(
+                    "attempt %d failed (%s), will retry: %s",
+                    attempt + 1,
+                    failure.kind,
+                    failure.reason,
+                )
+                raise
+            self._give_up(study, failure.kind, failure.reason, attempt, correlation_id, exc)
             raise
+
+    def _give_up(
+        self,
+        study: dict[str, Any],
+        kind: Kind,
+        detail: str,
+        attempt: int,
+        correlation_id: str,
+        exc: BaseException,
+    ) -> None:
+        """The final attempt failed: a failed Task says so (if HAPI takes it; if not, the
+        study has no Task and no report, which the stuck sweep finds and queues again)."""
+        if kind is Kind.TRANSIENT:
+            reason = (
+                f"gave up after {attempt + 1} attempts over "
+                f"{self.retry.total_wait_s(kind) / 60:.0f} min: {detail}"
+            )
+            code = "retries-exhausted"
+            log.error("giving up after %d attempts: %s", attempt + 1, detail)
+        else:
+            reason = (
+                f"internal error while analysing the study (correlation id {correlation_id}); "
+                "the worker's log has the details under that id"
+            )
+            code = "internal-error"
+            log.error("internal error, correlation id %s: %s", correlation_id, detail, exc_info=exc)
+        try:
+            self.tasks.fail(study, reason, code)
+        except Exception:
+            log.exception("could not write the failed Task of ImagingStudy/%s", study.get("id"))
+
+    def _count(self, outcome: str) -> None:
+        for label in ("reported", "already reported", "waiting", "withdrawn", "skipped", "gone"):
+            if outcome.startswith(label):
+                self.metrics.succeeded.labels(outcome=label.replace(" ", "-")).inc()
+                return
 
     def _bulk_step(self, study: dict[str, Any], step: Callable[[], T]) -> T | str:
         """:meth:`_guarded` for one study of a batch: a transient error becomes its outcome
         instead of stopping the batch (see :meth:`process_batch`)."""
         try:
-            return self._guarded(study, False, step)
+            return self._guarded(study, 0, new_correlation_id(), step)
         except ModelError:
             raise  # the model itself is broken: no point going on with other studies
         except CxrError as exc:
@@ -176,7 +259,10 @@ class Pipeline:
         job = self._prepare(study)
         if isinstance(job, str):
             return job
-        return self._write(job, self.analyzer.analyze(job.pixels.data, job.pixels.source))
+        started = time.monotonic()
+        result = self.analyzer.analyze(job.pixels.data, job.pixels.source)
+        self.metrics.model_pass.observe(time.monotonic() - started)
+        return self._write(job, result)
 
     def _prepare(self, study: dict[str, Any]) -> _Job | str:
         """The study's pixels and report key, or "already reported"."""
@@ -187,7 +273,7 @@ class Pipeline:
         sha = hashlib.sha256(pixels.data).hexdigest()
         identifier = report_identifier(study["id"], self.analyzer.model_version, sha)
         if self._reported(*identifier):
-            self._complete_task(study)
+            self.tasks.complete(study)
             return "already reported"
         return _Job(study, pixels, sha, identifier)
 
@@ -206,7 +292,7 @@ class Pipeline:
             supersedes=previous,
         )
         try:
-            self.fhir.transaction(bundle)
+            response = self.fhir.transaction(bundle)
         except FhirError as exc:
             # Another writer (a second worker without the queue's lock, bulk inference during
             # ingest) committed the same conditional creates first: HAPI refuses ours with
@@ -214,12 +300,13 @@ class Pipeline:
             if exc.http_status not in (409, 412):
                 raise
             if self._reported(*job.identifier, attempts=3):
-                self._complete_task(study)
+                self.tasks.complete(study)
                 return "already reported (concurrent writer)"
             raise FhirUnavailableError(f"conflicting concurrent write: {exc.message}") from exc
+        self._observe_latency(study)
         if self.store is not None:
             self.store.upsert(self._record(study, result, sha))
-        self._complete_task(study)
+        self.tasks.complete(study, _report_reference(response))
         return "reported"
 
     # --- helpers --------------------------------------------------------------------------
@@ -268,25 +355,19 @@ class Pipeline:
             clip_version=result.clip_version if result.clip_embedding is not None else None,
         )
 
-    def _task(self, study: dict[str, Any]) -> dict[str, Any] | None:
-        system, value = task_identifier(study["id"])
-        bundle = self.fhir.search("Task", {"identifier": f"{system}|{value}"})
-        entries = bundle.get("entry", [])
-        return dict(entries[0]["resource"]) if entries else None
+    def _observe_latency(self, study: dict[str, Any]) -> None:
+        """POST → report, as the integrator sees it: from the study's last update (a late
+        image's wait included) to the committed report."""
+        posted = last_updated(study)
+        if posted is not None:
+            seconds = (datetime.now(UTC) - posted).total_seconds()
+            self.metrics.post_to_report.observe(max(seconds, 0.0))
 
-    def _fail(self, study: dict[str, Any], reason: str, business_status: str) -> None:
-        log.warning("ImagingStudy/%s failed: %s", study["id"], reason)
-        task = build_failed_task(study, reason, business_status, existing_task=self._task(study))
-        self._put_task(task)
 
-    def _complete_task(self, study: dict[str, Any]) -> None:
-        task = self._task(study)
-        if task is not None and task.get("status") != "completed":
-            self._put_task(build_completed_task(task))
-
-    def _put_task(self, task: dict[str, Any]) -> None:
-        if task.get("id"):
-            self.fhir.update(task)
-        else:
-            system, value = task_identifier(task["focus"]["reference"].split("/")[-1])
-            self.fhir.create(task, if_none_exist=f"identifier={system}|{value}")
+def _report_reference(response: dict[str, Any]) -> str | None:
+    """``DiagnosticReport/{id}`` from a transaction-response Bundle, if it names one."""
+    for entry in response.get("entry", []):
+        location = str((entry.get("response") or {}).get("location") or "")
+        if location.startswith("DiagnosticReport/"):
+            return "/".join(location.split("/")[:2])
+    return None

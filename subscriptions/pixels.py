@@ -17,7 +17,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
 
-from cxr_errors import ImageError, ImageTooLargeError
+from cxr_errors import ImageError, ImageTooLargeError, MissingImageError
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.inbound import check_resource
 from fhir_service.fhir.results import is_cxr_overlay
@@ -57,7 +57,9 @@ def fetch_pixels(
                 f"ImagingStudy/{study_id} points at an Endpoint (DICOMweb); fetching pixels "
                 "by DICOMweb is not supported yet — attach a Media with partOf this study"
             )
-        raise ImageError(f"no pixels: no Media with partOf ImagingStudy/{study_id} holds an image")
+        raise MissingImageError(
+            f"no pixels: no Media with partOf ImagingStudy/{study_id} holds an image"
+        )
     m = media[0]
     content = m.get("content") or {}
     where = f"Media/{m['id']}"

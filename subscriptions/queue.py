@@ -18,32 +18,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import procrastinate
-from procrastinate import RetryStrategy
 from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 from procrastinate.jobs import JobDeferrer, Status
 
-from cxr_errors import FhirUnavailableError, StoreError
+from subscriptions.failures import DEFAULT_RETRY, TRANSIENT
 
 log = logging.getLogger(__name__)
+
+__all__ = ["RETRY", "TRANSIENT"]
 
 QUEUE = "studies"
 PROCESS_TASK = "cxr.process_study"
 RECONCILE_TASK = "cxr.reconcile"
 STALLED_TASK = "cxr.retry_stalled"
+STUCK_TASK = "cxr.requeue_stuck"
 
-#: Transient failures: HAPI 5xx / timeouts, database hiccups. Anything else is final.
-TRANSIENT: tuple[type[Exception], ...] = (
-    FhirUnavailableError,
-    StoreError,
-    ConnectionError,
-    TimeoutError,
-)
+#: One retry policy for every job (subscriptions.failures): bad input is never retried,
+#: transient errors long enough to outlast a restart, unknown ones a couple of times.
+RETRY = DEFAULT_RETRY
 
-RETRY = RetryStrategy(max_attempts=6, exponential_wait=2, retry_exceptions=set(TRANSIENT))
+#: What a periodic sweep gets: a function that queues (study id, version id).
+Enqueue = Callable[[str, str], bool]
 
 
 def make_app(dsn: str) -> procrastinate.App:
@@ -80,41 +79,36 @@ def study_lock(study_id: str) -> str:
 
 def register_tasks(
     app: procrastinate.App,
-    process: Callable[[bool, str, str], Any],
-    reconcile: Callable[[Callable[[str, str], bool]], Any] | None = None,
+    process: Callable[[int, str, str], Any],
+    reconcile: Callable[[Enqueue], Any] | None = None,
     *,
     reconcile_cron: str = "* * * * * */30",
+    requeue_stuck: Callable[[Enqueue], Any] | None = None,
+    stuck_cron: str = "*/2 * * * * 0",
 ) -> None:
     """Register the worker-side implementations on ``app``.
 
-    ``reconcile(enqueue)`` runs in a thread; ``enqueue(study_id, version_id)`` queues through
-    the worker's own (async) connection, since a sync defer is not allowed inside a worker.
-    Crons have a sixth field for seconds (croniter puts it last).
+    ``process(attempts, study_id, version_id)`` gets the number of earlier runs of the job
+    (the retry policy decides from it whether this run is the last). The periodic
+    ``reconcile(enqueue)`` and ``requeue_stuck(enqueue)`` run in a thread;
+    ``enqueue(study_id, version_id)`` queues through the worker's own (async) connection,
+    since a sync defer is not allowed inside a worker. Crons have a sixth field for seconds
+    (croniter puts it last).
     """
 
     def _process(context: procrastinate.JobContext, study_id: str, version_id: str) -> Any:
-        # The last attempt turns a transient failure into a failed Task visible in FHIR.
         attempts = context.job.attempts if context.job else 0
-        final = attempts >= (RETRY.max_attempts or 0)
-        return process(final, study_id, version_id)
+        return process(attempts, study_id, version_id)
 
     app.task(name=PROCESS_TASK, queue=QUEUE, retry=RETRY, pass_context=True)(_process)
-    if reconcile is not None:
-
-        async def _reconcile(timestamp: int) -> None:
-            loop = asyncio.get_running_loop()
-
-            def enqueue(study_id: str, version_id: str) -> bool:
-                future = asyncio.run_coroutine_threadsafe(
-                    enqueue_study(app, study_id, version_id), loop
-                )
-                return future.result(timeout=60)
-
-            await asyncio.to_thread(reconcile, enqueue)
-
-        app.periodic(cron=reconcile_cron, periodic_id="sweep")(
-            app.task(name=RECONCILE_TASK, queue=QUEUE, queueing_lock="reconcile")(_reconcile)
-        )
+    for name, fn, cron, periodic_id in (
+        (RECONCILE_TASK, reconcile, reconcile_cron, "sweep"),
+        (STUCK_TASK, requeue_stuck, stuck_cron, "stuck"),
+    ):
+        if fn is not None:
+            app.periodic(cron=cron, periodic_id=periodic_id)(
+                app.task(name=name, queue=QUEUE, queueing_lock=periodic_id)(_in_thread(app, fn))
+            )
 
     async def _retry_stalled(timestamp: int) -> None:
         # A worker killed mid-job (SIGKILL, OOM, power) leaves its job 'doing' forever and,
@@ -133,6 +127,25 @@ def register_tasks(
     app.periodic(cron="* * * * * */15", periodic_id="stalled")(
         app.task(name=STALLED_TASK, queue=QUEUE, queueing_lock="stalled")(_retry_stalled)
     )
+
+
+def _in_thread(
+    app: procrastinate.App, fn: Callable[[Enqueue], Any]
+) -> Callable[[int], Coroutine[Any, Any, None]]:
+    """A periodic task running ``fn(enqueue)`` in a thread, queueing on the worker's loop."""
+
+    async def periodic(timestamp: int) -> None:
+        loop = asyncio.get_running_loop()
+
+        def enqueue(study_id: str, version_id: str) -> bool:
+            future = asyncio.run_coroutine_threadsafe(
+                enqueue_study(app, study_id, version_id), loop
+            )
+            return future.result(timeout=60)
+
+        await asyncio.to_thread(fn, enqueue)
+
+    return periodic
 
 
 def _study_job(app: procrastinate.App, study_id: str, version_id: str) -> JobDeferrer:

@@ -12,6 +12,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ def test_settings(test_data_dir: Path) -> Settings:
             )
             for port in DEV_EHR_PORTS
         ],
+        # Long enough to see a study wait for its image, short enough to see the wait end.
+        image_wait=timedelta(seconds=30),
+        # The stuck sweep then runs every minute (tests/integration/test_status.py).
+        stuck_after=timedelta(seconds=60),
     )
 
 

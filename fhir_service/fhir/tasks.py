@@ -1,16 +1,24 @@
-"""The analysis Task of a study: failed with a reason a person reads, completed on success.
+"""The analysis Task of a study: the one place its state is visible in FHIR.
 
-A study that cannot be analysed gets one Task (:func:`build_failed_task`), updated in place on
-retry through a conditional update on its identifier
-(:func:`~fhir_service.fhir.identifiers.task_identifier`), and completed
-(:func:`build_completed_task`) when a later run succeeds.
+A study has at most one Task, keyed on the study (:func:`~fhir_service.fhir.identifiers.
+task_identifier`) and updated in place, never duplicated:
+
+* ``on-hold`` / businessStatus ``waiting-for-images`` (:func:`build_waiting_task`): the study
+  is available but no image has arrived yet; ``restriction.period.end`` is when the wait ends;
+* ``failed`` with a reason a person reads (:func:`build_failed_task`);
+* ``completed`` (:func:`build_completed_task`) when a later run wrote the report, with the
+  earlier state as its ``statusReason`` (an image that arrived after the wait ran out);
+* ``cancelled`` (:func:`build_cancelled_task`) when the study was withdrawn (its status became
+  ``cancelled`` or ``entered-in-error``).
+
+A study without a Task and without a report is simply in flight.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,9 +27,22 @@ from fhir_service.fhir.identifiers import task_identifier
 from fhir_service.fhir.studies import StudyRef
 from fhir_service.fhir.terminology import TERMINOLOGY, Resource, Terminology
 
-__all__ = ["build_completed_task", "build_failed_task"]
+__all__ = [
+    "WAITING_FOR_IMAGES",
+    "WITHDRAWN",
+    "build_cancelled_task",
+    "build_completed_task",
+    "build_failed_task",
+    "build_waiting_task",
+    "task_business_status",
+    "waiting_deadline",
+]
 
 _BUSINESS_CODE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+#: businessStatus of a Task whose study has no image yet.
+WAITING_FOR_IMAGES = "waiting-for-images"
+#: businessStatus of a Task whose study was withdrawn.
+WITHDRAWN = "withdrawn"
 
 
 def build_failed_task(
@@ -40,8 +61,59 @@ def build_failed_task(
     (``PUT`` :func:`task_conditional_url`) so that retries update the one Task of the study;
     ``existing_task`` keeps its id and ``authoredOn``. ``now`` defaults to the current time.
     """
+    return _study_task(
+        study,
+        "failed",
+        reason,
+        business_status,
+        lambda ref_text: f"AI analysis of {ref_text} failed: {reason}",
+        now=now,
+        existing_task=existing_task,
+        terminology=terminology,
+    )
+
+
+def build_waiting_task(
+    study: Mapping[str, Any],
+    reason: str,
+    deadline: datetime,
+    *,
+    now: datetime | None = None,
+    existing_task: Mapping[str, Any] | None = None,
+    terminology: Terminology = TERMINOLOGY,
+) -> Resource:
+    """The study's Task ``on-hold``, waiting for its image until ``deadline``.
+
+    ``restriction.period.end`` ("over what time-period fulfillment is sought") carries the
+    deadline for machines; ``statusReason.text`` says the same for people.
+    """
+    task = _study_task(
+        study,
+        "on-hold",
+        reason,
+        WAITING_FOR_IMAGES,
+        lambda ref_text: f"AI analysis of {ref_text} is waiting for its image",
+        now=now,
+        existing_task=existing_task,
+        terminology=terminology,
+    )
+    task["restriction"] = {"period": {"end": instant(deadline)}}
+    return task
+
+
+def _study_task(
+    study: Mapping[str, Any],
+    status: str,
+    reason: str,
+    business_status: str,
+    description: Callable[[str], str],
+    *,
+    now: datetime | None,
+    existing_task: Mapping[str, Any] | None,
+    terminology: Terminology,
+) -> Resource:
     if not reason.strip():
-        raise ValueError("a failed Task needs a reason a person can read")
+        raise ValueError(f"a {status} Task needs a reason a person can read")
     if not _BUSINESS_CODE.match(business_status):
         raise ValueError(f"business_status must be a lowercase code, got {business_status!r}")
     t = terminology
@@ -56,7 +128,7 @@ def build_failed_task(
     task.update(
         {
             "identifier": [{"system": system, "value": value}],
-            "status": "failed",
+            "status": status,
             "statusReason": {"text": reason},
             "businessStatus": {
                 "coding": [{"system": t.code_system_url("task"), "code": business_status}],
@@ -64,7 +136,7 @@ def build_failed_task(
             },
             "intent": "order",
             "code": cc(t.concept("task_code")),
-            "description": f"AI analysis of {study_ref.reference}{version} failed: {reason}",
+            "description": description(f"{study_ref.reference}{version}"),
             "focus": ref(study_ref.reference),
             **({"for": ref(study_ref.subject)} if study_ref.subject else {}),
             "authoredOn": (existing_task or {}).get("authoredOn") or stamp,
@@ -79,17 +151,22 @@ def build_completed_task(
     *,
     now: datetime | None = None,
     report_reference: str | None = None,
+    reason: str | None = None,
     terminology: Terminology = TERMINOLOGY,
 ) -> Resource:
-    """A study's Task (typically failed earlier) completed by a later successful run.
+    """A study's Task (failed or waiting earlier) completed by a later successful run.
 
     ``report_reference`` (``DiagnosticReport/{id}``) becomes ``Task.output`` so the Task
-    leads to the result. The failure reason goes: it no longer describes the Task's state.
+    leads to the result. The old reason goes (it no longer describes the Task's state);
+    ``reason`` says why the Task was completed after all (e.g. an image that came late).
     """
     t = terminology
     out = copy.deepcopy(dict(task))
     out.pop("meta", None)
     out.pop("statusReason", None)
+    out.pop("restriction", None)
+    if reason:
+        out["statusReason"] = {"text": reason}
     out["status"] = "completed"
     out["businessStatus"] = cc(t.concept("task_business_completed"))
     focus = (task.get("focus") or {}).get("reference", "the study")
@@ -100,3 +177,47 @@ def build_completed_task(
             {"type": cc(t.concept("task_output_report")), "valueReference": ref(report_reference)}
         ]
     return out
+
+
+def build_cancelled_task(
+    task: Mapping[str, Any],
+    reason: str,
+    *,
+    now: datetime | None = None,
+    terminology: Terminology = TERMINOLOGY,
+) -> Resource:
+    """A study's Task closed because the study was withdrawn (``cancelled`` /
+    ``entered-in-error``): nothing will be analysed, and ``reason`` says why."""
+    if not reason.strip():
+        raise ValueError("a cancelled Task needs a reason a person can read")
+    t = terminology
+    out = copy.deepcopy(dict(task))
+    out.pop("meta", None)
+    out.pop("restriction", None)
+    out["status"] = "cancelled"
+    out["statusReason"] = {"text": reason}
+    out["businessStatus"] = {
+        "coding": [{"system": t.code_system_url("task"), "code": WITHDRAWN}],
+        "text": WITHDRAWN,
+    }
+    focus = (task.get("focus") or {}).get("reference", "the study")
+    out["description"] = f"AI analysis of {focus} cancelled: {reason}"
+    out["lastModified"] = instant(now or datetime.now(UTC))
+    return out
+
+
+def task_business_status(task: Mapping[str, Any]) -> str | None:
+    """The machine code of a Task's businessStatus (``no-pixels``, ``waiting-for-images``...)."""
+    codings = (task.get("businessStatus") or {}).get("coding") or [{}]
+    code = codings[0].get("code")
+    return str(code) if code else None
+
+
+def waiting_deadline(task: Mapping[str, Any]) -> datetime | None:
+    """When a waiting Task's wait for images ends; None for any other Task."""
+    if task.get("status") != "on-hold" or task_business_status(task) != WAITING_FOR_IMAGES:
+        return None
+    end = ((task.get("restriction") or {}).get("period") or {}).get("end")
+    if not end:
+        return None
+    return datetime.fromisoformat(str(end).replace("Z", "+00:00"))

@@ -10,13 +10,18 @@ import pytest
 from fhir_service.fhir.inbound import MalformedResource, check_resource, validation_problems
 from fhir_service.fhir.outcome import operation_outcome
 from fhir_service.fhir.results import build_result_transaction
-from fhir_service.fhir.supersede import supersede
-from fhir_service.fhir.tasks import build_completed_task, build_failed_task
+from fhir_service.fhir.supersede import entered_in_error, supersede
+from fhir_service.fhir.tasks import (
+    build_cancelled_task,
+    build_completed_task,
+    build_failed_task,
+    build_waiting_task,
+)
 from fhir_service.fhir.terminology import local_code_systems
 from fhir_service.ingest.nih import BoundingBox, NihRecord
 from fhir_service.ingest.rows import Row
 from fhir_service.ingest.transaction import build_transaction, study_bundle
-from subscriptions.bootstrap import desired_subscription
+from subscriptions.bootstrap import MEDIA_CRITERIA, MEDIA_SUBSCRIPTION_ID, desired_subscription
 from tests.factories import (
     IMAGE_SHA256,
     RECORDED,
@@ -78,6 +83,7 @@ def test_every_resource_of_a_result_transaction_is_valid_r4(untrained: bool) -> 
     for entry in bundle["entry"]:
         _valid(entry["resource"])
     _valid(supersede(old_report))
+    _valid(entered_in_error(old_report))
 
 
 def test_tasks_are_valid_r4() -> None:
@@ -86,6 +92,10 @@ def test_tasks_are_valid_r4() -> None:
     _valid(build_completed_task({**failed, "id": "t1"}, report_reference="DiagnosticReport/1"))
     # A study too broken to name its patient still gets a valid Task.
     _valid(build_failed_task({"resourceType": "ImagingStudy", "id": "x"}, "bad", "input-rejected"))
+    waiting = build_waiting_task(make_study(), "waiting", RECORDED, now=RECORDED)
+    _valid(waiting)
+    _valid(build_cancelled_task({**waiting, "id": "t2"}, "withdrawn"))
+    _valid(build_completed_task({**waiting, "id": "t2"}, reason="the image arrived"))
 
 
 def test_the_ingest_transaction_is_valid_r4() -> None:
@@ -103,4 +113,9 @@ def test_other_written_resources_are_valid_r4() -> None:
     for code_system in local_code_systems():
         _valid(code_system)
     _valid(desired_subscription("http://service.test/hook", "secret"))
+    _valid(
+        desired_subscription(
+            "http://service.test/hook", "s", sid=MEDIA_SUBSCRIPTION_ID, criteria=MEDIA_CRITERIA
+        )
+    )
     _valid(operation_outcome("went wrong", code="invalid"))

@@ -146,3 +146,28 @@ def test_superseded_resources_need_an_id(analysis: ImageAnalysis) -> None:
     old_report = one_of(result_bundle(analysis), "DiagnosticReport")
     with pytest.raises(ValueError, match="id"):
         result_bundle(analysis, image_sha256="cd" * 32, supersedes=[old_report])
+
+
+def test_results_of_an_entered_in_error_study_are_marked_in_one_transaction() -> None:
+    from fhir_service.fhir.supersede import entered_in_error, entered_in_error_transaction
+
+    meta = {"versionId": "2", "lastUpdated": "2025-01-01T00:00:00Z", "security": []}
+    report = {"resourceType": "DiagnosticReport", "id": "r1", "status": "preliminary", "meta": meta}
+    obs = {"resourceType": "Observation", "id": "o1", "status": "preliminary"}
+    heatmap = {"resourceType": "Media", "id": "m1", "status": "completed"}
+    done = {"resourceType": "Observation", "id": "o2", "status": "entered-in-error"}
+    marked = entered_in_error(report)
+    assert marked["status"] == "entered-in-error"
+    assert marked["meta"] == {"security": []}
+    assert report["status"] == "preliminary"
+    bundle = entered_in_error_transaction("s1", [report, obs, heatmap, done])
+    assert bundle["type"] == "transaction"
+    assert [e["request"] for e in bundle["entry"]] == [
+        {"method": "PUT", "url": "DiagnosticReport/r1"},
+        {"method": "PUT", "url": "Observation/o1"},
+        {"method": "PUT", "url": "Media/m1"},
+    ]
+    assert {e["resource"]["status"] for e in bundle["entry"]} == {"entered-in-error"}
+    assert entered_in_error_transaction("s1", [done])["entry"] == []
+    with pytest.raises(ValueError):
+        entered_in_error({"resourceType": "Patient", "id": "p"})

@@ -11,7 +11,15 @@ from fhir_service.fhir.identifiers import (
     task_conditional_url,
     task_identifier,
 )
-from fhir_service.fhir.tasks import build_completed_task, build_failed_task
+from fhir_service.fhir.tasks import (
+    WAITING_FOR_IMAGES,
+    build_cancelled_task,
+    build_completed_task,
+    build_failed_task,
+    build_waiting_task,
+    task_business_status,
+    waiting_deadline,
+)
 from tests.factories import (
     RECORDED,
     make_study,
@@ -74,7 +82,7 @@ R4_ELEMENTS = {
         "identifier", "basedOn", "groupIdentifier", "partOf", "status", "statusReason",
         "businessStatus", "intent", "priority", "code", "description", "focus", "for",
         "encounter", "executionPeriod", "authoredOn", "lastModified", "requester", "owner",
-        "reasonCode", "note", "input", "output",
+        "reasonCode", "note", "restriction", "input", "output",
     },
 }  # fmt: skip
 
@@ -156,3 +164,50 @@ def test_completed_task() -> None:
     assert done["identifier"] == failed["identifier"]
     assert done["lastModified"] == "2025-02-01T00:00:00.000+00:00"
     assert failed["status"] == "failed"
+
+
+def test_waiting_task_is_on_hold_with_its_deadline() -> None:
+    deadline = datetime(2025, 1, 2, 3, 19, 5, tzinfo=UTC)
+    task = build_waiting_task(make_study(), "waiting for the image", deadline, now=RECORDED)
+    assert set(task) <= R4_ELEMENTS["Task"]
+    assert task["status"] == "on-hold"
+    assert task_business_status(task) == WAITING_FOR_IMAGES
+    assert task["restriction"] == {"period": {"end": "2025-01-02T03:19:05.000+00:00"}}
+    assert waiting_deadline(task) == deadline
+    assert task["statusReason"]["text"] == "waiting for the image"
+    assert "is waiting for its image" in task["description"]
+    # a failed or completed Task has no deadline
+    assert waiting_deadline(build_failed_task(make_study(), "x", "no-pixels")) is None
+    assert waiting_deadline(build_completed_task({**task, "id": "t1"})) is None
+
+
+def test_waiting_then_failed_keeps_the_one_task() -> None:
+    deadline = RECORDED + timedelta(minutes=15)
+    waiting = {**build_waiting_task(make_study(), "waiting", deadline, now=RECORDED), "id": "t3"}
+    failed = build_failed_task(
+        make_study(), "no image", "no-pixels", now=deadline, existing_task=waiting
+    )
+    assert failed["id"] == "t3" and failed["authoredOn"] == waiting["authoredOn"]
+    assert "restriction" not in failed
+
+
+def test_completed_task_can_say_why() -> None:
+    failed = {**build_failed_task(make_study(), "no image", "no-pixels", now=RECORDED), "id": "t"}
+    done = build_completed_task(failed, reason="completed after an earlier failure: no image")
+    assert done["statusReason"] == {"text": "completed after an earlier failure: no image"}
+
+
+def test_cancelled_task_for_a_withdrawn_study() -> None:
+    waiting = {
+        **build_waiting_task(make_study(), "waiting", RECORDED + timedelta(minutes=5)),
+        "id": "t4",
+        "meta": {"versionId": "1"},
+    }
+    cancelled = build_cancelled_task(waiting, "the study was withdrawn", now=RECORDED)
+    assert set(cancelled) <= R4_ELEMENTS["Task"]
+    assert cancelled["status"] == "cancelled" and cancelled["id"] == "t4"
+    assert task_business_status(cancelled) == "withdrawn"
+    assert cancelled["statusReason"]["text"] == "the study was withdrawn"
+    assert "restriction" not in cancelled and "meta" not in cancelled
+    with pytest.raises(ValueError, match="reason"):
+        build_cancelled_task(waiting, " ")

@@ -13,7 +13,7 @@ import psycopg
 from fhir_service.fhir import identifiers
 from fhir_service.fhir.client import FhirClient
 from fhir_service.ingest.nih import NihRecord, read_manifest
-from fhir_service.ingest.transaction import created_id, study_bundle
+from fhir_service.ingest.transaction import created_id, image_media_resource, study_bundle
 from fhir_service.runtime import model_version_for
 from fhir_service.settings import Settings
 from subscriptions.bootstrap import SECRET_HEADER
@@ -57,6 +57,21 @@ class Stack:
             data = image if isinstance(image, bytes) or image is None else None
         bundle = study_bundle(rec, data, tag=tag or unique_suffix(), status="available")
         return created_id(self.fhir.transaction(bundle), "ImagingStudy")
+
+    def post_image(self, study_id: str, index: int = 0, image: bytes | None = None) -> str:
+        """Post a Media with the NIH image ``index`` (or ``image``) for an existing study, as
+        a PACS-fed EHR does after registering the study."""
+        study = self.fhir.read("ImagingStudy", study_id)
+        rec = self.records[index]
+        data = (
+            image
+            or (self.settings.shared_dir / "data" / "nih-sample" / rec.image_index).read_bytes()
+        )
+        media = image_media_resource(
+            rec, data, f"ImagingStudy/{study_id}", study["subject"]["reference"]
+        )
+        media["identifier"][0]["value"] += f"-late-{study_id}-{unique_suffix()}"
+        return str(self.fhir.create(media)["id"])
 
     def reports(self, study_id: str) -> list[dict[str, Any]]:
         system, value = identifiers.study_model_identifier(study_id, self.model_version)

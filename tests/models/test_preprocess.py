@@ -119,6 +119,13 @@ def test_truncated_png(tmp_path: Path, nih_dir: Path, nih_rows: list[dict[str, s
         decode_image(path)
 
 
+def test_png_signature_with_a_garbage_first_chunk() -> None:
+    # PIL.Image.open itself raises OSError("Truncated File Read") here, before any pixel is
+    # read: it must still be the project's ImageError, or the job would never fail the study.
+    with pytest.raises(ImageError, match=r"truncated or corrupt \(OSError: Truncated File Read"):
+        decode_image(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+
+
 def test_text_named_png(tmp_path: Path) -> None:
     path = tmp_path / "notes.png"
     path.write_text("this is not an image\n")

@@ -76,3 +76,44 @@ def test_a_study_without_subject_is_refused_naming_the_field() -> None:
     del body["subject"]
     with pytest.raises(MalformedResource, match="subject: Field required"):
         parse_notification("42", body)
+
+
+def test_a_media_notification_names_the_studies_it_is_part_of() -> None:
+    from subscriptions.receiver import parse_media_notification
+
+    media = {
+        "resourceType": "Media",
+        "id": "m1",
+        "meta": {"versionId": "2"},
+        "status": "completed",
+        "partOf": [
+            {"reference": "ImagingStudy/s1"},
+            {"reference": "ImagingStudy/s1/_history/3"},
+            {"reference": "Procedure/x"},
+            {"reference": "ImagingStudy/s2"},
+        ],
+        "content": {"contentType": "image/png", "data": "AA=="},
+    }
+    note = parse_media_notification("m1", media)
+    assert note.study_ids == ("s1", "s2") and not note.ours and note.version_id == "2"
+    alone = parse_media_notification("m1", {**media, "partOf": []})
+    assert alone.study_ids == ()
+    with pytest.raises(InputError, match="does not match"):
+        parse_media_notification("m2", media)
+
+
+def test_our_heatmaps_are_recognised_and_ignored() -> None:
+    from fhir_service.fhir.terminology import TERMINOLOGY
+    from subscriptions.receiver import parse_media_notification
+
+    heatmap = {
+        "resourceType": "Media",
+        "id": "h1",
+        "meta": {"versionId": "1"},
+        "status": "completed",
+        "identifier": [{"system": TERMINOLOGY.identifier_system("heatmap"), "value": "k.x"}],
+        "partOf": [{"reference": "ImagingStudy/s1"}],
+        "content": {"contentType": "image/png", "data": "AA=="},
+    }
+    note = parse_media_notification("h1", heatmap)
+    assert note.ours and note.study_ids == ()

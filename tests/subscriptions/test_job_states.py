@@ -1,0 +1,288 @@
+"""The job's states, end to end against an in-memory FHIR server: a study waits for its image,
+fails when the wait runs out, is still reported when the image comes late (its Task closed),
+is withdrawn when cancelled or entered in error; every failure is classified once."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from cxr_errors import FhirUnavailableError, ImageError, InputError
+from fhir_service.fhir.tasks import task_business_status, waiting_deadline
+from models.types import ImageAnalysis
+from subscriptions.failures import RetryPolicy
+from subscriptions.lifecycle import study_deadline
+from subscriptions.metrics import JobMetrics
+from subscriptions.pipeline import AnalyzedImage, Pipeline
+from tests.factories import make_analysis, make_heatmaps, make_png
+from tests.fake_fhir import FakeFhir
+
+WAIT = timedelta(minutes=15)
+
+
+class _Analyzer:
+    """Stands in for the models: analyses any image, or raises what a test tells it to."""
+
+    model_version = "test-model"
+
+    def __init__(self) -> None:
+        self.raises: BaseException | None = None
+        self.calls = 0
+
+    def analyze(self, data: bytes, name: str) -> AnalyzedImage:
+        self.calls += 1
+        if self.raises is not None:
+            raise self.raises
+        analysis: ImageAnalysis = make_analysis({"Pneumothorax": 0.9}, model_version="test-model")
+        return AnalyzedImage(analysis, make_heatmaps(analysis), None)
+
+    def analyze_many(self, images: Sequence[tuple[bytes, str]]) -> list[AnalyzedImage | InputError]:
+        return [self.analyze(d, n) for d, n in images]
+
+
+@pytest.fixture
+def server() -> FakeFhir:
+    fake = FakeFhir()
+    fake.put({"resourceType": "Patient", "id": "p1"})
+    return fake
+
+
+def _pipeline(server: FakeFhir, analyzer: _Analyzer | None = None, **kw: Any) -> Pipeline:
+    return Pipeline(fhir=server.client(), analyzer=analyzer or _Analyzer(), image_wait=WAIT, **kw)
+
+
+def _study(server: FakeFhir, sid: str = "s1", status: str = "available") -> dict[str, Any]:
+    return server.put(
+        {
+            "resourceType": "ImagingStudy",
+            "id": sid,
+            "status": status,
+            "subject": {"reference": "Patient/p1"},
+        }
+    )
+
+
+def _media(server: FakeFhir, sid: str = "s1", data: bytes | None = None) -> dict[str, Any]:
+    png = data if data is not None else make_png(width=16, height=16)
+    return server.put(
+        {
+            "resourceType": "Media",
+            "status": "completed",
+            "partOf": [{"reference": f"ImagingStudy/{sid}"}],
+            "content": {"contentType": "image/png", "data": base64.b64encode(png).decode()},
+        }
+    )
+
+
+def _task(server: FakeFhir) -> dict[str, Any]:
+    tasks = server.all("Task")
+    assert len(tasks) == 1, "a study has exactly one Task"
+    return tasks[0]
+
+
+def _reports(server: FakeFhir) -> list[dict[str, Any]]:
+    return server.all("DiagnosticReport")
+
+
+def test_a_study_without_an_image_waits_visibly_until_its_deadline(server: FakeFhir) -> None:
+    study = _study(server)
+    outcome = _pipeline(server).process("s1", "1")
+    assert outcome.startswith("waiting for images until")
+    task = _task(server)
+    assert task["status"] == "on-hold"
+    assert task_business_status(task) == "waiting-for-images"
+    assert waiting_deadline(task) == study_deadline(study, WAIT)
+    assert "waiting for the image" in task["statusReason"]["text"]
+    assert "fails if none arrives by" in task["statusReason"]["text"]
+    # a repeat notification changes nothing (no new Task version)
+    assert _pipeline(server).process("s1", "1").startswith("waiting")
+    assert _task(server)["meta"]["versionId"] == "1"
+
+
+def test_the_image_arriving_while_waiting_gives_the_report_and_completes_the_task(
+    server: FakeFhir,
+) -> None:
+    _study(server)
+    _pipeline(server).process("s1", "1")
+    _media(server)
+    assert _pipeline(server).process("s1", "media") == "reported"
+    assert len(_reports(server)) == 1
+    task = _task(server)
+    assert task["status"] == "completed"
+    assert "arrived while the study was waiting" in task["statusReason"]["text"]
+    assert task["output"][0]["valueReference"]["reference"].startswith("DiagnosticReport/")
+
+
+def test_no_image_within_the_wait_fails_then_a_late_image_still_reports(
+    server: FakeFhir,
+) -> None:
+    _study(server)
+    pipeline = _pipeline(server)
+    pipeline.process("s1", "1")
+    later = datetime.now(UTC) + WAIT + timedelta(seconds=1)
+    task = pipeline.tasks.missing_image(server.all("ImagingStudy")[0], _missing(), now=later)
+    assert task.startswith("failed:")
+    failed = _task(server)
+    assert failed["status"] == "failed" and task_business_status(failed) == "no-pixels"
+    assert "none arrived within 15 min" in failed["statusReason"]["text"]
+    # the image comes after the failure: report, and the one Task closed with the reason
+    _media(server)
+    assert pipeline.process("s1", "late") == "reported"
+    assert len(_reports(server)) == 1
+    closed = _task(server)
+    assert closed["status"] == "completed"
+    assert "earlier failure" in closed["statusReason"]["text"]
+    assert "none arrived within 15 min" in closed["statusReason"]["text"]
+
+
+def _missing() -> Any:
+    from cxr_errors import MissingImageError
+
+    return MissingImageError("no pixels: no Media with partOf ImagingStudy/s1 holds an image")
+
+
+def test_a_zero_wait_fails_at_once(server: FakeFhir) -> None:
+    _study(server)
+    outcome = Pipeline(fhir=server.client(), analyzer=_Analyzer()).process("s1", "1")
+    assert outcome.startswith("failed: no pixels")
+    assert _task(server)["status"] == "failed"
+
+
+def test_registered_studies_wait_without_a_task(server: FakeFhir) -> None:
+    _study(server, status="registered")
+    assert _pipeline(server).process("s1", "1") == "skipped: status 'registered'"
+    assert server.all("Task") == []
+
+
+def test_a_cancelled_study_closes_its_waiting_task(server: FakeFhir) -> None:
+    study = _study(server)
+    _pipeline(server).process("s1", "1")
+    server.put({**study, "status": "cancelled"})
+    assert _pipeline(server).process("s1", "2") == "withdrawn: cancelled"
+    task = _task(server)
+    assert task["status"] == "cancelled"
+    assert task_business_status(task) == "withdrawn"
+    assert "'cancelled'" in task["statusReason"]["text"]
+
+
+def test_an_entered_in_error_study_marks_its_results_entered_in_error(server: FakeFhir) -> None:
+    study = _study(server)
+    _media(server)
+    assert _pipeline(server).process("s1", "1") == "reported"
+    server.put({**server.all("ImagingStudy")[0], "status": "entered-in-error"})
+    outcome = _pipeline(server).process("s1", "2")
+    assert outcome.startswith("withdrawn: entered-in-error")
+    assert {r["status"] for r in _reports(server)} == {"entered-in-error"}
+    assert {o["status"] for o in server.all("Observation")} == {"entered-in-error"}
+    overlays = [m for m in server.all("Media") if m.get("identifier")]
+    assert overlays and {m["status"] for m in overlays} == {"entered-in-error"}
+    # the input image is not ours: untouched
+    assert [m["status"] for m in server.all("Media") if not m.get("identifier")] == ["completed"]
+    # idempotent: nothing more to mark
+    assert _pipeline(server).process("s1", "2") == "withdrawn: entered-in-error"
+    assert study["id"] == "s1"
+
+
+def test_an_undecodable_image_is_bad_input_failed_at_once_without_retry(
+    server: FakeFhir,
+) -> None:
+    _study(server)
+    _media(server)
+    analyzer = _Analyzer()
+    analyzer.raises = ImageError("Media/2: the image is truncated or corrupt (OSError: ...)")
+    outcome = _pipeline(server, analyzer).process("s1", "1", attempt=0)
+    assert outcome.startswith("failed: Media/2: the image is truncated")
+    task = _task(server)
+    assert task["status"] == "failed" and task_business_status(task) == "undecodable-image"
+
+
+def test_an_unknown_error_is_retried_then_an_internal_error_task_names_the_correlation_id(
+    server: FakeFhir, caplog: pytest.LogCaptureFixture
+) -> None:
+    _study(server)
+    _media(server)
+    analyzer = _Analyzer()
+    analyzer.raises = KeyError("surprise")
+    policy = RetryPolicy(internal_retries=2)
+    pipeline = _pipeline(server, analyzer, retry=policy, metrics=JobMetrics())
+    for attempt in range(2):
+        with pytest.raises(KeyError):
+            pipeline.process("s1", "1", attempt=attempt)
+        assert server.all("Task") == [], "no Task before the final attempt"
+    with caplog.at_level(logging.ERROR), pytest.raises(KeyError):
+        pipeline.process("s1", "1", attempt=2, correlation_id="c0ffee123456")
+    task = _task(server)
+    assert task["status"] == "failed" and task_business_status(task) == "internal-error"
+    assert "correlation id c0ffee123456" in task["statusReason"]["text"]
+    line = next(r for r in caplog.records if "internal error" in r.getMessage())
+    assert "c0ffee123456" in line.getMessage()
+    assert line.exc_info is not None
+    assert getattr(line, "correlation_id", None) in (None, "c0ffee123456")
+
+
+def test_a_transient_error_is_retried_and_the_final_attempt_says_what_kept_failing(
+    server: FakeFhir,
+) -> None:
+    _study(server)
+    _media(server)
+    analyzer = _Analyzer()
+    analyzer.raises = FhirUnavailableError("FHIR server timed out: POST")
+    pipeline = _pipeline(server, analyzer, retry=RetryPolicy(transient_retries=3))
+    with pytest.raises(FhirUnavailableError):
+        pipeline.process("s1", "1", attempt=2)
+    assert server.all("Task") == []
+    with pytest.raises(FhirUnavailableError):
+        pipeline.process("s1", "1", attempt=3)
+    task = _task(server)
+    assert task_business_status(task) == "retries-exhausted"
+    assert "gave up after 4 attempts" in task["statusReason"]["text"]
+    assert "FHIR server timed out" in task["statusReason"]["text"]
+
+
+def test_hapi_down_on_the_final_attempt_leaves_no_task_and_raises(server: FakeFhir) -> None:
+    _study(server)
+    _media(server)
+    analyzer = _Analyzer()
+    analyzer.raises = FhirUnavailableError("down")
+
+    def outage(request: httpx.Request) -> None:
+        if request.url.path.endswith("/Task") or request.method != "GET":
+            raise httpx.ConnectError("connection refused")
+
+    server.before = outage
+    pipeline = _pipeline(server, analyzer, retry=RetryPolicy(transient_retries=0))
+    with pytest.raises(FhirUnavailableError):
+        pipeline.process("s1", "1")
+    server.before = None
+    assert server.all("Task") == []  # left for the stuck sweep
+
+
+def test_job_metrics_count_outcomes_and_failures(server: FakeFhir) -> None:
+    metrics = JobMetrics()
+    _study(server, "s1")
+    _study(server, "s2")
+    _media(server, "s2", data=b"\x89PNG\r\n\x1a\nnot really a png")
+    _study(server, "s3")
+    _media(server, "s3")
+    analyzer = _Analyzer()
+    pipeline = _pipeline(server, analyzer, metrics=metrics)
+    pipeline.process("s1", "1")
+    analyzer.raises = ImageError("bad")
+    pipeline.process("s2", "1")
+    analyzer.raises = None
+    pipeline.process("s3", "1")
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    assert value("cxr_jobs_succeeded_total", outcome="waiting") == 1
+    assert value("cxr_jobs_succeeded_total", outcome="reported") == 1
+    assert value("cxr_jobs_failed_total", reason="undecodable-image") == 1
+    assert value("cxr_model_pass_seconds_count") == 1
+    assert value("cxr_post_to_report_seconds_count") == 1
