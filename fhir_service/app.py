@@ -40,6 +40,18 @@ from vector_store.store import VectorStore
 log = logging.getLogger(__name__)
 
 
+def _bootstrap_subscriptions(settings: Settings) -> None:
+    """Make sure HAPI's Subscriptions to our hooks exist and are active. Its own client with a
+    long timeout: the first write to a freshly booted HAPI (validation support warming up)
+    can take far longer than a request should."""
+    with FhirClient(settings.fhir_base_url, timeout=120) as boot:
+        subs = ensure_subscriptions(
+            boot, f"{settings.service_url}/hook", settings.subscription_secret
+        )
+    for sub in subs:
+        log.info("Subscription/%s is %s", sub["id"], sub["status"])
+
+
 def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,17 +77,7 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
         )
         async with queue.open_async():
             if bootstrap_subscription:
-                # Its own client with a long timeout: the first write to a freshly booted HAPI
-                # (validation support warming up) can take far longer than a request should.
-                with FhirClient(settings.fhir_base_url, timeout=120) as boot:
-                    subs = await asyncio.to_thread(
-                        ensure_subscriptions,
-                        boot,
-                        f"{settings.service_url}/hook",
-                        settings.subscription_secret,
-                    )
-                for sub in subs:
-                    log.info("Subscription/%s is %s", sub["id"], sub["status"])
+                await asyncio.to_thread(_bootstrap_subscriptions, settings)
             yield
         app.state.fhir.close()
         await app.state.similar_auth.aclose()

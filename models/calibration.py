@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -254,6 +255,38 @@ def _class_from_json(c: dict[str, Any]) -> ClassFit:
     )
 
 
+def _newton(
+    objective: Callable[[FloatArray], float],
+    grad_hess: Callable[[FloatArray], tuple[FloatArray, FloatArray]],
+    eta: FloatArray,
+    iterations: int,
+) -> FloatArray:
+    """Minimise ``objective`` from ``eta``: Newton steps with backtracking, a gradient step
+    where the Hessian is not positive definite."""
+    current = objective(eta)
+    for _ in range(iterations):
+        g, hess = grad_hess(eta)
+        try:
+            np.linalg.cholesky(hess)
+            step = np.linalg.solve(hess, g)
+        except np.linalg.LinAlgError:
+            step = g / max(1.0, float(np.abs(g).max()))
+        t, moved = 1.0, False
+        while t > 1e-8:
+            candidate = eta - t * step
+            value = objective(candidate)
+            if value <= current:
+                moved = True
+                break
+            t /= 2
+        if not moved:
+            break
+        eta, improvement, current = candidate, current - value, value
+        if improvement < 1e-10:
+            break
+    return eta
+
+
 def _fit_one(x: FloatArray, y: FloatArray, iterations: int = 100) -> tuple[FloatArray, FloatArray]:
     """MAP (scale, bias) with scale = exp(−log T) > 0; returns (theta, covariance of theta).
 
@@ -284,28 +317,7 @@ def _fit_one(x: FloatArray, y: FloatArray, iterations: int = 100) -> tuple[Float
         hess = np.array([[h00, h01], [h01, h11]]) + np.diag(1.0 / prior_std**2)
         return g, hess
 
-    eta = np.zeros(2)
-    current = objective(eta)
-    for _ in range(iterations):
-        g, hess = grad_hess(eta)
-        try:
-            np.linalg.cholesky(hess)
-            step = np.linalg.solve(hess, g)
-        except np.linalg.LinAlgError:
-            step = g / max(1.0, float(np.abs(g).max()))
-        t, moved = 1.0, False
-        while t > 1e-8:
-            candidate = eta - t * step
-            value = objective(candidate)
-            if value <= current:
-                moved = True
-                break
-            t /= 2
-        if not moved:
-            break
-        eta, improvement, current = candidate, current - value, value
-        if improvement < 1e-10:
-            break
+    eta = _newton(objective, grad_hess, np.zeros(2), iterations)
     _, hess = grad_hess(eta)
     try:
         cov_eta = np.linalg.inv(hess)

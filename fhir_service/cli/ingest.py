@@ -34,53 +34,64 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True)
 
 
+# The options of `cxr ingest nih`.
+_METADATA = typer.Option(
+    None,
+    "--metadata",
+    help="Data_Entry_2017*.csv(.gz) or a sample manifest.csv "
+    "(default: the copy inside the installed torchxrayvision).",
+)
+_IMAGES = typer.Option(
+    None, "--images", help="Folder with (any subset of) the NIH PNGs, searched recursively."
+)
+_LIMIT = typer.Option(None, "--limit", min=1, help="Only the first N rows.")
+_CONCURRENCY = typer.Option(
+    None,
+    "--concurrency",
+    min=1,
+    help="Transactions in flight (default CXR_INGEST_CONCURRENCY).",
+)
+_BATCH_SIZE = typer.Option(
+    None, "--batch-size", min=1, help="Studies per transaction (default CXR_INGEST_BATCH_SIZE)."
+)
+_BBOX = typer.Option(
+    None,
+    "--bbox",
+    help="NIH's BBox_List_2017.csv(.gz): boxes go on their studies "
+    "(default: the copy inside the installed torchxrayvision).",
+)
+_NO_BBOX = typer.Option(False, "--no-bbox", help="Load no bounding boxes.")
+_BULK_INFERENCE = typer.Option(
+    False,
+    "--bulk-inference",
+    help="Run the model here on the studies with images, several images per batched "
+    "pass, instead of waiting for the worker (same pipeline, same idempotent results).",
+)
+_INFERENCE_BATCH_SIZE = typer.Option(
+    None,
+    "--inference-batch-size",
+    min=1,
+    help="Images per model pass with --bulk-inference (default CXR_INGEST_INFERENCE_BATCH_SIZE).",
+)
+_REPORT = typer.Option(None, "--report", help="Write the machine-readable report (JSON) here.")
+_RESTART = typer.Option(
+    False, "--restart", help="Ignore the progress of an earlier run of the same file."
+)
+
+
 @app.command()
 def nih(
-    metadata: Path | None = typer.Option(
-        None,
-        "--metadata",
-        help="Data_Entry_2017*.csv(.gz) or a sample manifest.csv "
-        "(default: the copy inside the installed torchxrayvision).",
-    ),
-    images: Path | None = typer.Option(
-        None, "--images", help="Folder with (any subset of) the NIH PNGs, searched recursively."
-    ),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N rows."),
-    concurrency: int | None = typer.Option(
-        None,
-        "--concurrency",
-        min=1,
-        help="Transactions in flight (default CXR_INGEST_CONCURRENCY).",
-    ),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", min=1, help="Studies per transaction (default CXR_INGEST_BATCH_SIZE)."
-    ),
-    bbox: Path | None = typer.Option(
-        None,
-        "--bbox",
-        help="NIH's BBox_List_2017.csv(.gz): boxes go on their studies "
-        "(default: the copy inside the installed torchxrayvision).",
-    ),
-    no_bbox: bool = typer.Option(False, "--no-bbox", help="Load no bounding boxes."),
-    bulk_inference: bool = typer.Option(
-        False,
-        "--bulk-inference",
-        help="Run the model here on the studies with images, several images per batched "
-        "pass, instead of waiting for the worker (same pipeline, same idempotent results).",
-    ),
-    inference_batch_size: int | None = typer.Option(
-        None,
-        "--inference-batch-size",
-        min=1,
-        help="Images per model pass with --bulk-inference "
-        "(default CXR_INGEST_INFERENCE_BATCH_SIZE).",
-    ),
-    report: Path | None = typer.Option(
-        None, "--report", help="Write the machine-readable report (JSON) here."
-    ),
-    restart: bool = typer.Option(
-        False, "--restart", help="Ignore the progress of an earlier run of the same file."
-    ),
+    metadata: Path | None = _METADATA,
+    images: Path | None = _IMAGES,
+    limit: int | None = _LIMIT,
+    concurrency: int | None = _CONCURRENCY,
+    batch_size: int | None = _BATCH_SIZE,
+    bbox: Path | None = _BBOX,
+    no_bbox: bool = _NO_BBOX,
+    bulk_inference: bool = _BULK_INFERENCE,
+    inference_batch_size: int | None = _INFERENCE_BATCH_SIZE,
+    report: Path | None = _REPORT,
+    restart: bool = _RESTART,
 ) -> None:
     """Load NIH ChestX-ray14: one Patient per patient, one ImagingStudy (+ Media) per image."""
     from fhir_service.ingest import nih as nih_meta

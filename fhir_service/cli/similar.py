@@ -46,53 +46,79 @@ def similar(
             ("age-min", age_min),
             ("age-max", age_max),
             ("finding", finding),
+            ("exclude-same-patient", "true" if exclude_same_patient else None),
         ):
             if value is not None:
                 params[name] = value
-        if exclude_same_patient:
-            params["exclude-same-patient"] = "true"
-        base = f"{settings.service_url}/fhir/ImagingStudy"
-        # The service's own key: the CLI is a trusted system caller (CXR_SERVICE_API_KEY).
-        auth = {"Authorization": f"Bearer {settings.service_api_key}"}
-        try:
-            if image is not None:
-                ctype = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
-                if image.suffix.lower() == ".dcm":
-                    ctype = "application/dicom"
-                body = {
-                    "resourceType": "Parameters",
-                    "parameter": [
-                        {
-                            "name": "image",
-                            "valueAttachment": {
-                                "contentType": ctype,
-                                "data": base64.b64encode(image.read_bytes()).decode(),
-                            },
-                        }
-                    ],
-                }
-                r = httpx.post(
-                    f"{base}/$similar", params=params, json=body, headers=auth, timeout=120
-                )
-            elif text is not None:
-                r = httpx.get(
-                    f"{base}/$similar", params={**params, "text": text}, headers=auth, timeout=60
-                )
-            else:
-                r = httpx.get(
-                    f"{base}/{study_id}/$similar", params=params, headers=auth, timeout=60
-                )
-        except httpx.TransportError as exc:
-            raise FhirUnavailableError(
-                f"the service at {settings.service_url} is not reachable ({exc}); "
-                "start it with `cxr serve` (or `make demo`)"
-            ) from exc
-        if r.status_code >= 400:
-            raise FhirError(f"$similar → {r.status_code}: {outcome_text(r.json())}")
-    table = Table(title=f"similar cases ({space})")
+        bundle = _ask(settings.service_url, settings.service_api_key, params, study_id, text, image)
+    _print(bundle, space)
+
+
+def _ask(
+    service_url: str,
+    key: str,
+    params: dict[str, Any],
+    study_id: str | None,
+    text: str | None,
+    image: Path | None,
+) -> dict[str, Any]:
+    """The service's ``$similar`` searchset for one of the three kinds of query."""
+    base = f"{service_url}/fhir/ImagingStudy"
+    # The service's own key: the CLI is a trusted system caller (CXR_SERVICE_API_KEY).
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        if image is not None:
+            r = httpx.post(
+                f"{base}/$similar",
+                params=params,
+                json=_image_parameters(image),
+                headers=auth,
+                timeout=120,
+            )
+        elif text is not None:
+            r = httpx.get(
+                f"{base}/$similar", params={**params, "text": text}, headers=auth, timeout=60
+            )
+        else:
+            r = httpx.get(f"{base}/{study_id}/$similar", params=params, headers=auth, timeout=60)
+    except httpx.TransportError as exc:
+        raise FhirUnavailableError(
+            f"the service at {service_url} is not reachable ({exc}); "
+            "start it with `cxr serve` (or `make demo`)"
+        ) from exc
+    try:
+        body: dict[str, Any] = r.json()
+    except ValueError:
+        body = {}
+    if r.status_code >= 400:
+        detail = outcome_text(body) if body else r.text[:200]
+        raise FhirError(f"$similar → {r.status_code}: {detail}")
+    return body
+
+
+def _image_parameters(image: Path) -> dict[str, Any]:
+    """A Parameters resource carrying ``image`` as an inline attachment."""
+    ctype = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
+    if image.suffix.lower() == ".dcm":
+        ctype = "application/dicom"
+    data = base64.b64encode(image.read_bytes()).decode()
+    attachment = {"contentType": ctype, "data": data}
+    return {
+        "resourceType": "Parameters",
+        "parameter": [{"name": "image", "valueAttachment": attachment}],
+    }
+
+
+def _print(bundle: dict[str, Any], space: str) -> None:
+    tags = [t.get("code") for t in bundle.get("meta", {}).get("tag", [])]
+    untrained = any("untrained" in str(code).lower() for code in tags)
+    title = f"similar cases ({space})" + (
+        " — UNTRAINED model: ranking is noise" if untrained else ""
+    )
+    table = Table(title=title)
     for col in ("rank", "ImagingStudy", "score", "description", "subject"):
         table.add_column(col)
-    for rank, entry in enumerate(r.json().get("entry", []), 1):
+    for rank, entry in enumerate(bundle.get("entry", []), 1):
         res = entry["resource"]
         table.add_row(
             str(rank),

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from urllib.parse import urlencode
 
 import httpx
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -75,6 +75,63 @@ def _warn_if_unfiltered(settings: Settings) -> None:
         )
 
 
+#: The EHR's own pages: the launcher and the launches it starts.
+launcher = APIRouter()
+
+
+@launcher.get("/", include_in_schema=False)
+def root() -> RedirectResponse:
+    return RedirectResponse("/launch", status_code=303)
+
+
+@launcher.get("/launch", response_model=None)
+async def launch_page(ehr: EhrDep, patient: str | None = None) -> Response:
+    try:
+        patients = await ehr.list_patients()
+    except httpx.HTTPError as exc:
+        return HTMLResponse(
+            pages.error_page("FHIR server unavailable", f"cannot list patients: {exc}"), 502
+        )
+    if patient:
+        patients = [p for p in patients if p.get("id") == patient]
+    return HTMLResponse(
+        pages.launcher_page(
+            patients,
+            fhir_base=ehr.fhir_base,
+            app_launch=ehr.settings.dev_ehr_launch_target,
+            selected=patient,
+            user=ehr.settings.dev_ehr_user,
+        )
+    )
+
+
+@launcher.get("/launch/ehr", response_model=None)
+async def ehr_launch(ehr: EhrDep, patient: str | None = None) -> Response:
+    """An EHR launch with ``patient`` in context, or without (``patient`` absent): a
+    user-level launch, for which the authorization server grants ``user/`` scopes."""
+    if patient is not None:
+        try:
+            exists = await ehr.patient_exists(patient)
+        except httpx.HTTPError as exc:
+            return HTMLResponse(
+                pages.error_page("FHIR server unavailable", f"cannot check the patient: {exc}"),
+                502,
+            )
+        if not exists:
+            return HTMLResponse(
+                pages.error_page("Unknown patient", f"Patient {patient!r} does not exist."), 404
+            )
+    launch = ehr.store.put(
+        Kind.LAUNCH, {"patient": patient}, ehr.settings.dev_ehr_launch_lifetime_s
+    )
+    target = ehr.settings.dev_ehr_launch_target
+    return RedirectResponse(
+        f"{target}?{urlencode({'iss': ehr.fhir_base, 'launch': launch})}",
+        status_code=303,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
     ehr = ehr or build_ehr(settings)
     _warn_if_unfiltered(settings)
@@ -102,56 +159,7 @@ def create_app(settings: Settings, *, ehr: DevEhr | None = None) -> FastAPI:
         expose_headers=["WWW-Authenticate", "Location"],
     )
 
-    @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/launch", status_code=303)
-
-    @app.get("/launch", response_model=None)
-    async def launch_page(ehr: EhrDep, patient: str | None = None) -> Response:
-        try:
-            patients = await ehr.list_patients()
-        except httpx.HTTPError as exc:
-            return HTMLResponse(
-                pages.error_page("FHIR server unavailable", f"cannot list patients: {exc}"), 502
-            )
-        if patient:
-            patients = [p for p in patients if p.get("id") == patient]
-        return HTMLResponse(
-            pages.launcher_page(
-                patients,
-                fhir_base=ehr.fhir_base,
-                app_launch=ehr.settings.dev_ehr_launch_target,
-                selected=patient,
-                user=ehr.settings.dev_ehr_user,
-            )
-        )
-
-    @app.get("/launch/ehr", response_model=None)
-    async def ehr_launch(ehr: EhrDep, patient: str | None = None) -> Response:
-        """An EHR launch with ``patient`` in context, or without (``patient`` absent): a
-        user-level launch, for which the authorization server grants ``user/`` scopes."""
-        if patient is not None:
-            try:
-                exists = await ehr.patient_exists(patient)
-            except httpx.HTTPError as exc:
-                return HTMLResponse(
-                    pages.error_page("FHIR server unavailable", f"cannot check the patient: {exc}"),
-                    502,
-                )
-            if not exists:
-                return HTMLResponse(
-                    pages.error_page("Unknown patient", f"Patient {patient!r} does not exist."), 404
-                )
-        launch = ehr.store.put(
-            Kind.LAUNCH, {"patient": patient}, ehr.settings.dev_ehr_launch_lifetime_s
-        )
-        target = ehr.settings.dev_ehr_launch_target
-        return RedirectResponse(
-            f"{target}?{urlencode({'iss': ehr.fhir_base, 'launch': launch})}",
-            status_code=303,
-            headers={"Cache-Control": "no-store"},
-        )
-
+    app.include_router(launcher)
     app.include_router(oauth.router)
     app.include_router(proxy.router)
     return app

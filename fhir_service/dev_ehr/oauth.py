@@ -165,71 +165,90 @@ async def authorize(request: Request, ehr: EhrDep) -> Response:
             "Redirect URI not registered",
             f"{redirect_uri!r} is not registered for client {client.client_id!r}.",
         )
-
+    # From here on the client and its redirect URI are known: errors go back to the client.
     state = params.get("state") or None
-
-    def fail(error: str, description: str) -> RedirectResponse:
+    try:
+        grant = _grant(ehr, params, client.client_id, client.scope, state)
+    except _Refused as refused:
+        error, description = refused.args
         log.info("authorize refused for %s: %s (%s)", client.client_id, error, description)
         return _redirect(
             redirect_uri,
             {"error": error, "error_description": description, "state": state},
             after_post=after_post,
         )
+    if grant["patient"] is None and scopes.needs_patient(grant["scopes"]):
+        return await _patient_picker(ehr, grant)
+    return _issue_code(ehr, grant, after_post=after_post)
 
+
+class _Refused(Exception):
+    """An authorization request refused with an OAuth ``(error, description)``."""
+
+
+def _grant(
+    ehr: DevEhr, params: dict[str, str], client_id: str, client_scope: str, state: str | None
+) -> dict[str, Any]:
+    """The grant an authorization request asks for, checked (PKCE S256, aud, launch,
+    scopes); raises :class:`_Refused` with what to tell the client."""
     if state is None:
-        return fail("invalid_request", "state is required")
+        raise _Refused("invalid_request", "state is required")
     if params.get("response_type") != "code":
-        return fail("unsupported_response_type", "response_type must be 'code'")
+        raise _Refused("unsupported_response_type", "response_type must be 'code'")
     if params.get("code_challenge_method") != "S256":
-        return fail(
+        raise _Refused(
             "invalid_request",
             "PKCE is required with code_challenge_method=S256; 'plain' is refused",
         )
     challenge = params.get("code_challenge", "")
     if not _CHALLENGE.fullmatch(challenge):
-        return fail("invalid_request", "code_challenge must be an unpadded base64url SHA-256")
+        raise _Refused("invalid_request", "code_challenge must be an unpadded base64url SHA-256")
     if params.get("aud", "").rstrip("/") != ehr.fhir_base:
-        return fail("invalid_request", f"aud must be this EHR's FHIR base {ehr.fhir_base}")
-
-    patient: str | None = None
+        raise _Refused("invalid_request", f"aud must be this EHR's FHIR base {ehr.fhir_base}")
     launch = params.get("launch") or None
-    if launch is not None:
-        found = ehr.store.get(Kind.LAUNCH, launch)
-        if found.outcome is not Outcome.OK or found.data is None:
-            return fail("invalid_request", f"launch is {found.outcome.value}; launch again")
-        bound = found.data.get("patient")
-        # None: a user-level launch (the clinician's worklist, no patient in context).
-        patient = None if bound is None else str(bound)
-
+    patient = _launch_patient(ehr, launch)
     requested = params.get("scope")
     context = scopes.launch_context(
-        requested, client.scope, ehr_launch=launch is not None, launch_patient=patient
+        requested, client_scope, ehr_launch=launch is not None, launch_patient=patient
     )
-    granted = scopes.grant(requested, client.scope, ehr_launch=launch is not None, context=context)
+    granted = scopes.grant(requested, client_scope, ehr_launch=launch is not None, context=context)
     if not granted:
-        return fail("invalid_scope", "none of the requested scopes can be granted")
-
-    grant: dict[str, Any] = {
-        "client_id": client.client_id,
-        "redirect_uri": redirect_uri,
+        raise _Refused("invalid_scope", "none of the requested scopes can be granted")
+    return {
+        "client_id": client_id,
+        "redirect_uri": params.get("redirect_uri", ""),
         "state": state,
         "code_challenge": challenge,
         "scopes": granted,
         "nonce": params.get("nonce") or None,
         "patient": patient,
     }
-    if patient is None and scopes.needs_patient(granted):
-        request_id = ehr.store.put(Kind.PENDING, grant, PENDING_LIFETIME_S)
-        try:
-            patients = await ehr.list_patients()
-        except httpx.HTTPError as exc:  # HAPI down: say so instead of a 500
-            log.warning("patient picker: cannot list patients: %s", exc)
-            return _error_page(502, "FHIR server unavailable", f"cannot list patients: {exc}")
-        return HTMLResponse(
-            pages.picker_page(patients, request_id=request_id, client_id=client.client_id),
-            headers=_NO_STORE,
-        )
-    return _issue_code(ehr, grant, after_post=after_post)
+
+
+def _launch_patient(ehr: DevEhr, launch: str | None) -> str | None:
+    """The patient an EHR launch bound (None: standalone, or a user-level launch)."""
+    if launch is None:
+        return None
+    found = ehr.store.get(Kind.LAUNCH, launch)
+    if found.outcome is not Outcome.OK or found.data is None:
+        raise _Refused("invalid_request", f"launch is {found.outcome.value}; launch again")
+    bound = found.data.get("patient")
+    # None: a user-level launch (the clinician's worklist, no patient in context).
+    return None if bound is None else str(bound)
+
+
+async def _patient_picker(ehr: DevEhr, grant: dict[str, Any]) -> HTMLResponse:
+    """A patient scope without a patient in context: the user picks one first."""
+    request_id = ehr.store.put(Kind.PENDING, grant, PENDING_LIFETIME_S)
+    try:
+        patients = await ehr.list_patients()
+    except httpx.HTTPError as exc:  # HAPI down: say so instead of a 500
+        log.warning("patient picker: cannot list patients: %s", exc)
+        return _error_page(502, "FHIR server unavailable", f"cannot list patients: {exc}")
+    return HTMLResponse(
+        pages.picker_page(patients, request_id=request_id, client_id=grant["client_id"]),
+        headers=_NO_STORE,
+    )
 
 
 @router.post(AUTHORIZE_PATH + "/select", response_model=None)
