@@ -341,6 +341,9 @@ class AppUi:
                 "status": report.get("status"),
                 "conclusion": report.get("conclusion"),
                 "issued": report.get("issued"),
+                "interpreters": [
+                    str(i.get("reference")) for i in report.get("resultsInterpreter", [])
+                ],
             },
             "untrained": clinical.is_untrained(
                 report, [observations[str(f["observation"])] for f in findings]

@@ -110,7 +110,12 @@ def test_the_ehr_launch_scopes_give_each_mode_through_the_dev_ehr() -> None:
     as_user = scopes.grant(smart.EHR_SCOPES, CXR_APP_SCOPES, ehr_launch=True, context="user")
     assert smart.launch_mode({"patient": "p1", "scope": " ".join(as_patient)}) == "patient"
     assert smart.launch_mode({"scope": " ".join(as_user)}) == "user"
-    assert sorted(s for s in as_user if "/" in s) == sorted(smart.USER_RESOURCE_SCOPES.split())
+    assert sorted(s for s in as_user if "/" in s) == sorted(
+        [*smart.USER_RESOURCE_SCOPES.split(), *smart.USER_WRITE_SCOPES.split()]
+    )
+    assert sorted(s for s in as_patient if "/" in s) == sorted(
+        [*smart.RESOURCE_SCOPES.split(), *smart.WRITE_SCOPES.split()]
+    )
 
 
 def _jwt(claims: Mapping[str, Any]) -> str:

@@ -89,7 +89,12 @@ async function loadContext() {
 // --- worklist -----------------------------------------------------------------------------
 
 function statusBadge(row) {
-  return el("span", { class: `badge status-${row.status}`, title: row.reason || null, text: row.status });
+  const badge = el("span", { class: `badge status-${row.status}`, title: row.reason || null, text: row.status });
+  if (row.status !== "done") return badge;
+  const review = row.reviewed
+    ? el("span", { class: "badge reviewed", "data-reviewed": "true", text: `reviewed (${row.report_status})` })
+    : el("span", { class: "badge unreviewed", "data-reviewed": "false", text: "AI only, unreviewed" });
+  return el("span", {}, badge, " ", review);
 }
 
 function renderWorklist(rows) {
@@ -100,6 +105,7 @@ function renderWorklist(rows) {
       `${f.text} ${fmt(f.calibrated_probability)}${f.positive ? " ▲" : ""}`).join(", ");
     const patient = row.patient || null;
     return el("tr", { "data-study": row.id, "data-status": row.status, "data-patient": patient ? patient.id : null,
+      "data-reviewed": row.status === "done" ? String(Boolean(row.reviewed)) : null,
       class: row.pneumothorax_positive ? "critical" : null },
       el("td", { text: String(i + 1) }),
       user ? el("td", { class: "patient-cell", text: patient ? patient.name : "–" }) : null,
@@ -207,7 +213,71 @@ function findingItem(f) {
     el("span", { class: "fval", text: `${fmt(f.calibrated_probability)} [${fmt(f.band_low)}–${fmt(f.band_high)}] thr ${fmt(f.threshold)}` }),
     bar);
   button.addEventListener("click", () => showHeatmap(f.finding, button));
-  return el("li", {}, button);
+  return el("li", { "data-finding": f.finding, "data-observation": f.observation,
+    "data-status": f.status || "", "data-reviews": String((f.reviews || []).length) },
+  button, reviewBox(f));
+}
+
+// --- review: agree / disagree / uncertain on each finding -----------------------------------
+
+const VERDICT_TEXT = { agree: "agreed", disagree: "disagreed", uncertain: "uncertain" };
+
+function reviewBox(f) {
+  const reviews = f.reviews || [];
+  const done = reviews.map((r) =>
+    el("li", { class: `review-${r.verdict}`, "data-verdict": r.verdict },
+      `${r.reviewer.replace("Practitioner/", "")} ${VERDICT_TEXT[r.verdict]}${r.comment ? ": " + r.comment : ""}`));
+  const box = el("div", { class: "review" },
+    done.length ? el("ul", { class: "reviews", "aria-label": `Reviews of ${f.text}` }, ...done) : null);
+  if (!viewer.canReview) return box;
+  const label = `Comment on ${f.text} (optional)`;
+  const comment = el("input", { type: "text", class: "review-comment", "aria-label": label, maxlength: 2000,
+    placeholder: "comment (optional)" });
+  const status = el("span", { class: "review-status muted", "aria-live": "polite" });
+  const buttons = ["agree", "disagree", "uncertain"].map((verdict) =>
+    el("button", { type: "button", class: `verdict verdict-${verdict}`, "data-verdict": verdict,
+      "aria-label": `${verdict[0].toUpperCase() + verdict.slice(1)} with ${f.text}`,
+      onclick: () => submitReview(f, verdict, comment, status, buttons) },
+    verdict[0].toUpperCase() + verdict.slice(1)));
+  box.append(el("div", { class: "review-actions" }, ...buttons, comment, status));
+  return box;
+}
+
+function reviewId() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function submitReview(f, verdict, comment, status, buttons) {
+  buttons.forEach((b) => { b.disabled = true; });
+  status.textContent = "Saving…";
+  // One id per submission: resending it (a retry) records nothing twice.
+  const body = { review_id: reviewId(), decisions: [{ observation: f.observation, verdict, comment: comment.value.trim() || null }] };
+  try {
+    const resp = await fetch(`/app/api/review/${encodeURIComponent(viewer.study)}`, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-Cxr-Csrf": app.csrf },
+      body: JSON.stringify(body) });
+    const answer = await resp.json().catch(() => ({}));
+    if (!resp.ok) throw new ApiError(resp.status, answer.error || `HTTP ${resp.status}`);
+    status.textContent = `Saved (${Math.round(answer.transaction_ms)} ms).`;
+    document.getElementById("findings").dataset.lastReviewMs = String(answer.transaction_ms);
+    renderStudy(await api(`/app/api/study/${encodeURIComponent(viewer.study)}`));
+  } catch (err) {
+    status.textContent = `Not saved: ${err.message}`;
+    buttons.forEach((b) => { b.disabled = false; });
+  }
+}
+
+function reviewSummary(s) {
+  const r = s.review || { reviewed: 0, total: 0 };
+  const report = s.report;
+  if (!report) return "";
+  const by = (report.interpreters || []).map((p) => p.replace("Practitioner/", "")).join(", ");
+  if (["final", "amended", "corrected"].includes(report.status))
+    return `Report ${report.status}: reviewed by ${by || "a radiologist"} (${r.reviewed}/${r.total} findings).`;
+  return `AI-generated report, status ${report.status} (not reviewed by a radiologist; ${r.reviewed}/${r.total} findings reviewed).`;
 }
 
 function renderStudy(s) {
@@ -217,9 +287,12 @@ function renderStudy(s) {
     `${s.patient ? s.patient.name + " · " : ""}${s.modality || "X-ray"} · posted ${since(s.posted)} · status ${s.status}`;
   setBanner(s.untrained);
   const report = s.report;
-  document.getElementById("report-status").textContent = report
-    ? `AI-generated report, status ${report.status} (not reviewed by a radiologist).`
+  viewer.canReview = Boolean(s.review && s.review.can_review);
+  const reportStatus = document.getElementById("report-status");
+  reportStatus.textContent = report
+    ? reviewSummary(s)
     : s.status === "failed" ? `Analysis failed: ${s.failure}` : "Analysis pending…";
+  reportStatus.dataset.reportStatus = report ? report.status : "";
   document.getElementById("conclusion").textContent = report ? report.conclusion : "";
   const sorted = [...s.findings].sort((a, b) => b.calibrated_probability - a.calibrated_probability);
   document.getElementById("findings").replaceChildren(...sorted.map(findingItem));
