@@ -1,0 +1,162 @@
+"""The radiologist in the loop, in real Chromium against the real stack (issue 18): agree /
+disagree / uncertain on findings from a patient launch of ``cxr dev-ehr`` (which grants the
+write scopes), and the FHIR resources checked in HAPI afterwards — statuses, the reviewer's
+own Observations, Provenance with the Device as author and the Practitioner as verifier, the
+report final with its interpreter once every finding is reviewed. Timings go to
+``test-artifacts/app/review-timings.txt``."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from fhir_service.ops.stack import start_dev_ehr, stop_dev_ehr
+from fhir_service.settings import Settings
+from tests.factories import unique_suffix
+from tests.integration.stack import Stack, wait_for
+from tests.integration.test_app_browser import CHROMIUM, SHOTS, browsing, chromium
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser)"),
+]
+__all__ = ["chromium"]  # the module-scoped browser fixture, shared
+
+#: Manifest row 4: a study of its own patient, reviewed here and nowhere else.
+REVIEW_ROW = 4
+REVIEWER = "Practitioner/cxr-dev-radiologist"
+
+
+@dataclass
+class ReviewStack:
+    settings: Settings
+    patient: str
+    study: str
+
+
+@pytest.fixture(scope="module")
+def review_stack(stack: Stack, test_settings: Settings) -> Iterator[ReviewStack]:
+    study = stack.post_study(REVIEW_ROW, tag=unique_suffix())
+    wait_for(f"a report for ImagingStudy/{study}", functools.partial(stack.reports, study), 300)
+    offset = int(os.environ.get("CXR_TEST_PORT_OFFSET", "0"))
+    settings = test_settings.model_copy(update={"dev_ehr_port": 18006 + offset})
+    stop_dev_ehr(settings)
+    start_dev_ehr(settings)
+    patient = str(stack.fhir.read("ImagingStudy", study)["subject"]["reference"]).split("/")[-1]
+    try:
+        yield ReviewStack(settings, patient, study)
+    finally:
+        stop_dev_ehr(settings)
+
+
+def _open_study(page: Page, rs: ReviewStack) -> None:
+    page.goto(f"{rs.settings.dev_ehr_url}/launch/ehr?patient={rs.patient}")
+    page.wait_for_selector(f"#worklist tr[data-study='{rs.study}'][data-reviewed='false']")
+    page.locator(f"#worklist tr[data-study='{rs.study}'] a").click()
+    page.wait_for_selector("#findings[data-count='14']")
+
+
+def _decide(page: Page, finding: str, verdict: str, comment: str = "") -> float:
+    item = page.locator(f"#findings li[data-finding='{finding}']")
+    before = int(item.get_attribute("data-reviews") or 0)
+    if comment:
+        item.locator(".review-comment").fill(comment)
+    t0 = time.perf_counter()
+    item.locator(f"button[data-verdict='{verdict}']").click()
+    page.wait_for_selector(f"#findings li[data-finding='{finding}'][data-reviews='{before + 1}']")
+    return time.perf_counter() - t0
+
+
+def _verifier_provenance(stack: Stack, target: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in stack.fhir.search_all("Provenance", {"target": target})
+        if any(a["type"]["coding"][0]["code"] == "verifier" for a in p["agent"])
+    ]
+
+
+def test_review_in_chromium_lands_in_hapi(
+    review_stack: ReviewStack, stack: Stack, chromium: Browser
+) -> None:
+    rs = review_stack
+    with browsing(chromium) as page:
+        _open_study(page, rs)
+        items = page.locator("#findings li")
+        findings = [str(items.nth(i).get_attribute("data-finding")) for i in range(14)]
+        obs = {
+            f: str(
+                page.locator(f"#findings li[data-finding='{f}']").get_attribute("data-observation")
+            )
+            for f in findings
+        }
+        clicks = [_decide(page, findings[0], "agree")]
+        clicks.append(_decide(page, findings[1], "disagree", "no such finding on this film"))
+        clicks.append(_decide(page, findings[2], "uncertain", "rotated"))
+        agreed = stack.fhir.read("Observation", obs[findings[0]])
+        disagreed = stack.fhir.read("Observation", obs[findings[1]])
+        unsure = stack.fhir.read("Observation", obs[findings[2]])
+        assert (agreed["status"], disagreed["status"], unsure["status"]) == (
+            "final",
+            "amended",
+            "preliminary",
+        )
+        assert "no such finding on this film" in disagreed["note"][-1]["text"]
+        assert disagreed["valueQuantity"]["value"] is not None  # the AI value stays
+        human = list(
+            stack.fhir.search_all(
+                "Observation", {"derived-from": f"Observation/{obs[findings[1]]}"}
+            )
+        )
+        assert len(human) == 1 and human[0]["performer"] == [{"reference": REVIEWER}]
+        ai_code = disagreed["interpretation"][0]["coding"][0]["code"]
+        assert (
+            human[0]["interpretation"][0]["coding"][0]["code"]
+            == {"POS": "NEG", "NEG": "POS"}[ai_code]
+        )
+        (prov,) = _verifier_provenance(stack, f"Observation/{obs[findings[1]]}")
+        roles = {a["type"]["coding"][0]["code"]: a["who"]["reference"] for a in prov["agent"]}
+        assert roles == {"author": disagreed["device"]["reference"], "verifier": REVIEWER}
+        assert (
+            "disagreed" in page.locator(f"#findings li[data-finding='{findings[1]}']").inner_text()
+        )
+
+        report_id = stack.reports(rs.study)[0]["id"]
+        assert stack.fhir.read("DiagnosticReport", report_id)["status"] == "preliminary"
+        for f in findings[3:]:
+            clicks.append(_decide(page, f, "agree"))
+        report = stack.fhir.read("DiagnosticReport", report_id)
+        assert report["status"] == "final"
+        assert report["resultsInterpreter"] == [{"reference": REVIEWER}]
+        page.wait_for_selector("#report-status[data-report-status='final']")
+        assert "reviewed by cxr-dev-radiologist" in page.locator("#report-status").inner_text()
+        page.screenshot(path=str(SHOTS / "study-reviewed-1280x800.png"), full_page=True)
+
+        # A second review of a reviewed finding is kept beside the first.
+        clicks.append(_decide(page, findings[0], "disagree", "second look: I see it"))
+        assert stack.fhir.read("Observation", obs[findings[0]])["status"] == "amended"
+        assert stack.fhir.read("DiagnosticReport", report_id)["status"] == "amended"
+        reviews = list(
+            stack.fhir.search_all(
+                "Observation", {"derived-from": f"Observation/{obs[findings[0]]}"}
+            )
+        )
+        assert len(reviews) == 2
+        assert len(_verifier_provenance(stack, f"Observation/{obs[findings[0]]}")) == 2
+
+        # The worklist tells reviewed studies apart.
+        page.goto(f"{rs.settings.service_url}/app/")
+        page.wait_for_selector(f"#worklist tr[data-study='{rs.study}'][data-reviewed='true']")
+    clicks.sort()
+    (SHOTS / "review-timings.txt").write_text(
+        f"click→review shown (median of {len(clicks)}) {clicks[len(clicks) // 2]:.3f} s\n"
+        f"click→review shown (max) {clicks[-1]:.3f} s\n"
+    )
