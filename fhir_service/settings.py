@@ -39,9 +39,9 @@ CXR_APP_WRITE_SCOPES = " ".join(
 CXR_APP_SCOPES = (
     "launch launch/patient openid fhirUser profile offline_access online_access "
     "patient/Patient.rs patient/ImagingStudy.rs patient/DiagnosticReport.rs "
-    "patient/Observation.rs patient/Media.rs patient/Task.rs "
+    "patient/Observation.rs patient/Media.rs patient/Task.rs patient/ServiceRequest.rs "
     "user/Patient.rs user/ImagingStudy.rs user/DiagnosticReport.rs "
-    "user/Observation.rs user/Media.rs user/Task.rs "
+    "user/Observation.rs user/Media.rs user/Task.rs user/ServiceRequest.rs "
     f"{CXR_APP_WRITE_SCOPES}"
 )
 

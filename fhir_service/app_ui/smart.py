@@ -38,7 +38,16 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from cxr_errors import FhirError
 
 #: The resource types the app reads (SMART v2 read + search on each).
-RESOURCE_TYPES = ("ImagingStudy", "DiagnosticReport", "Observation", "Media", "Patient", "Task")
+RESOURCE_TYPES = (
+    "ImagingStudy",
+    "DiagnosticReport",
+    "Observation",
+    "Media",
+    "Patient",
+    "Task",
+    # The order a study is based on: its clinical priority leads the worklist.
+    "ServiceRequest",
+)
 #: One patient's compartment.
 RESOURCE_SCOPES = " ".join(f"patient/{t}.rs" for t in RESOURCE_TYPES)
 #: Across patients, for the signed-in user (a user-level launch: the worklist of everyone).

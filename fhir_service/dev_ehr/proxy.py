@@ -66,6 +66,7 @@ COMPARTMENT: dict[str, tuple[str, tuple[str, ...]]] = {
     "Observation": ("subject", ("patient", "subject")),
     "Media": ("subject", ("patient", "subject")),
     "Task": ("for", ("patient", "subject")),
+    "ServiceRequest": ("subject", ("patient", "subject")),
 }
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]+")
 # Parameters that make HAPI answer in another format or reach across compartments.

@@ -20,7 +20,14 @@ from fhir_service.ops.stack import start_dev_ehr, stop_dev_ehr
 from fhir_service.settings import Settings
 from tests.factories import unique_suffix
 from tests.integration.stack import Stack, wait_for
-from tests.integration.test_app_browser import CHROMIUM, SHOTS, browsing, chromium
+from tests.integration.test_app_browser import (
+    CHROMIUM,
+    SHOTS,
+    browsing,
+    chromium,
+    expected_order,
+    worklist_rows,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -33,6 +40,8 @@ __all__ = ["chromium"]  # the module-scoped browser fixture, shared
 
 #: Manifest row 4: a study of its own patient, reviewed here and nowhere else.
 REVIEW_ROW = 4
+#: Manifest rows 1..3: three studies of one patient (posted under a tag of this module).
+PRIORITY_ROWS = (1, 2, 3)
 REVIEWER = "Practitioner/cxr-dev-radiologist"
 
 
@@ -41,19 +50,24 @@ class ReviewStack:
     settings: Settings
     patient: str
     study: str
+    #: Three studies of another patient, for the priority order.
+    ordered: list[str]
 
 
 @pytest.fixture(scope="module")
 def review_stack(stack: Stack, test_settings: Settings) -> Iterator[ReviewStack]:
     study = stack.post_study(REVIEW_ROW, tag=unique_suffix())
-    wait_for(f"a report for ImagingStudy/{study}", functools.partial(stack.reports, study), 300)
+    tag = unique_suffix()
+    ordered = [stack.post_study(i, tag=tag) for i in PRIORITY_ROWS]
+    for sid in [study, *ordered]:
+        wait_for(f"a report for ImagingStudy/{sid}", functools.partial(stack.reports, sid), 300)
     offset = int(os.environ.get("CXR_TEST_PORT_OFFSET", "0"))
     settings = test_settings.model_copy(update={"dev_ehr_port": 18006 + offset})
     stop_dev_ehr(settings)
     start_dev_ehr(settings)
     patient = str(stack.fhir.read("ImagingStudy", study)["subject"]["reference"]).split("/")[-1]
     try:
-        yield ReviewStack(settings, patient, study)
+        yield ReviewStack(settings, patient, study, ordered)
     finally:
         stop_dev_ehr(settings)
 
@@ -160,3 +174,47 @@ def test_review_in_chromium_lands_in_hapi(
         f"click→review shown (median of {len(clicks)}) {clicks[len(clicks) // 2]:.3f} s\n"
         f"click→review shown (max) {clicks[-1]:.3f} s\n"
     )
+
+
+def _order_task(stack: Stack, study: str, priority: str) -> str:
+    subject = stack.fhir.read("ImagingStudy", study)["subject"]
+    task = stack.fhir.create(
+        {
+            "resourceType": "Task",
+            "status": "requested",
+            "intent": "order",
+            "priority": priority,
+            "code": {"text": "Read chest X-ray"},
+            "focus": {"reference": f"ImagingStudy/{study}"},
+            "for": subject,
+        }
+    )
+    return f"Task/{task['id']}"
+
+
+def test_worklist_order_with_mixed_priorities_in_chromium(
+    review_stack: ReviewStack, stack: Stack, chromium: Browser
+) -> None:
+    rs = review_stack
+    by_ai = expected_order(stack, rs.ordered)
+    # The least AI-urgent study is ordered stat, the middle one urgent; the most AI-urgent has
+    # no order priority: clinical priority must put it last.
+    stat = _order_task(stack, by_ai[-1], "stat")
+    urgent = _order_task(stack, by_ai[1], "urgent")
+    patient = str(stack.fhir.read("ImagingStudy", by_ai[0])["subject"]["reference"]).split("/")[-1]
+    with browsing(chromium) as page:
+        page.goto(f"{rs.settings.dev_ehr_url}/launch/ehr?patient={patient}")
+        page.wait_for_selector(f"#worklist[data-rendered='{len(rs.ordered)}']")
+        order = [r["study"] for r in worklist_rows(page)]
+        assert order == [by_ai[-1], by_ai[1], by_ai[0]]
+        rows = page.locator("#worklist tbody tr")
+        assert [rows.nth(i).get_attribute("data-priority") for i in range(3)] == [
+            "stat",
+            "urgent",
+            "routine",
+        ]
+        why = [rows.nth(i).locator(".why").inner_text() for i in range(3)]
+        assert why[0].startswith(f"STAT order ({stat}); then AI")
+        assert why[1].startswith(f"URGENT order ({urgent}); then AI")
+        assert why[2].startswith("no order priority (routine); then AI")
+        page.screenshot(path=str(SHOTS / "worklist-priority-1280x800.png"), full_page=True)

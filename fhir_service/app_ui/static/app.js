@@ -105,19 +105,23 @@ function renderWorklist(rows) {
       `${f.text} ${fmt(f.calibrated_probability)}${f.positive ? " ▲" : ""}`).join(", ");
     const patient = row.patient || null;
     return el("tr", { "data-study": row.id, "data-status": row.status, "data-patient": patient ? patient.id : null,
+      "data-priority": row.priority || null,
       "data-reviewed": row.status === "done" ? String(Boolean(row.reviewed)) : null,
       class: row.pneumothorax_positive ? "critical" : null },
       el("td", { text: String(i + 1) }),
       user ? el("td", { class: "patient-cell", text: patient ? patient.name : "–" }) : null,
       el("td", {}, el("a", { href: `/app/study/${encodeURIComponent(row.id)}` }, `${row.description} (${row.id})`)),
+      el("td", { class: `priority priority-${row.priority || "routine"}`, title: row.priority_source || "no order priority",
+        text: (row.priority || "routine").toUpperCase() }),
       el("td", {}, statusBadge(row)),
       el("td", { class: "num", text: row.status !== "done" ? "–"
         : `${fmt(row.urgency)}${row.pneumothorax_positive ? " · pneumothorax ▲" : ""}` }),
       el("td", { text: findings || (row.status === "failed" ? row.reason : "–") }),
-      el("td", { "data-posted": row.posted || "", text: since(row.posted) }));
+      el("td", { "data-posted": row.posted || "", text: since(row.posted) }),
+      el("td", { class: "why muted", text: row.why || "" }));
   });
   body.replaceChildren(...trs);
-  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: user ? 7 : 6, text: user ? "No recent studies." : "No studies for this patient." })));
+  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: user ? 9 : 8, text: user ? "No recent studies." : "No studies for this patient." })));
   setBanner(rows.some((r) => r.untrained));
   const table = document.getElementById("worklist");
   table.dataset.rendered = String(rows.length);
