@@ -10,7 +10,8 @@ with the right status). Each class's docstring is its default message.
     ├── ConfigError          settings that cannot work (missing weights, bad URL, default secret)
     ├── InputError           bad input from a user or a client: 4xx, never retried
     │   ├── ImageError       pixels that cannot be decoded or are out of bounds
-    │   │   └── ImageTooLargeError
+    │   │   ├── ImageTooLargeError
+    │   │   └── NotARadiographError   decodable, but not a frontal chest radiograph (models.gate)
     │   ├── NotFoundError    an id that does not exist
     │   ├── ForbiddenError   the caller may not see this (outside its patient or scopes)
     │   ├── UnauthorizedError  no credentials, or ones that are not valid here
@@ -34,6 +35,7 @@ __all__ = [
     "ImageTooLargeError",
     "InputError",
     "ModelError",
+    "NotARadiographError",
     "NotFoundError",
     "PayloadTooLargeError",
     "ServiceError",
@@ -77,6 +79,10 @@ class ImageTooLargeError(ImageError):
 
     http_status = 413
     issue_code = "too-costly"
+
+
+class NotARadiographError(ImageError):
+    """The image is not a frontal chest radiograph."""
 
 
 class NotFoundError(InputError):

@@ -144,6 +144,9 @@ class ModelQueryEncoder:
     def text(self, text: str) -> npt.NDArray[np.float32]:
         return np.asarray(self._models.clip().embed_texts([text])[0], dtype=np.float32)
 
+    def clip_version(self) -> str:
+        return self._models.clip().model_version
+
     def image(self, data: bytes, space: str) -> npt.NDArray[np.float32]:
         if space == "clip":
             return np.asarray(self._models.clip().embed_images([data])[0], dtype=np.float32)

@@ -190,7 +190,11 @@ class Settings(BaseSettings):
     )
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 50_000_000
-    tta: bool = Field(default=True, description="test-time augmentation for the confidence band")
+    tta: bool = Field(
+        default=True,
+        description="test-time augmentation: the spread over augmented views (with a "
+        "calibration, part of its 95 % band)",
+    )
 
     # --- ingest ---
     ingest_batch_size: int = Field(

@@ -41,6 +41,10 @@ class QueryEncoder(Protocol):
 
     def image(self, data: bytes, space: str) -> npt.NDArray[np.float32]: ...
 
+    def clip_version(self) -> str:
+        """The version of the CLIP model that embeds text and image queries."""
+        ...
+
 
 @dataclass(frozen=True)
 class SimilarQuery:
@@ -219,7 +223,7 @@ class SimilarService:
             if q.patient not in (None, bound_patient):
                 raise ForbiddenError(f"this token may search Patient/{bound_patient} only")
             q = replace(q, patient=bound_patient)
-        vector, exclude_patient = self._query_vector(q, bound_patient)
+        vector, exclude_patient, clip_version = self._query_vector(q, bound_patient)
         filters = SearchFilters(
             exclude_patient=exclude_patient,
             patient=q.patient,
@@ -231,20 +235,43 @@ class SimilarService:
             finding=q.finding,
         )
         hits = self.store.search(
-            vector, space=q.space, k=q.count, model_version=self.model_version, filters=filters
+            vector,
+            space=q.space,
+            k=q.count,
+            model_version=self.model_version,
+            filters=filters,
+            clip_version=clip_version,
         )
-        return self._bundle([(h.study_id, h.score) for h in hits], base_url, q.patient)
+        bundle = self._bundle([(h.study_id, h.score) for h in hits], base_url, q.patient)
+        made_by = (clip_version or "") if q.space == "clip" else self.model_version
+        if "untrained" in made_by.lower():
+            # An untrained model's ranking is noise: say so on the answer itself.
+            bundle["meta"] = {"tag": [TERMINOLOGY.concept("untrained_model")]}
+        return bundle
+
+    @staticmethod
+    def _known_clip_version(study_id: str, version: str | None) -> str:
+        """The query study's CLIP version: its neighbours must share it."""
+        if version is None:
+            raise Unprocessable(
+                f"ImagingStudy/{study_id}'s CLIP embedding was stored without its CLIP version, "
+                "so it cannot be compared safely; re-process the study (or use space=densenet)"
+            )
+        return version
 
     def _query_vector(
         self, q: SimilarQuery, bound_patient: str | None
-    ) -> tuple[npt.NDArray[np.float32], str | None]:
-        """The query's embedding, and the patient to leave out (``exclude-same-patient``)."""
+    ) -> tuple[npt.NDArray[np.float32], str | None, str | None]:
+        """The query's embedding, the patient to leave out (``exclude-same-patient``) and,
+        in clip space, the CLIP version its neighbours must share."""
+        clip_space = q.space == "clip"
         if q.study_id is None:
             encoder = self.encoder
-            if q.text is not None:
-                return encoder.text(q.text), None
+            if q.text is not None:  # text is embedded by CLIP only
+                return encoder.text(q.text), None, encoder.clip_version()
             assert q.image is not None
-            return encoder.image(q.image, q.space), None
+            clip_version = encoder.clip_version() if clip_space else None
+            return encoder.image(q.image, q.space), None, clip_version
         study = self.fhir.read("ImagingStudy", q.study_id)  # NotFoundError → 404
         subject = _subject_id(study)
         if bound_patient is not None and subject != bound_patient:
@@ -256,7 +283,11 @@ class SimilarService:
                 f"ImagingStudy/{q.study_id} has no {q.space} embedding for model "
                 f"{self.model_version} (not processed yet, or processing failed)"
             )
-        return vector, (subject if q.exclude_same_patient else None)
+        assert record is not None
+        clip_version = None
+        if clip_space:
+            clip_version = self._known_clip_version(q.study_id, record.clip_version)
+        return vector, (subject if q.exclude_same_patient else None), clip_version
 
     def _bundle(
         self, hits: Sequence[tuple[str, float]], base_url: str, patient: str | None

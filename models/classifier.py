@@ -128,6 +128,12 @@ class Classifier:
             else np.zeros(len(NIH_FINDINGS), np.float32)
         )
         self.thresholds = self._thresholds()
+        self.band_kinds = self._band_kinds()
+        self.calibrated_findings = tuple(
+            f
+            for f in NIH_FINDINGS
+            if (c := calibration.classes.get(f)) is not None and c.calibrated
+        )
 
     # ------------------------------------------------------------ identity
 
@@ -139,16 +145,31 @@ class Classifier:
     def _thresholds(self) -> npt.NDArray[np.float64]:
         """Operating thresholds on calibrated_probability.
 
-        torchxrayvision's op_threshs are points on sigmoid(logit); calibration
-        is monotone, so mapping them through it keeps every decision the same.
-        Untrained weights have no operating points: 0.5.
+        A threshold the calibration chose (target sensitivity or Youden) wins; otherwise
+        torchxrayvision's op_threshs, points on sigmoid(logit), mapped through the
+        calibration (monotone, so every decision stays the same). Untrained weights have no
+        operating points: 0.5.
         """
+        chosen = self.calibration.thresholds()
         op = self.spec.op_threshs
         if self.untrained or op is None:
-            return np.full(len(NIH_FINDINGS), 0.5)
-        p = np.clip(np.array([op[i] for i in self._index], dtype=np.float64), 1e-7, 1 - 1e-7)
-        z, _ = self.calibration.apply(np.log(p) - np.log1p(-p))
-        return sigmoid(z)
+            base = np.full(len(NIH_FINDINGS), 0.5)
+        else:
+            p = np.clip(np.array([op[i] for i in self._index], dtype=np.float64), 1e-7, 1 - 1e-7)
+            z, _ = self.calibration.apply(np.log(p) - np.log1p(-p))
+            base = sigmoid(z)
+        return np.array([chosen.get(f, base[k]) for k, f in enumerate(NIH_FINDINGS)])
+
+    def _band_kinds(self) -> list[str]:
+        kinds = []
+        for f in NIH_FINDINGS:
+            fit = self.calibration.classes.get(f)
+            calibrated = fit is not None and fit.calibrated
+            if calibrated:
+                kinds.append("calibration+tta" if self.tta else "calibration")
+            else:
+                kinds.append("tta-spread" if self.tta else "none")
+        return kinds
 
     # ------------------------------------------------------------ running
 
@@ -212,6 +233,8 @@ class Classifier:
                     band_low=float(low[i, k]),
                     band_high=float(high[i, k]),
                     threshold=float(self.thresholds[k]),
+                    calibrated=name in self.calibrated_findings,
+                    band_kind=self.band_kinds[k],
                 )
                 for k, name in enumerate(NIH_FINDINGS)
             )
@@ -225,6 +248,7 @@ class Classifier:
                     model_version=version,
                     untrained=self.untrained,
                     extra_findings=extra,
+                    weights_sha256=self.weights_sha256,
                 )
             )
         return results

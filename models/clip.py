@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr_errors import ConfigError
+from cxr_errors import ConfigError, ModelError
 from models.onepass import load_or_export, ort_session
 from models.preprocess import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -144,10 +144,31 @@ class ClipEncoder:
                 weights_sha256=weights_sha256,
             )
             self._session = ort_session(source, num_threads)
+            self._check_against_torch(source)
         elif backend != "torch":
             raise ConfigError(f"unknown CLIP backend {backend!r}: use 'onnx' or 'torch'")
         self.backend = backend
         self._finding_vectors, self._negative_vector = self._prompt_vectors()
+
+    def _check_against_torch(self, source: object, atol: float = 1e-3) -> None:
+        """Start-up check, as for the DenseNet graph: a wrong image tower never serves.
+
+        One seeded probe through both; the embeddings are unit vectors, so the largest
+        absolute difference is already on a common scale.
+        """
+        size = self.preprocess.size
+        probe = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1234))
+        probe = (probe - self.preprocess.mean) / self.preprocess.std
+        with torch.inference_mode():
+            reference = self.tower(probe).numpy()
+        (got,) = self._session.run(None, {"x": np.ascontiguousarray(probe.numpy(), np.float32)})
+        err = float(np.abs(np.asarray(got) - reference).max())
+        if not err <= atol:
+            where = source if isinstance(source, Path) else "(memory)"
+            raise ModelError(
+                f"ONNX CLIP image tower {where} disagrees with torch: max error {err:.2e} > "
+                f"{atol:g}; delete the cached graph to re-export it"
+            )
 
     # ------------------------------------------------------------ embeddings
 

@@ -4,9 +4,12 @@ Two stages, so that the heatmap overlay and CLIP see the same pixels as the
 classifier:
 
 1. :func:`decode_image` turns bytes into a :class:`DecodedImage`: float32
-   ``[H, W]`` in ``[0, 1]`` where 0 is black on screen (DICOM MONOCHROME1 is
-   inverted, VOI windowing applied, 16-bit data scaled by its real bit depth).
-   Size limits are checked *before* any pixel is decoded.
+   ``[H, W]`` in ``[0, 1]`` where 0 is black on screen (DICOM MONOCHROME1 and
+   Presentation LUT Shape INVERSE are inverted, the VOI LUT function — LINEAR,
+   LINEAR_EXACT or SIGMOID — applied, 16-bit data scaled by its bit depth: the
+   PNG's ``sBIT`` or 16, DICOM's BitsStored). Size limits are checked *before* any
+   pixel is decoded, and the input gate (:mod:`models.gate`) refuses what is not a
+   frontal chest radiograph.
 2. :class:`Preprocess` (returned with the model by ``load_classifier``)
    center-crops to a square, resizes with torch's antialiased bilinear
    interpolation (~1 ms, against ~110 ms for the skimage resizer torchxrayvision
@@ -16,7 +19,7 @@ classifier:
 from __future__ import annotations
 
 import io
-import math
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from cxr_errors import ImageError, ImageTooLargeError
+from models.dicom_display import dicom_display
+from models.gate import check_chroma, check_dicom_header, check_pixels
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
@@ -145,20 +150,28 @@ def decode_image(
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     name: str | None = None,
+    gate: bool = True,
 ) -> DecodedImage:
     """Decode PNG (8/16-bit, L/RGB/RGBA), JPEG or DICOM into a :class:`DecodedImage`.
 
     Raises ``ImageTooLargeError`` past ``max_bytes`` / ``max_pixels`` (checked from the
     header, before decoding: a decompression bomb never allocates) and ``ImageError``
-    with a specific message for anything that cannot be decoded.
+    with a specific message for anything that cannot be decoded. With ``gate`` (the
+    default) a decodable image that is not a frontal chest radiograph raises
+    ``NotARadiographError`` (:mod:`models.gate`); ``gate=False`` is for re-reading pixels
+    that already passed (overlays) and for tests of the decoder itself.
     """
     default_name, data = _read(source, max_bytes)
     name = name or default_name
     if len(data) == 0:
         raise ImageError(f"{name}: the file is empty (0 bytes)")
     if data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == b"DICM":
-        return _decode_dicom(name, data, max_pixels)
-    return _decode_raster(name, data, max_pixels)
+        decoded = _decode_dicom(name, data, max_pixels, gate)
+    else:
+        decoded = _decode_raster(name, data, max_pixels, gate)
+    if gate:
+        check_pixels(decoded.pixels, name)
+    return decoded
 
 
 def _read(source: ImageSource, max_bytes: int) -> tuple[str, bytes]:
@@ -187,7 +200,7 @@ def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
         )
 
 
-def _decode_raster(name: str, data: bytes, max_pixels: int) -> DecodedImage:
+def _decode_raster(name: str, data: bytes, max_pixels: int, gate: bool) -> DecodedImage:
     try:
         # We enforce our own pixel limit right below, from the header; Pillow's
         # own bomb check would otherwise warn (an error under pytest) or raise.
@@ -212,14 +225,16 @@ def _decode_raster(name: str, data: bytes, max_pixels: int) -> DecodedImage:
                 img.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"{name}: image data is truncated or corrupt ({exc})") from exc
-        arr = _to_gray_array(name, img)
-    # 8-bit data is 8-bit; 16-bit containers say nothing about the real depth
-    bits = 8 if arr.dtype == np.uint8 else _bit_depth_from_max(int(arr.max()) if arr.size else 0)
+        arr = _to_gray_array(name, img, gate)
+    # 8-bit data is 8-bit; a 16-bit PNG is scaled by its sBIT chunk when it has one, else by
+    # 16 bits — never by the image's own maximum, which would make brightness depend on
+    # what the image happens to contain.
+    bits = 8 if arr.dtype == np.uint8 else _png_significant_bits(data) or 16
     pixels = (arr.astype(np.float32) / float(2**bits - 1)).clip(0.0, 1.0)
     return DecodedImage(pixels=pixels, source_format=source_format, bit_depth=bits, name=name)
 
 
-def _to_gray_array(name: str, img: Image.Image) -> npt.NDArray[np.generic]:
+def _to_gray_array(name: str, img: Image.Image, gate: bool) -> npt.NDArray[np.generic]:
     mode = img.mode
     if mode in ("L", "I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img)
@@ -231,25 +246,37 @@ def _to_gray_array(name: str, img: Image.Image) -> npt.NDArray[np.generic]:
         # Radiographs saved as RGB(A) carry the same gray in every channel; the
         # alpha channel carries nothing clinical, so it is dropped.
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+        if gate:
+            check_chroma(rgb, name)
         mean: npt.NDArray[np.generic] = np.rint(rgb.mean(axis=2)).astype(np.uint8)
         return mean
     raise ImageError(f"{name}: unsupported pixel mode {mode!r}")
 
 
-def _bit_depth_from_max(max_value: int) -> int:
-    """The container bit depth of 16-bit data without DICOM metadata.
+def _png_significant_bits(data: bytes) -> int | None:
+    """The grey sample depth a PNG's ``sBIT`` chunk declares (PNG spec 11.3.3.4), or None.
 
-    12-bit data stored in a 16-bit PNG would be squeezed into a sliver of the
-    range if scaled by 65535, so the smallest even depth that holds the data wins.
+    12-bit data in a 16-bit PNG is scaled by 4095 only when the file says so; Pillow does
+    not expose sBIT, so the chunks before the first IDAT are walked here.
     """
-    bits = max(8, math.ceil(math.log2(max_value + 1))) if max_value > 0 else 8
-    return min(16, bits + (bits % 2))
+    if not data.startswith(_PNG_MAGIC):
+        return None
+    pos = len(_PNG_MAGIC)
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        if kind == b"sBIT" and length >= 1:
+            bits = data[pos + 8]
+            return int(bits) if 1 <= bits <= 16 else None
+        pos += 12 + length
+    return None
 
 
-def _decode_dicom(name: str, data: bytes, max_pixels: int) -> DecodedImage:
+def _decode_dicom(name: str, data: bytes, max_pixels: int, gate: bool) -> DecodedImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut  # type: ignore[attr-defined]
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -259,6 +286,8 @@ def _decode_dicom(name: str, data: bytes, max_pixels: int) -> DecodedImage:
         raise ImageError(f"{name}: DICOM file has no pixel data (no PixelData element)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     _check_pixels(name, cols, rows, max_pixels)
+    if gate:
+        check_dicom_header(ds, name)
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise ImageError(
             f"{name}: colour DICOM ({ds.get('PhotometricInterpretation')}) is not a radiograph"
@@ -275,40 +304,5 @@ def _decode_dicom(name: str, data: bytes, max_pixels: int) -> DecodedImage:
     if raw.ndim != 2 or raw.size == 0:
         raise ImageError(f"{name}: DICOM pixel array has shape {raw.shape}, expected 2-D")
     bits = int(ds.get("BitsStored", 8) or 8)
-    if "VOILUTSequence" in ds and "WindowCenter" not in ds:
-        # A non-linear VOI LUT is the modality's own display mapping: use it as is.
-        from pydicom.pixels import apply_voi_lut  # type: ignore[attr-defined]
-
-        values = np.asarray(apply_voi_lut(apply_modality_lut(raw, ds), ds), dtype=np.float64)
-        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        low, high = 0.0, float(2**lut_bits - 1)
-    else:
-        values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
-        low, high = _dicom_window(ds, raw, bits)
-    pixels = ((values - low) / max(high - low, 1e-6)).clip(0.0, 1.0)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
-        # MONOCHROME1: the minimum value is displayed white, so invert to the
-        # MONOCHROME2 convention the model was trained on.
-        pixels = 1.0 - pixels
-    return DecodedImage(
-        pixels=pixels.astype(np.float32), source_format="dicom", bit_depth=bits, name=name
-    )
-
-
-def _dicom_window(ds: object, raw: npt.NDArray[np.generic], bits: int) -> tuple[float, float]:
-    """The display window in modality units: the first VOI window, else the stored range."""
-    from pydicom.multival import MultiValue
-
-    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if center is not None and width is not None:
-        c = float(center[0] if isinstance(center, MultiValue) else center)
-        w = float(width[0] if isinstance(width, MultiValue) else width)
-        if w > 1:
-            # DICOM PS3.3 C.11.2.1.2 linear window; the -0.5/-1 terms are the standard's
-            return c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
-    lo_raw, hi_raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    ends = sorted((lo_raw * slope + intercept, hi_raw * slope + intercept))
-    return ends[0], ends[1]
+    pixels = dicom_display(ds, raw, bits)
+    return DecodedImage(pixels=pixels, source_format="dicom", bit_depth=bits, name=name)

@@ -21,10 +21,12 @@ import contextlib
 import hashlib
 import io
 import logging
+import pickle
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -70,7 +72,9 @@ class WeightsSpec:
     """torchxrayvision's per-output operating points on sigmoid(logit); NaN for empty slots"""
     url: str
     sha256: str | None = None
-    """pin for the file; None = not pinned (set CXR_WEIGHTS_SHA256 to pin)"""
+    """pin for the file; None = not pinned: no published hash could be checked here, so the
+    loaded file's sha256 is recorded (model version, Device, Provenance) but not enforced;
+    set CXR_WEIGHTS_SHA256 to pin it"""
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
 
     @property
@@ -239,6 +243,7 @@ def resolve_weights(
             untrained=True,
         )
 
+    named: WeightsSpec | None = None
     if weights in REGISTRY:
         spec = REGISTRY[weights]
         folder = (cache_dir or default_cache_dir()).expanduser()
@@ -254,9 +259,8 @@ def resolve_weights(
                 f"model weights {weights!r} are neither a registry name "
                 f"({', '.join([*REGISTRY, UNTRAINED])}) nor an existing file"
             )
-        spec = next(
-            (s for s in REGISTRY.values() if s.filename == path.name), get_spec(DEFAULT_WEIGHTS)
-        )
+        named = next((s for s in REGISTRY.values() if s.filename == path.name), None)
+        spec = named or get_spec(DEFAULT_WEIGHTS)
 
     digest = file_sha256(path)
     pin = sha256 or spec.sha256
@@ -265,7 +269,7 @@ def resolve_weights(
             f"weights file {path} has sha256 {digest}, expected {pin.lower()} "
             "(CXR_WEIGHTS_SHA256); replace the file or correct the pin"
         )
-    model = _load_file(path, spec, xrv)
+    model, spec = _load_file(path, spec, xrv, infer_spec=weights not in REGISTRY and named is None)
     return LoadedWeights(model=model, spec=spec, sha256=digest, source=str(path), untrained=False)
 
 
@@ -293,25 +297,73 @@ def _download(spec: WeightsSpec, folder: Path, path: Path, xrv: object) -> None:
         raise _missing_weights(spec, path, "download produced no file")
 
 
-def _load_file(path: Path, spec: WeightsSpec, xrv: object) -> nn.Module:
-    model: nn.Module = xrv.models.DenseNet(weights=None, num_classes=len(spec.labels))  # type: ignore[attr-defined]
+def _safe_globals(model: nn.Module) -> list[Any]:
+    """What a pickled torchxrayvision DenseNet may construct: its own module classes, no more."""
+    return [*sorted({type(m) for m in model.modules()}, key=str), OrderedDict, set]
+
+
+def _read_weights(path: Path, model: nn.Module) -> object:
+    """``torch.load(weights_only=True)``, never the full unpickler.
+
+    torchxrayvision ships whole pickled models; the restricted unpickler rebuilds them with an
+    allowlist of exactly the DenseNet's own module classes. A file that needs anything else
+    could run code while it loads, so it is refused, saying what it asked for.
+    """
     try:
-        # torchxrayvision's files are whole pickled models; plain state_dicts are
-        # accepted too and load without unpickling code.
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        state = obj.state_dict() if isinstance(obj, nn.Module) else obj
-        if not isinstance(state, dict):
-            raise ModelError(f"{path}: holds a {type(obj).__name__}, not a model or state_dict")
+        with torch.serialization.safe_globals(_safe_globals(model)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).strip().splitlines()
+        asked = next((line.strip() for line in detail if "GLOBAL" in line), detail[0][:200])
+        raise ModelError(
+            f"weights file {path} is refused: loading it needs more than tensors and the "
+            f"DenseNet's own module classes ({asked}), and unpickling anything else can run "
+            "arbitrary code. Where you trust the file, re-save it as a state_dict "
+            "(torch.save(model.state_dict(), new_path)) and point CXR_MODEL_WEIGHTS at that"
+        ) from exc
+    except Exception as exc:
+        raise ModelError(f"weights file {path} could not be read: {exc}") from exc
+
+
+def _check_outputs(path: Path, obj: object, state: dict[str, Any], spec: WeightsSpec) -> None:
+    """The file's outputs must be the registry entry's: count, and labels when it has them."""
+    weight = state.get("classifier.weight")
+    outputs = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
+    if outputs != len(spec.labels):
+        raise ModelError(
+            f"weights file {path} has {outputs} outputs but {spec.name} has "
+            f"{len(spec.labels)} ({', '.join(x or '-' for x in spec.labels)}); "
+            "name the registry entry these weights belong to"
+        )
+    labels = getattr(obj, "pathologies", None)
+    if labels is not None and tuple(str(x) for x in labels) != spec.labels:
+        raise ModelError(
+            f"weights file {path} outputs {list(labels)}, not {spec.name}'s {list(spec.labels)}; "
+            "name the registry entry these weights belong to"
+        )
+
+
+def _load_file(
+    path: Path, spec: WeightsSpec, xrv: object, *, infer_spec: bool = False
+) -> tuple[nn.Module, WeightsSpec]:
+    """The model and its registry entry. ``infer_spec``: a bare file path whose name is not a
+    registry file; a pickled model that lists its labels then picks the entry with those."""
+    model: nn.Module = xrv.models.DenseNet(weights=None, num_classes=len(spec.labels))  # type: ignore[attr-defined]
+    obj = _read_weights(path, model)
+    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: holds a {type(obj).__name__}, not a model or state_dict")
+    labels = getattr(obj, "pathologies", None)
+    if infer_spec and labels is not None:
+        listed = tuple(str(x) for x in labels)
+        spec = next((s for s in REGISTRY.values() if s.labels == listed), spec)
+    _check_outputs(path, obj, state, spec)
+    try:
         model.load_state_dict(state)
-    except ModelError:
-        raise
     except Exception as exc:
         raise ModelError(f"weights file {path} could not be loaded: {exc}") from exc
     _annotate(model, spec)
-    return model.eval()
+    return model.eval(), spec
 
 
 def _annotate(model: nn.Module, spec: WeightsSpec) -> None:

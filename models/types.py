@@ -38,10 +38,25 @@ class FindingScore:
     band_high: float
     threshold: float
     """operating threshold on ``calibrated_probability``"""
+    calibrated: bool = False
+    """False: no calibration was fitted for this finding, and ``calibrated_probability`` is the
+    sigmoid score itself — outputs must call it an "uncalibrated score", never a probability"""
+    band_kind: str = "none"
+    """what ``band_low``..``band_high`` is: ``BAND_KINDS``"""
 
     @property
     def positive(self) -> bool:
         return self.calibrated_probability >= self.threshold
+
+    @property
+    def has_band(self) -> bool:
+        return self.band_kind != "none"
+
+
+#: "none": no band was computed (low = high = the score); "tta-spread": the spread over
+#: augmented views of the image, not a confidence interval; "calibration": the calibration
+#: fit's 95 % band; "calibration+tta": both together.
+BAND_KINDS = ("none", "tta-spread", "calibration", "calibration+tta")
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,8 @@ class ImageAnalysis:
     untrained: bool
     extra_findings: dict[str, float] = field(default_factory=dict)
     """labels beyond the 14 (e.g. from the -all weights): label -> sigmoid_score"""
+    weights_sha256: str = ""
+    """sha256 of the loaded weights file (of the parameters when untrained)"""
 
     def finding(self, name: str) -> FindingScore:
         for f in self.findings:

@@ -46,6 +46,9 @@ class ScoringModel(Protocol):
 class EmbeddingModel(Protocol):
     """What the job needs of CLIP (``models.clip.ClipEncoder``)."""
 
+    @property
+    def model_version(self) -> str: ...
+
     def embed_images(
         self,
         images: Sequence[DecodedImage],
@@ -108,5 +111,6 @@ class ModelAnalyzer:
                 if f.positive
             }
             embedding = next(embeddings) if embeddings is not None else None
-            out.append(AnalyzedImage(analysis, heatmaps, embedding))
+            clip_version = self.clip.model_version if self.clip is not None else None
+            out.append(AnalyzedImage(analysis, heatmaps, embedding, clip_version))
         return out

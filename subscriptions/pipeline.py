@@ -55,6 +55,8 @@ class AnalyzedImage:
     heatmaps: dict[str, bytes]
     """finding → overlay PNG, for the positive findings"""
     clip_embedding: npt.NDArray[np.float32] | None
+    clip_version: str | None = None
+    """the CLIP model that made ``clip_embedding`` (embeddings are keyed by both versions)"""
 
 
 class Analyzer(Protocol):
@@ -263,6 +265,7 @@ class Pipeline:
             densenet=a.features,
             study_version_id=str(study.get("meta", {}).get("versionId", "")),
             image_sha256=sha,
+            clip_version=result.clip_version if result.clip_embedding is not None else None,
         )
 
     def _task(self, study: dict[str, Any]) -> dict[str, Any] | None:

@@ -183,8 +183,11 @@ def make_analysis(
     untrained: bool = False,
     model_version: str | None = None,
     threshold: float = THRESHOLD,
+    calibrated: bool = True,
+    band_kind: str = "calibration+tta",
 ) -> ImageAnalysis:
-    """An ImageAnalysis with the given calibrated probabilities (others 0.05)."""
+    """An ImageAnalysis with the given calibrated probabilities (others 0.05); with
+    ``calibrated=False`` they are uncalibrated scores."""
     probs = dict(DEFAULT_PROBABILITIES if probabilities is None else probabilities)
     findings = []
     for name in NIH_FINDINGS:
@@ -198,9 +201,11 @@ def make_analysis(
                 logit=logit,
                 sigmoid_score=sigmoid,
                 calibrated_probability=p,
-                band_low=max(0.0, p - 0.08),
-                band_high=min(1.0, p + 0.06),
+                band_low=max(0.0, p - 0.08) if band_kind != "none" else p,
+                band_high=min(1.0, p + 0.06) if band_kind != "none" else p,
                 threshold=threshold,
+                calibrated=calibrated,
+                band_kind=band_kind,
             )
         )
     logits = np.array([f.logit for f in findings], dtype=np.float32)
@@ -227,6 +232,32 @@ def make_png(width: int = 8, height: int = 8, shade: int = 128) -> bytes:
         )
 
     rows = b"".join(b"\x00" + bytes([shade]) * width for _ in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def make_xray_png(width: int = 512, height: int = 512) -> bytes:
+    """A greyscale PNG that passes the input gate (models.gate): smooth, not flat, large."""
+    y, x = np.mgrid[0:height, 0:width]
+    body = 0.5 + 0.3 * np.sin(x / 40.0) * np.cos(y / 55.0)
+    shades = np.clip(body * 255, 0, 255).astype(np.uint8)
+    return make_gray_png(shades)
+
+
+def make_gray_png(shades: np.ndarray) -> bytes:
+    """A greyscale 8-bit PNG of ``shades`` ([H, W] uint8), built by hand like make_png."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    height, width = shades.shape
+    rows = b"".join(b"\x00" + shades[r].tobytes() for r in range(height))
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))

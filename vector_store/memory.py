@@ -122,8 +122,11 @@ class InMemoryVectorStore:
         filters: SearchFilters | None = None,
         exact: bool = False,
         ef_search: int | None = None,
+        clip_version: str | None = None,
     ) -> list[Hit]:
         checked, query = validate_query(vector, space, k, ef_search)
+        check_text("clip_version", clip_version)
+        same_clip = checked != "clip" or clip_version is None
         check_text("model_version", model_version, required=True)
         active = filters or SearchFilters()
         with self._lock:
@@ -131,6 +134,7 @@ class InMemoryVectorStore:
                 (r, v)
                 for r in self._rows.values()
                 if r.model_version == model_version
+                and (same_clip or r.clip_version == clip_version)
                 and (v := r.vector(checked)) is not None
                 and _passes(r, active)
             ]

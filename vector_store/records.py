@@ -127,6 +127,9 @@ class EmbeddingRecord:
     view_position: str | None = None
     positive_findings: tuple[str, ...] = ()
     image_sha256: str | None = None
+    clip_version: str | None = None
+    """the CLIP model that made ``clip``; None = unknown (rows from before it was recorded),
+    which a clip-space search never returns"""
     created_at: datetime | None = field(default=None, repr=False)
     updated_at: datetime | None = field(default=None, repr=False)
 
@@ -136,6 +139,9 @@ class EmbeddingRecord:
         check_text("study_version_id", self.study_version_id, required=True)
         check_text("patient_id", self.patient_id)
         check_text("view_position", self.view_position)
+        check_text("clip_version", self.clip_version)
+        if self.clip_version is not None and self.clip is None:
+            raise InputError(f"study {self.study_id}: a clip_version needs a clip vector")
         if self.clip is None and self.densenet is None:
             raise InputError(f"study {self.study_id}: a record needs a clip or densenet vector")
         for attr, space in (("clip", "clip"), ("densenet", "densenet")):
@@ -251,6 +257,7 @@ class EmbeddingStore(Protocol):
         filters: SearchFilters | None = None,
         exact: bool = False,
         ef_search: int | None = None,
+        clip_version: str | None = None,
     ) -> list[Hit]: ...
 
     def count(self, model_version: str | None = None) -> int: ...

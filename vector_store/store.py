@@ -64,6 +64,7 @@ _COLUMNS = (
     "view_position",
     "positive_findings",
     "image_sha256",
+    "clip_version",
     "clip_embedding",
     "densenet_features",
 )
@@ -76,6 +77,7 @@ _COPY_TYPES = [
     "int4",
     "text",
     "text[]",
+    "text",
     "text",
     "halfvec",
     "halfvec",
@@ -114,6 +116,7 @@ def _row(record: EmbeddingRecord) -> tuple[Any, ...]:
         record.view_position,
         list(record.positive_findings),
         record.image_sha256,
+        record.clip_version,
         _half(record.clip),
         _half(record.densenet),
     )
@@ -144,7 +147,9 @@ def _filter_sql(filters: SearchFilters) -> tuple[list[sql.Composable], dict[str,
     return clauses, params
 
 
-def search_sql(space: Space, filters: SearchFilters) -> tuple[sql.Composed, dict[str, Any]]:
+def search_sql(
+    space: Space, filters: SearchFilters, *, clip_version: str | None = None
+) -> tuple[sql.Composed, dict[str, Any]]:
     """The k-NN statement and its parameters, less ``query``, ``model_version`` and ``k``.
 
     With ``hnsw.iterative_scan = relaxed_order`` the index keeps scanning until ``k`` rows pass
@@ -155,6 +160,10 @@ def search_sql(space: Space, filters: SearchFilters) -> tuple[sql.Composed, dict
     """
     column = sql.Identifier(SPACES[space].column)
     clauses, params = _filter_sql(filters)
+    if space == "clip" and clip_version is not None:
+        # One CLIP version per comparison: vectors of two CLIP models share no space.
+        clauses.append(sql.SQL("clip_version = %(clip_version)s"))
+        params["clip_version"] = clip_version
     where = sql.SQL(" AND ").join(
         [
             sql.SQL("model_version = %(model_version)s"),
@@ -331,8 +340,10 @@ class VectorStore:
         filters: SearchFilters | None = None,
         exact: bool = False,
         ef_search: int | None = None,
+        clip_version: str | None = None,
     ) -> list[Hit]:
-        """The ``k`` rows of ``model_version`` nearest to ``vector`` in ``space`` that pass
+        """The ``k`` rows of ``model_version`` (and, in the clip space, of ``clip_version``)
+        nearest to ``vector`` in ``space`` that pass
         ``filters``, most similar first.
 
         ``exact=True`` compares every matching row (no HNSW), for evaluation. Otherwise HNSW is
@@ -343,7 +354,10 @@ class VectorStore:
         """
         checked, query = validate_query(vector, space, k, ef_search)
         check_text("model_version", model_version, required=True)
-        statement, params = search_sql(checked, filters or SearchFilters())
+        check_text("clip_version", clip_version)
+        statement, params = search_sql(
+            checked, filters or SearchFilters(), clip_version=clip_version
+        )
         params.update(query=HalfVector(query), model_version=model_version, k=k)
         # At least k: without iterative scanning one HNSW pass returns at most ef_search rows.
         ef = max(ef_search or self.ef_search, k)

@@ -48,5 +48,15 @@ def healthz(settings: SettingsDep, fhir: FhirDep) -> JSONResponse:
         "untrained": untrained,
         "note": "UNTRAINED model: outputs are not findings" if untrained else None,
     }
+    clip_untrained = settings.clip_weights == "untrained"
+    checks["clip"] = {
+        "ok": True,
+        "model": settings.clip_model,
+        "weights": settings.clip_weights or settings.clip_pretrained,
+        "untrained": clip_untrained,
+        "note": "UNTRAINED CLIP: similar-case rankings and tags mean nothing"
+        if clip_untrained
+        else None,
+    }
     ok = all(c["ok"] for c in checks.values())
     return JSONResponse({"status": "ok" if ok else "degraded", **checks}, 200 if ok else 503)

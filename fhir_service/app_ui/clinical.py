@@ -3,10 +3,11 @@
 Pure functions over already-fetched resources, so the rules (urgency, status, which report
 counts) are testable without a server.
 
-Urgency: a positive Pneumothorax (calibrated probability at or above its operating
-threshold) ranks first — it is the finding that cannot wait; then the highest calibrated
-probability among the critical findings. Studies without a result follow: pending (newest
-first), then failed (their pixels need a human look without AI help).
+Urgency: a positive Pneumothorax (score at or above its operating threshold) ranks first —
+it is the finding that cannot wait; then the highest score among the critical findings. A
+score is a calibrated probability only where the Observation says so ("score_kind").
+Studies without a result follow: pending (newest first), then failed (their pixels need a
+human look without AI help).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ Resource = dict[str, Any]
 CRITICAL_FINDINGS = ("Pneumothorax", "Edema", "Pneumonia", "Consolidation", "Effusion", "Mass")
 _NIH_SYSTEM = TERMINOLOGY.code_system_url("nih_label")
 _CONFIDENCE_URL = TERMINOLOGY.extension_url("ai_confidence")
+_SPREAD_URL = TERMINOLOGY.extension_url("tta_spread")
+#: band kind shown to the user, by extension
+_BAND_KINDS = {_CONFIDENCE_URL: "95 % band", _SPREAD_URL: "spread over augmented views"}
 _THRESHOLD = TERMINOLOGY.concept("component_threshold")
 #: DiagnosticReport statuses that still stand (a superseded report is ``cancelled``).
 LIVE_REPORT_STATUSES = ("preliminary", "final", "amended", "corrected", "partial", "registered")
@@ -56,12 +60,13 @@ def finding_of(obs: Mapping[str, Any]) -> dict[str, Any] | None:
     quantity = obs.get("valueQuantity") or {}
     if label is None or "value" not in quantity:
         return None
-    low = high = threshold = None
+    low = high = threshold = band_kind = None
     for ext in obs.get("extension", []):
-        if ext.get("url") == _CONFIDENCE_URL:
+        if ext.get("url") in _BAND_KINDS:
             rng = ext.get("valueRange") or {}
             low = (rng.get("low") or {}).get("value")
             high = (rng.get("high") or {}).get("value")
+            band_kind = _BAND_KINDS[ext["url"]]
     for comp in obs.get("component", []):
         codings = (comp.get("code") or {}).get("coding", [])
         if any(
@@ -71,12 +76,19 @@ def finding_of(obs: Mapping[str, Any]) -> dict[str, Any] | None:
             threshold = (comp.get("valueQuantity") or {}).get("value")
     probability = float(quantity["value"])
     fc = TERMINOLOGY.findings.get(label)
+    interpretation = " ".join(
+        str(i.get("text", "")) for i in obs.get("interpretation", []) if isinstance(i, dict)
+    )
+    # Only our own wording makes a value a probability; anything else is a score.
+    calibrated = interpretation.startswith("calibrated probability")
     return {
         "finding": label,
         "text": fc.text if fc else label,
-        "calibrated_probability": probability,
+        "score": probability,
+        "score_kind": "probability (calibrated)" if calibrated else "uncalibrated score",
         "band_low": low,
         "band_high": high,
+        "band_kind": band_kind,
         "threshold": threshold,
         "positive": threshold is not None and probability >= float(threshold),
         "observation": obs.get("id"),
@@ -89,11 +101,11 @@ def urgency_key(findings: Iterable[Mapping[str, Any]]) -> tuple[int, float, floa
     """Larger is more urgent: (pneumothorax positive, max critical probability, pneumothorax)."""
     by = {f["finding"]: f for f in findings}
     ptx = by.get("Pneumothorax")
-    critical = [float(by[c]["calibrated_probability"]) for c in CRITICAL_FINDINGS if c in by]
+    critical = [float(by[c]["score"]) for c in CRITICAL_FINDINGS if c in by]
     return (
         1 if ptx and ptx["positive"] else 0,
         max(critical, default=0.0),
-        float(ptx["calibrated_probability"]) if ptx else 0.0,
+        float(ptx["score"]) if ptx else 0.0,
     )
 
 
@@ -173,7 +185,7 @@ def worklist(
         if report is not None:
             findings = study_findings(report, observations)
             key = urgency_key(findings)
-            top = sorted(findings, key=lambda f: -float(f["calibrated_probability"]))[:3]
+            top = sorted(findings, key=lambda f: -float(f["score"]))[:3]
             row.update(
                 status="done",
                 urgency=key[1],

@@ -34,7 +34,8 @@ _MAX_OVERLAY_PIXELS = 4096 * 4096
 def display_png(data: bytes, *, size: int | None, max_bytes: int, max_pixels: int) -> bytes:
     """The image in ``data`` as a new greyscale PNG, at most ``size`` pixels on its longer
     side when given. Raises ImageError for anything our decoder cannot read."""
-    decoded = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    # Showing an image is not reading it: the input gate (models.gate) is for the model.
+    decoded = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, gate=False)
     grey = np.rint(decoded.pixels * 255.0).clip(0, 255).astype(np.uint8)
     img = Image.fromarray(grey)  # 2-D uint8: mode "L"
     if size is not None:

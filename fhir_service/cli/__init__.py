@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from fhir_service.cli import db, demo, dev_ehr, hapi, infer, ingest, service, similar
+from fhir_service.cli import db, demo, dev_ehr, evaluate, hapi, infer, ingest, service, similar
 
 app = typer.Typer(
     name="cxr",
@@ -19,6 +19,7 @@ app.add_typer(db.app, name="db", help="Run the embedded PostgreSQL + pgvector se
 app.add_typer(demo.app, name="demo", help="Run the whole stack on embedded defaults.")
 app.add_typer(ingest.app, name="ingest", help="Bulk-load an archive (NIH ChestX-ray14) into FHIR.")
 infer.register(app)
+evaluate.register(app)
 service.register(app)
 similar.register(app)
 dev_ehr.register(app)

@@ -191,7 +191,9 @@ def _triage_row(
 def _print_triage(rows: list[dict[str, Any]], settings: Settings, model_version: str) -> None:
     rows.sort(key=lambda r: -r["urgency"])
     table = Table(title=f"Triage (model {model_version})")
-    for col in ("ImagingStudy", "NIH image", "top findings: calibrated probability [band]"):
+    # The value is a probability only where a calibration was fitted (its interpretation text
+    # says which); the band is whichever the Observation carries (95 % band or TTA spread).
+    for col in ("ImagingStudy", "NIH image", "top findings: score [band, where computed]"):
         table.add_column(col)
     for row in rows:
         top = []

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from cxr_errors import CxrError, InputError
 from fhir_service.cli._common import cli_errors, console, err_console
+from fhir_service.fhir.results import band_text, score_name
 from fhir_service.runtime import build_classifier, build_clip
 from fhir_service.settings import Settings
 
@@ -34,7 +35,7 @@ def infer(
     ),
     clip: bool = typer.Option(False, "--clip", help="Add CLIP zero-shot tags."),
 ) -> None:
-    """Score chest X-rays: calibrated probability, band and flag per finding; write CAM overlays."""
+    """Score chest X-rays: score, band and flag per finding; write CAM overlays."""
     from models.heatmap import overlay_png
 
     settings = Settings()
@@ -69,40 +70,47 @@ def infer(
             target = folder / f"{_safe(finding)}.png"
             target.write_bytes(png)
             written.append(str(target))
-        reports.append(_report(path, analysis, tags, written))
+        reports.append(_report(path, analysis, tags, written, encoder))
         if not as_json:
-            _print_table(path, analysis, tags, written)
+            _print_table(path, analysis, tags, written, encoder)
     if as_json:
         typer.echo(json.dumps(reports, indent=2))
     if failed:
         raise typer.Exit(1)
 
 
-def _report(path: Path, analysis: Any, tags: Any, overlays: list[str]) -> dict[str, Any]:
-    return {
+def _finding_json(f: Any) -> dict[str, Any]:
+    # The score is a probability only where a calibration was fitted; the key says which.
+    key = "calibrated_probability" if f.calibrated else "uncalibrated_score"
+    out = {"finding": f.finding, "logit": f.logit, "sigmoid_score": f.sigmoid_score}
+    out[key] = f.calibrated_probability
+    out["score_kind"] = score_name(f)
+    out["band_kind"] = f.band_kind
+    if f.has_band:
+        out["band_low"], out["band_high"] = f.band_low, f.band_high
+    return out | {"threshold": f.threshold, "positive": f.positive}
+
+
+def _report(
+    path: Path, analysis: Any, tags: Any, overlays: list[str], encoder: Any
+) -> dict[str, Any]:
+    report = {
         "image": str(path),
         "model_version": analysis.model_version,
         "untrained": analysis.untrained,
-        "findings": [
-            {
-                "finding": f.finding,
-                "logit": f.logit,
-                "sigmoid_score": f.sigmoid_score,
-                "calibrated_probability": f.calibrated_probability,
-                "band_low": f.band_low,
-                "band_high": f.band_high,
-                "threshold": f.threshold,
-                "positive": f.positive,
-            }
-            for f in analysis.findings
-        ],
+        "weights_sha256": analysis.weights_sha256,
+        "findings": [_finding_json(f) for f in analysis.findings],
         "extra_findings": analysis.extra_findings,
         "clip_tags": [{"finding": t.finding, "score": t.score} for t in tags],
         "overlays": overlays,
     }
+    if encoder is not None:
+        report["clip_model_version"] = encoder.model_version
+        report["clip_untrained"] = encoder.untrained
+    return report
 
 
-def _print_table(path: Path, analysis: Any, tags: Any, overlays: list[str]) -> None:
+def _print_table(path: Path, analysis: Any, tags: Any, overlays: list[str], encoder: Any) -> None:
     title = f"{path.name} — {analysis.model_version}"
     if analysis.untrained:
         console.print(
@@ -110,22 +118,27 @@ def _print_table(path: Path, analysis: Any, tags: Any, overlays: list[str]) -> N
         )
     table = Table(title=title)
     table.add_column("finding")
-    table.add_column("calibrated probability", justify="right")
-    table.add_column("band (95%)", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("kind")
+    table.add_column("band", justify="right")
     table.add_column("threshold", justify="right")
     table.add_column("flag")
     for f in sorted(analysis.findings, key=lambda f: -f.calibrated_probability):
         table.add_row(
             f.finding,
             f"{f.calibrated_probability:.3f}",
-            f"{f.band_low:.3f}–{f.band_high:.3f}",
-            f"{f.threshold:.3f}",
+            score_name(f),
+            band_text(f) or "none computed",
+            f"{f.threshold:.4g}",
             "[bold red]FLAG[/]" if f.positive else "",
         )
     console.print(table)
     if tags:
         top = ", ".join(f"{t.finding} {t.score:.2f}" for t in tags[:3])
-        console.print(f"CLIP tags: {top}")
+        marker = (
+            " (UNTRAINED CLIP: not a finding)" if encoder is not None and encoder.untrained else ""
+        )
+        console.print(f"CLIP tags{marker}: {top}")
     console.print(f"overlays: {', '.join(overlays)}")
 
 
@@ -166,34 +179,71 @@ def calibrate(
     out: Path | None = typer.Option(
         None, "--out", help="Calibration file; default the one `cxr infer` picks up."
     ),
+    target_sensitivity: float = typer.Option(
+        0.90, "--target-sensitivity", min=0.01, max=1.0, help="Thresholds reach this sensitivity."
+    ),
+    youden: bool = typer.Option(False, "--youden", help="Thresholds by Youden's J instead."),
+    holdout: float = typer.Option(0.3, "--holdout", min=0.0, max=0.9, help="Held-out share."),
+    min_positives: int = typer.Option(10, "--min-positives", min=1, help="Else uncalibrated."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split."),
 ) -> None:
-    """Fit per-class temperature + bias on labelled images; report ECE and Brier before/after."""
+    """Fit per-finding temperature + bias and thresholds; ECE/Brier before/after on held-out."""
+    import torch
+
     from models.calibration import fit_calibration
 
     settings = Settings()
     with cli_errors():
         paths, y = _read_labels(labels, images)
         classifier = build_classifier(settings, tta=False, calibrated=False)
-        logits = []
+        tensors, kept = [], []
+        for i, path in enumerate(paths):
+            try:
+                tensors.append(classifier.preprocess(path))
+                kept.append(i)
+            except InputError as exc:  # refused by the input gate, or undecodable
+                err_console.print(f"[yellow]skipped[/] {exc.message}")
+        if len(kept) < 2:
+            raise InputError("fewer than 2 usable labelled images")
         batch = settings.model_batch_size
-        for start in range(0, len(paths), batch):
-            x = classifier.prepare(paths[start : start + batch])
-            logits.append(classifier.logits(x))
+        logits = [
+            classifier.logits(torch.stack(tensors[start : start + batch]))
+            for start in range(0, len(tensors), batch)
+        ]
         calibration = fit_calibration(
             np.concatenate(logits),
-            y,
+            y[kept],
             weights_name=classifier.loaded.model_version.split("@")[0],
             weights_sha256=classifier.weights_sha256,
             meta={"labels": str(labels), "images": str(images)},
+            holdout=holdout,
+            target_sensitivity=None if youden else target_sensitivity,
+            min_positives=min_positives,
+            seed=seed,
         )
         target = out or settings.default_calibration_file
         calibration.save(target)
-    table = Table(title=f"calibration {calibration.version} on {len(paths)} images")
-    for col in ("finding", "n+", "temperature", "bias", "ECE before", "ECE after"):
-        table.add_column(col, justify="left" if col == "finding" else "right")
-    table.add_column("Brier before", justify="right")
-    table.add_column("Brier after", justify="right")
+    _print_calibration(calibration, len(kept))
+    if classifier.untrained:
+        console.print("[bold yellow]fitted on an UNTRAINED model: for testing only.[/]")
+    console.print(f"wrote {target} (for weights sha256 {calibration.weights_sha256})")
+
+
+def _print_calibration(calibration: Any, n: int) -> None:
+    held_out = next((c.n_validation for c in calibration.classes.values() if c.calibrated), 0)
+    table = Table(
+        title=f"calibration {calibration.version} on {n} images "
+        f"(ECE, Brier, sensitivity and specificity on {held_out} held-out images)"
+    )
+    for col in ("finding", "n+", "T", "bias", "ECE before", "ECE after", "Brier before",
+                "Brier after", "threshold", "rule", "sens", "spec"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("finding", "rule") else "right")
+    skipped = []
     for name, fit in calibration.classes.items():
+        if not fit.calibrated:
+            skipped.append(f"{name}: {fit.note}")
+            table.add_row(name, str(fit.n_positive), "—", "—", *["—"] * 6, "uncalibrated", "—", "—")
+            continue
         table.add_row(
             name,
             str(fit.n_positive),
@@ -203,11 +253,14 @@ def calibrate(
             f"{fit.ece_after:.4f}",
             f"{fit.brier_before:.4f}",
             f"{fit.brier_after:.4f}",
+            f"{fit.threshold:.4g}",
+            fit.threshold_rule,
+            f"{fit.validation_sensitivity:.3f}",
+            f"{fit.validation_specificity:.3f}",
         )
     console.print(table)
-    if classifier.untrained:
-        console.print("[bold yellow]fitted on an UNTRAINED model: for testing only.[/]")
-    console.print(f"wrote {target}")
+    for line in skipped:
+        console.print(f"[yellow]{line}[/]")
 
 
 def register(app: typer.Typer) -> None:

@@ -35,10 +35,13 @@ from fhir_service.fhir.terminology import TERMINOLOGY, Resource, Terminology, fi
 from models.types import NIH_FINDINGS, FindingScore, ImageAnalysis
 
 __all__ = [
+    "UNCALIBRATED_NOTE",
     "UNTRAINED_CONCLUSION",
     "UNTRAINED_NOTE",
+    "band_text",
     "build_result_transaction",
     "is_cxr_overlay",
+    "score_name",
 ]
 
 #: How many findings the report conclusion names (all positives are always named).
@@ -52,6 +55,10 @@ UNTRAINED_NOTE = (
     "Untrained model output — not a finding. This number comes from a model without trained "
     "weights (test/demo mode) and carries no clinical meaning."
 )
+UNCALIBRATED_NOTE = (
+    "Uncalibrated score: the model's sigmoid output, not a probability (no calibration was "
+    "fitted for these weights and this finding)."
+)
 _UNTRAINED_TAG = "UNTRAINED MODEL — NOT A FINDING"
 _PRELIMINARY_TEXT = "Preliminary AI triage, not reviewed by a radiologist."
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -62,6 +69,7 @@ class _Result:
     """What every resource of one result shares."""
 
     study: StudyRef
+    weights_sha256: str
     report_system: str
     report_key: str
     device_urn: str
@@ -115,6 +123,7 @@ def build_result_transaction(
         issued=instant(recorded),
         untrained=_is_untrained(analysis),
         t=terminology,
+        weights_sha256=analysis.weights_sha256,
     )
     entries = [_device_entry(analysis, device_version, r)]
     observations = [_observation_entry(f, r) for f in analysis.findings]
@@ -176,7 +185,27 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 
 def _fmt(p: float) -> str:
-    return f"{float(p):.2f}"
+    return f"{float(p):.3f}"
+
+
+def _fmt_threshold(t: float) -> str:
+    """Four significant digits: torchxrayvision's operating points go down to 0.00044."""
+    return f"{float(t):.4g}"
+
+
+def score_name(f: FindingScore) -> str:
+    """What the Observation's value is: never "probability" unless a calibration was fitted."""
+    return "calibrated probability" if f.calibrated else "uncalibrated score"
+
+
+def band_text(f: FindingScore) -> str:
+    """The band named for what it is; '' when none was computed."""
+    span = f"{_fmt(f.band_low)}–{_fmt(f.band_high)}"
+    if f.band_kind == "tta-spread":
+        return f"spread over augmented views {span}"
+    if f.band_kind in ("calibration", "calibration+tta"):
+        return f"95 % band {span}"
+    return ""
 
 
 def _conclusion(analysis: ImageAnalysis, untrained: bool, terminology: Terminology) -> str:
@@ -186,17 +215,21 @@ def _conclusion(analysis: ImageAnalysis, untrained: bool, terminology: Terminolo
         positives
         + [f for f in ranked if not f.positive][: max(0, CONCLUSION_TOP_N - len(positives))]
     )
-    parts = [
-        f"{terminology.findings[f.finding].text} {_fmt(f.calibrated_probability)} "
-        f"(band {_fmt(f.band_low)}–{_fmt(f.band_high)}, "
-        f"{'above' if f.positive else 'below'} threshold {_fmt(f.threshold)})"
-        for f in named
-    ]
+    parts = []
+    for f in named:
+        details = [x for x in (band_text(f),) if x]
+        details.append(
+            f"{'above' if f.positive else 'below'} threshold {_fmt_threshold(f.threshold)}"
+        )
+        parts.append(
+            f"{terminology.findings[f.finding].text} {score_name(f)} "
+            f"{_fmt(f.calibrated_probability)} ({', '.join(details)})"
+        )
     if positives:
         head = f"{len(positives)} finding(s) at or above the operating threshold."
     else:
         head = "No finding at or above its operating threshold."
-    text = f"{_PRELIMINARY_TEXT} {head} Top findings by calibrated probability: {'; '.join(parts)}."
+    text = f"{_PRELIMINARY_TEXT} {head} Top findings: {'; '.join(parts)}."
     return f"{UNTRAINED_CONCLUSION} {text}" if untrained else text
 
 
@@ -217,6 +250,10 @@ def _device_entry(analysis: ImageAnalysis, device_version: str, r: _Result) -> R
         "type": cc(t.concept("ai_device_type")),
         "version": [{"value": device_version}],
     }
+    if analysis.weights_sha256:
+        device["version"].append(
+            {"type": {"text": _weights_hash_label(r)}, "value": analysis.weights_sha256}
+        )
     if r.untrained:
         device["note"] = [{"text": UNTRAINED_CONCLUSION}]
     condition = identifier_condition(t.identifier_system("device"), device_version)
@@ -229,26 +266,27 @@ def _observation_entry(f: FindingScore, r: _Result) -> Resource:
     system, value = t.identifier_system("observation"), f"{r.report_key}.{slug}"
     interp = t.concept("interpretation_positive" if f.positive else "interpretation_negative")
     relation = "≥" if f.positive else "<"
-    obs: Resource = {
-        "resourceType": "Observation",
-        "meta": {"security": r.security},
-        "extension": [
-            {
-                "url": t.extension_url("ai_confidence"),
-                "valueRange": {"low": quantity(f.band_low, t), "high": quantity(f.band_high, t)},
-            }
-        ],
-        "identifier": [{"system": system, "value": value}],
-        "status": "preliminary",
-        "category": [cc(t.concept("observation_category"))],
-        "code": finding_code(f.finding, terminology=t),
-        "subject": ref(r.study.subject),
-    }
+    obs: Resource = {"resourceType": "Observation", "meta": {"security": r.security}}
+    if f.has_band:
+        # A Range only where a band was computed; the augmented-view spread is not a
+        # confidence interval, so it has its own extension, never AIconfidence.
+        name = "tta_spread" if f.band_kind == "tta-spread" else "ai_confidence"
+        band = {"low": quantity(f.band_low, t), "high": quantity(f.band_high, t)}
+        obs["extension"] = [{"url": t.extension_url(name), "valueRange": band}]
+    obs.update(
+        {
+            "identifier": [{"system": system, "value": value}],
+            "status": "preliminary",
+            "category": [cc(t.concept("observation_category"))],
+            "code": finding_code(f.finding, terminology=t),
+            "subject": ref(r.study.subject),
+        }
+    )
     if r.study.started:
         obs["effectiveDateTime"] = r.study.started
     interpretation = (
-        f"calibrated probability {_fmt(f.calibrated_probability)} {relation} "
-        f"operating threshold {_fmt(f.threshold)}"
+        f"{score_name(f)} {_fmt(f.calibrated_probability)} {relation} "
+        f"operating threshold {_fmt_threshold(f.threshold)}"
     )
     obs.update(
         {
@@ -258,7 +296,7 @@ def _observation_entry(f: FindingScore, r: _Result) -> Resource:
             "bodySite": cc(t.concept("body_site_lung")),
             "device": ref(r.device_urn),
             "derivedFrom": [ref(r.study.reference)],
-            # Raw model numbers stay beside the calibrated value for audit; as components
+            # Raw model numbers stay beside the value for audit; as components
             # with their own codes they can never be mistaken for the Observation's value.
             "component": [
                 {"code": cc(t.concept(name)), "valueQuantity": quantity(x, t)}
@@ -270,8 +308,11 @@ def _observation_entry(f: FindingScore, r: _Result) -> Resource:
             ],
         }
     )
-    if r.untrained:
-        obs["note"] = [{"text": UNTRAINED_NOTE}]
+    notes = [UNTRAINED_NOTE] if r.untrained else []
+    if not f.calibrated:
+        notes.append(UNCALIBRATED_NOTE)
+    if notes:
+        obs["note"] = [{"text": n} for n in notes]
     return conditional_create(
         urn(r.report_key, f"observation/{slug}"), obs, identifier_condition(system, value)
     )
@@ -299,7 +340,7 @@ def _heatmap_entry(f: FindingScore, png: bytes, r: _Result) -> Resource:
     system, value = t.identifier_system("heatmap"), f"{r.report_key}.{fc.slug}"
     note = (
         f"Where the model looked for {fc.text} "
-        f"(calibrated probability {_fmt(f.calibrated_probability)}); "
+        f"({score_name(f)} {_fmt(f.calibrated_probability)}); "
         "an explanation of the score, not a segmentation."
     )
     media: Resource = {
@@ -400,6 +441,26 @@ def _withdrawals(
     return old_reports, entries
 
 
+def _weights_hash_label(r: _Result) -> str:
+    if r.untrained:
+        return "sha256 of the untrained model's parameters (no weights file)"
+    return "sha256 of the loaded weights file"
+
+
+def _weights_entity(r: _Result) -> list[Resource]:
+    """The weights file that made the result, by its sha256 (a logical reference)."""
+    if not r.weights_sha256:
+        return []
+    what = {
+        "identifier": {
+            "system": r.t.identifier_system("weights_sha256"),
+            "value": r.weights_sha256,
+        },
+        "display": _weights_hash_label(r),
+    }
+    return [{"role": "source", "what": what}]
+
+
 def _provenance_entry(
     report: Resource, targets: list[Resource], old_reports: list[str], r: _Result
 ) -> Resource:
@@ -412,6 +473,7 @@ def _provenance_entry(
         "activity": cc(t.concept("provenance_activity_create")),
         "agent": [{"type": cc(t.concept("provenance_agent_author")), "who": ref(r.device_urn)}],
         "entity": [{"role": "source", "what": ref(r.study.versioned_reference)}]
+        + _weights_entity(r)
         # R4 DiagnosticReport has no relatesTo; Provenance.entity role "revision" is R4's way
         # to say "the target is a revised version of this": the new report revises the old.
         + [{"role": "revision", "what": ref(old)} for old in old_reports],

@@ -18,6 +18,7 @@ from vector_store.records import EmbeddingRecord
 
 BASE = "http://fhir.test/fhir"
 MODEL = "model-v1"
+CLIP = "clip-v1"
 
 
 def _unit(i: int, dim: int = 512) -> npt.NDArray[np.float32]:
@@ -36,7 +37,9 @@ def _study(sid: str, patient: str) -> dict[str, Any]:
     }
 
 
-STUDIES = {f"s{i}": _study(f"s{i}", "p1" if i < 3 else "p2") for i in range(6)}
+STUDIES = {f"s{i}": _study(f"s{i}", "p1" if i < 3 else "p2") for i in range(6)} | {
+    sid: _study(sid, "p3") for sid in ("s10", "s11")
+}
 
 
 def _fhir() -> FhirClient:
@@ -66,6 +69,9 @@ class _Encoder:
         self.calls.append(f"image:{space}")
         return _unit(5)
 
+    def clip_version(self) -> str:
+        return CLIP
+
 
 @pytest.fixture
 def service() -> SimilarService:
@@ -77,6 +83,7 @@ def service() -> SimilarService:
                 model_version=MODEL,
                 study_version_id="1",
                 clip=_unit(i),
+                clip_version=CLIP,
                 patient_id="p1" if i < 3 else "p2",
                 gender="female" if i % 2 else "male",
                 age=40 + i,
@@ -86,6 +93,10 @@ def service() -> SimilarService:
         )
     # An embedding of another model must never be returned.
     store.upsert(EmbeddingRecord("s9", "model-v0", "1", clip=_unit(0), patient_id="p9"))
+    # Nor one of another CLIP version under the same DenseNet version, nor one of unknown CLIP
+    # version (stored before versions were recorded).
+    store.upsert(EmbeddingRecord("s10", MODEL, "1", clip=_unit(1), clip_version="clip-v0"))
+    store.upsert(EmbeddingRecord("s11", MODEL, "1", clip=_unit(1), densenet=np.ones(1024)))
     return SimilarService(fhir=_fhir(), store=store, model_version=MODEL, encoder=_Encoder())
 
 
@@ -133,3 +144,31 @@ def test_unknown_study_is_404_and_unembedded_is_422(service: SimilarService) -> 
         assert raised.value.http_status == 422
     finally:
         del STUDIES["s8"]
+
+
+def test_clip_neighbours_share_the_query_clip_version(service: SimilarService) -> None:
+    found = _ids(service.run(parse_query({"count": "10"}, study_id="s0"), BASE))
+    assert found == ["s1", "s2", "s3", "s4", "s5"]  # not s10 (CLIP v0) nor s11 (unknown)
+    text = _ids(service.run(parse_query({"text": "effusion", "count": "10"}), BASE))
+    assert "s10" not in text and "s11" not in text
+
+
+def test_a_study_of_unknown_clip_version_is_refused_in_clip_space(service: SimilarService) -> None:
+    with pytest.raises(Unprocessable, match="without its CLIP version"):
+        service.run(parse_query({}, study_id="s11"), BASE)
+    # the densenet space does not depend on CLIP
+    assert service.run(parse_query({"space": "densenet"}, study_id="s11"), BASE)["entry"] == []
+
+
+def test_an_untrained_clip_tags_the_answer() -> None:
+    store = InMemoryVectorStore()
+    version = "untrained-ViT-B-32-seed0@abc"
+    store.upsert(EmbeddingRecord("s0", MODEL, "1", clip=_unit(0), clip_version=version))
+    store.upsert(EmbeddingRecord("s1", MODEL, "1", clip=_unit(1), clip_version=version))
+    service = SimilarService(fhir=_fhir(), store=store, model_version=MODEL, encoder=_Encoder())
+    bundle = service.run(parse_query({}, study_id="s0"), BASE)
+    assert _ids(bundle) == ["s1"]
+    (tag,) = bundle["meta"]["tag"]
+    assert tag["code"] == "untrained" and "UNTRAINED" in tag["display"]
+    trained = service.run(parse_query({"text": "x"}), BASE)  # the encoder's CLIP-v1
+    assert "meta" not in trained

@@ -20,6 +20,7 @@ from fhir_service.app_ui import clinical
 from fhir_service.fhir.results import UNTRAINED_NOTE, build_result_transaction
 from fhir_service.fhir.tasks import build_completed_task, build_failed_task
 from fhir_service.fhir.terminology import TERMINOLOGY
+from models.types import ImageAnalysis
 from tests.factories import RECORDED, make_analysis, make_heatmaps, make_png, make_study
 
 Resource = dict[str, Any]
@@ -87,8 +88,9 @@ class FakeFhir:
         untrained: bool = False,
         recorded: datetime = RECORDED,
         supersedes: list[Resource] | None = None,
+        analysis: ImageAnalysis | None = None,
     ) -> list[Resource]:
-        analysis = make_analysis(probabilities, untrained=untrained)
+        analysis = analysis or make_analysis(probabilities, untrained=untrained)
         bundle = build_result_transaction(
             study,
             analysis,
@@ -180,9 +182,11 @@ def test_finding_of_reads_what_the_worker_writes() -> None:
     assert ptx == {
         "finding": "Pneumothorax",
         "text": TERMINOLOGY.findings["Pneumothorax"].text,
-        "calibrated_probability": 0.9,
+        "score": 0.9,
+        "score_kind": "probability (calibrated)",
         "band_low": pytest.approx(0.82),
         "band_high": pytest.approx(0.96),
+        "band_kind": "95 % band",
         "threshold": 0.5,
         "positive": True,
         "observation": by_label["Pneumothorax"]["id"],
@@ -190,7 +194,7 @@ def test_finding_of_reads_what_the_worker_writes() -> None:
     }
     cardio = clinical.finding_of(by_label["Cardiomegaly"])
     assert cardio is not None
-    assert cardio["calibrated_probability"] == pytest.approx(0.12)
+    assert cardio["score"] == pytest.approx(0.12)
     assert cardio["positive"] is False
 
 
@@ -222,6 +226,17 @@ def test_finding_of_without_band_or_threshold_is_never_positive() -> None:
     assert found["text"] == TERMINOLOGY.findings["Mass"].text
     assert (found["band_low"], found["band_high"], found["threshold"]) == (None, None, None)
     assert found["positive"] is False
+    assert found["score_kind"] == "uncalibrated score" and found["band_kind"] is None
+
+
+def test_uncalibrated_observations_are_scores_and_their_spread_is_named() -> None:
+    fhir = FakeFhir()
+    fhir.analyse(make_study(), analysis=make_analysis(calibrated=False, band_kind="tta-spread"))
+    obs = next(o for o in fhir.all("Observation") if clinical.finding_label(o) == "Pneumothorax")
+    found = clinical.finding_of(obs)
+    assert found is not None
+    assert found["score_kind"] == "uncalibrated score"
+    assert found["band_kind"] == "spread over augmented views"
 
 
 def test_an_unknown_label_keeps_its_code_as_text() -> None:
@@ -250,7 +265,7 @@ def test_finding_of_skips_observations_that_are_not_findings(obs: Resource) -> N
 
 def test_urgency_key() -> None:
     def f(name: str, p: float, positive: bool) -> dict[str, Any]:
-        return {"finding": name, "calibrated_probability": p, "positive": positive}
+        return {"finding": name, "score": p, "positive": positive}
 
     assert clinical.urgency_key([]) == (0, 0.0, 0.0)
     # Non-critical findings do not count, however probable.
@@ -436,7 +451,7 @@ def test_of_two_live_reports_the_newest_issued_counts() -> None:
         latest = clinical.latest_reports(reports)
         assert set(latest) == {"cxr-1"}
         found = clinical.study_findings(latest["cxr-1"], fhir.observations())
-        assert max(found, key=lambda f: f["calibrated_probability"])["finding"] == "Mass"
+        assert max(found, key=lambda f: f["score"])["finding"] == "Mass"
 
 
 def test_reports_without_a_study_reference_are_ignored() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_infer_table_and_bad_image(env: Path) -> None:
 
 def test_calibrate_then_infer_uses_it(env: Path) -> None:
     with (SHARED / "nih-sample" / "manifest.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))[:6]
+        rows = list(csv.DictReader(fh))[:20]
     labels = env / "labels.csv"
     with labels.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["file", "finding_labels"])
@@ -60,13 +61,45 @@ def test_calibrate_then_infer_uses_it(env: Path) -> None:
         writer.writerows({"file": r["file"], "finding_labels": r["finding_labels"]} for r in rows)
     runner = CliRunner()
     result = runner.invoke(
-        app, ["calibrate", "--labels", str(labels), "--images", str(SHARED / "nih-sample")]
-    )
+        app,
+        [
+            "calibrate", "--labels", str(labels), "--images", str(SHARED / "nih-sample"),
+            "--min-positives", "2",
+        ],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "ECE" in result.output
+    printed = re.sub(r"\s+", " ", result.output)  # rich wraps at the terminal width
+    assert "ECE" in printed and "held-out images" in printed
+    assert "left uncalibrated" in printed  # 8 findings have 1 positive among 14 fit images
     written = env / "data" / "models" / "calibration-untrained.json"
     assert written.is_file()
     png = SHARED / "nih-sample" / rows[0]["file"]
     result = runner.invoke(app, ["infer", str(png), "--out", str(env / "o"), "--json"])
     assert result.exit_code == 0, result.output
-    assert "+cal1-" in json.loads(result.stdout)[0]["model_version"]
+    report = json.loads(result.stdout)[0]
+    assert "+cal2-" in report["model_version"]
+    kinds = {f["score_kind"] for f in report["findings"]}
+    assert kinds == {"calibrated probability", "uncalibrated score"}
+    for f in report["findings"]:
+        key = (
+            "calibrated_probability" if f["score_kind"].startswith("cal") else "uncalibrated_score"
+        )
+        assert key in f
+
+
+def test_infer_without_calibration_never_says_calibrated_and_marks_untrained_clip(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXR_CLIP_WEIGHTS", "untrained")
+    monkeypatch.setenv("CXR_CLIP_BACKEND", "torch")
+    png = SHARED / "nih-sample" / "00000013_004.png"
+    result = CliRunner().invoke(
+        app, ["infer", str(png), "--out", str(env / "o"), "--json", "--clip"]
+    )
+    assert result.exit_code == 0, result.output
+    assert re.search(r"(?<!un)calibrated", result.stdout, re.IGNORECASE) is None
+    (report,) = json.loads(result.stdout)
+    assert report["clip_untrained"] is True and "untrained" in report["clip_model_version"]
+    assert {f["score_kind"] for f in report["findings"]} == {"uncalibrated score"}
+    # TTA on, no calibration: the band is the augmented-view spread
+    assert {f["band_kind"] for f in report["findings"]} == {"tta-spread"}

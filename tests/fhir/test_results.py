@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import re
 import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -241,8 +243,12 @@ def test_report_content(analysis: ImageAnalysis) -> None:
     assert report["effectiveDateTime"] == "2024-12-31T22:15:00+00:00"
     conclusion = report["conclusion"]
     assert "untrained" not in conclusion.lower()
-    assert conclusion.index("Pneumothorax 0.90") < conclusion.index("Pleural effusion 0.62")
-    assert conclusion.index("Pleural effusion 0.62") < conclusion.index("Atelectasis 0.31")
+    first, second, third = (
+        "Pneumothorax calibrated probability 0.900 (95 % band 0.820–0.960, above threshold 0.5)",
+        "Pleural effusion calibrated probability 0.620",
+        "Atelectasis calibrated probability 0.310",
+    )
+    assert conclusion.index(first) < conclusion.index(second) < conclusion.index(third)
     assert "Cardiomegaly" not in conclusion  # top 3 only, all positives included
     codes = [cc["coding"][0]["code"] for cc in report["conclusionCode"]]
     assert codes == ["60046008", "36118008"]
@@ -460,3 +466,57 @@ def test_token_search_value_escapes_and_encodes() -> None:
     token = token_search_value("https://x.example/s", value)
     ((_, decoded),) = parse_qsl("identifier=" + token)
     assert decoded == r"https://x.example/s|w+e\|i\,r\$d\\v 1"
+
+
+_CALIBRATED_WORD = re.compile(r"(?<!un)calibrated", re.IGNORECASE)
+
+
+def test_without_calibration_nothing_says_calibrated_and_no_range() -> None:
+    analysis = make_analysis(calibrated=False, band_kind="none")
+    bundle = result_bundle(analysis)
+    text = json.dumps(bundle)
+    assert _CALIBRATED_WORD.search(text) is None, _CALIBRATED_WORD.findall(text)
+    for obs in resources_of(bundle, "Observation"):
+        assert "extension" not in obs  # no band was computed: no Range
+        interpretation = obs["interpretation"][0]["text"]
+        assert interpretation.startswith("uncalibrated score ")
+        assert any("not a probability" in n["text"] for n in obs["note"])
+    conclusion = one_of(bundle, "DiagnosticReport")["conclusion"]
+    assert "Pneumothorax uncalibrated score 0.900 (above threshold 0.5)" in conclusion
+    assert "band" not in conclusion
+
+
+def test_tta_band_is_named_a_spread_not_a_confidence_interval() -> None:
+    bundle = result_bundle(make_analysis(calibrated=False, band_kind="tta-spread"))
+    for obs in resources_of(bundle, "Observation"):
+        (ext,) = obs["extension"]
+        assert ext["url"].endswith("/StructureDefinition/tta-spread")
+        assert "AIconfidence" not in json.dumps(obs)
+    conclusion = one_of(bundle, "DiagnosticReport")["conclusion"]
+    assert "spread over augmented views 0.820–0.960" in conclusion
+
+
+def test_small_thresholds_keep_their_digits() -> None:
+    bundle = result_bundle(make_analysis(threshold=0.00045666535, calibrated=False))
+    obs = resources_of(bundle, "Observation")[0]
+    assert obs["interpretation"][0]["text"].endswith("operating threshold 0.0004567")
+
+
+def test_weights_sha256_on_device_and_provenance() -> None:
+    analysis = dataclasses.replace(make_analysis(), weights_sha256="cd" * 32)
+    bundle = result_bundle(analysis)
+    device = one_of(bundle, "Device")
+    assert {"type": {"text": "sha256 of the loaded weights file"}, "value": "cd" * 32} in device[
+        "version"
+    ]
+    provenance = one_of(bundle, "Provenance")
+    weights = [e["what"] for e in provenance["entity"] if "identifier" in e["what"]]
+    assert weights == [
+        {
+            "identifier": {
+                "system": "https://cxr-fhir.example.org/fhir/NamingSystem/model-weights-sha256",
+                "value": "cd" * 32,
+            },
+            "display": "sha256 of the loaded weights file",
+        }
+    ]

@@ -6,17 +6,21 @@ tests post studies through HAPI exactly as an integrator would.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import numpy as np
+import pydicom
 import pytest
 
 from fhir_service.ops.stack import start_service, start_workers, worker_process
 from fhir_service.worker import run_sweep
 from subscriptions.bootstrap import SECRET_HEADER
+from tests.factories import make_gray_png
 from tests.integration.stack import Stack, wait_for
 
 pytestmark = pytest.mark.integration
@@ -100,17 +104,33 @@ def test_wrong_or_missing_secret_is_refused_and_queues_nothing(stack: Stack) -> 
     assert len(stack.jobs()) == before
 
 
+def _lateral_dicom(stack: Stack) -> bytes:
+    """The real SIIM chest film, tagged as a lateral view."""
+    path = stack.settings.shared_dir / "data" / "dicom"
+    ds = pydicom.dcmread(next(path.glob("siim_*.dcm")))
+    ds.ViewPosition = "LL"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize(
     ("kind", "expected"),
     [
         ("corrupt", "not a recognised image format"),
         ("no-media", "no pixels"),
         ("endpoint", "DICOMweb"),
+        ("black", "not a frontal chest radiograph: near-constant image"),
+        ("lateral", "not a frontal chest radiograph: lateral view: this model reads frontal"),
     ],
 )
 def test_bad_input_gives_one_failed_task(stack: Stack, kind: str, expected: str) -> None:
     if kind == "corrupt":
         study_id = stack.post_study(3, image=b"\x89PNG\r\n\x1a\n this is not really a png")
+    elif kind == "black":
+        study_id = stack.post_study(6, image=make_gray_png(np.zeros((1024, 1024), np.uint8)))
+    elif kind == "lateral":
+        study_id = stack.post_study(7, image=_lateral_dicom(stack))
     elif kind == "no-media":
         study_id = stack.post_study(4, image=None)
     else:

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from cxr_errors import ConfigError
+from cxr_errors import ConfigError, ModelError
 from models.clip import ClipEncoder
 from models.factory import load_clip
+from models.onepass import export_onnx, onnx_cache_path
 from models.types import NIH_FINDINGS
 
 
@@ -49,3 +51,19 @@ def test_missing_weights_file(tmp_path: Path) -> None:
 def test_pretrained_tag_offline_fails_fast() -> None:
     with pytest.raises(ConfigError, match="CXR_CLIP_WEIGHTS"):
         load_clip(pretrained="laion2b_s34b_b79k", offline=True)
+
+
+class _WrongTower(torch.nn.Module):
+    """A stand-in graph with the tower's shapes and the wrong numbers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(x.mean(dim=(2, 3)).repeat(1, 171)[:, :512], dim=-1)
+
+
+def test_onnx_tower_is_checked_against_torch_at_start_up(tmp_path: Path) -> None:
+    encoder = load_clip(weights="untrained", backend="onnx", cache_dir=tmp_path)
+    path = onnx_cache_path(tmp_path, "clip-image", encoder.weights_sha256)
+    assert path.is_file()
+    export_onnx(_WrongTower(), torch.zeros(1, 3, 224, 224), ["embedding"], path)
+    with pytest.raises(ModelError, match=r"ONNX CLIP image tower .* disagrees with torch"):
+        load_clip(weights="untrained", backend="onnx", cache_dir=tmp_path)

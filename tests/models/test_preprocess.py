@@ -63,15 +63,33 @@ def test_jpeg2000_agrees_with_uncompressed_within_lossy_tolerance(dicom_dir: Pat
     assert float(diff.max()) < 40.0
 
 
-def test_16bit_png_uses_real_bit_depth(tmp_path: Path) -> None:
+def _with_sbit(png: bytes, bits: int) -> bytes:
+    """``png`` with an sBIT chunk right after IHDR (8 signature + 25 IHDR bytes)."""
+    body = bytes([bits])
+    crc = zlib.crc32(b"sBIT" + body) & 0xFFFFFFFF
+    chunk = struct.pack(">I", 1) + b"sBIT" + body + struct.pack(">I", crc)
+    return png[:33] + chunk + png[33:]
+
+
+def test_16bit_png_uses_its_sbit_depth(tmp_path: Path) -> None:
     ramp = (np.linspace(0, 4095, 256 * 256).reshape(256, 256)).astype(np.uint16)
     path = tmp_path / "twelve_bit.png"
     Image.fromarray(ramp).save(path)
+    path.write_bytes(_with_sbit(path.read_bytes(), 12))
     decoded = decode_image(path)
     assert decoded.bit_depth == 12
     x = PRE(decoded)
     _check(x)
     assert float(x.max()) > 1000  # 4095 is white, not squeezed into [-1017, -902]
+
+
+def test_16bit_png_without_sbit_is_scaled_by_16_bits(tmp_path: Path) -> None:
+    ramp = (np.linspace(0, 4095, 256 * 256).reshape(256, 256)).astype(np.uint16)
+    path = tmp_path / "no_sbit.png"
+    Image.fromarray(ramp).save(path)
+    decoded = decode_image(path, gate=False)
+    assert decoded.bit_depth == 16
+    assert float(decoded.pixels.max()) == pytest.approx(4095 / 65535)
 
 
 def test_non_square_is_center_cropped(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_errors import ConfigError
+from cxr_errors import ConfigError, ModelError
 from models._xrv import xrv
 from models.factory import load_classifier
 from models.registry import REGISTRY, file_sha256, get_spec, resolve_weights
@@ -70,3 +70,50 @@ def test_unknown_name(tmp_path: Path) -> None:
 def test_untrained_says_so() -> None:
     loaded = resolve_weights("untrained")
     assert loaded.untrained and loaded.model_version.startswith("untrained-")
+
+
+class _Payload:
+    """Anything outside the DenseNet's own classes: what a malicious pickle would construct."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("unpickled code ran",))
+
+
+def test_a_file_that_needs_more_than_weights_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = REGISTRY["densenet121-res224-nih"]
+    model = xrv.models.DenseNet(weights=None, num_classes=len(spec.labels))
+    model.payload = _Payload()  # type: ignore[assignment]
+    torch.save(model, tmp_path / spec.filename)
+    with pytest.raises(ModelError, match=r"refused.*arbitrary code.*state_dict"):
+        resolve_weights("densenet121-res224-nih", cache_dir=tmp_path, allow_download=False)
+    assert "unpickled code ran" not in capsys.readouterr().out
+
+
+def test_a_plain_state_dict_loads(tmp_path: Path) -> None:
+    spec = REGISTRY["densenet121-res224-nih"]
+    model = xrv.models.DenseNet(weights=None, num_classes=len(spec.labels))
+    torch.save(model.state_dict(), tmp_path / "mine.pt")
+    loaded = resolve_weights(str(tmp_path / "mine.pt"))
+    assert loaded.spec.name == "densenet121-res224-nih"
+    assert loaded.sha256 == file_sha256(tmp_path / "mine.pt")
+
+
+def test_output_count_must_match_the_registry_entry(tmp_path: Path) -> None:
+    spec = REGISTRY["densenet121-res224-nih"]
+    torch.save(xrv.models.DenseNet(weights=None, num_classes=14), tmp_path / spec.filename)
+    with pytest.raises(ModelError, match="has 14 outputs but densenet121-res224-nih has 18"):
+        resolve_weights("densenet121-res224-nih", cache_dir=tmp_path, allow_download=False)
+
+
+def test_all_weights_under_the_nih_name_are_refused(tmp_path: Path) -> None:
+    nih, all_ = REGISTRY["densenet121-res224-nih"], REGISTRY["densenet121-res224-all"]
+    model = xrv.models.DenseNet(weights=None, num_classes=len(all_.labels))
+    model.pathologies = list(all_.labels)  # type: ignore[assignment]
+    torch.save(model, tmp_path / nih.filename)
+    with pytest.raises(ModelError, match=r"outputs .*Lung Lesion.* not densenet121-res224-nih"):
+        resolve_weights("densenet121-res224-nih", cache_dir=tmp_path, allow_download=False)
+    # the same file under a name of its own is recognised by the labels it lists
+    torch.save(model, tmp_path / "renamed.pt")
+    assert resolve_weights(str(tmp_path / "renamed.pt")).spec.name == "densenet121-res224-all"

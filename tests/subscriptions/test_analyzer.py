@@ -16,7 +16,7 @@ from models.preprocess import DecodedImage
 from models.types import ImageAnalysis
 from subscriptions.analyzer import ModelAnalyzer
 from subscriptions.pipeline import AnalyzedImage
-from tests.factories import make_analysis, make_png
+from tests.factories import make_analysis, make_xray_png
 
 
 class _Classifier:
@@ -28,10 +28,12 @@ class _Classifier:
 
     def analyze(self, images: Sequence[DecodedImage], *, batch_size: int) -> list[ImageAnalysis]:
         self.calls.append(([img.width for img in images], batch_size))
-        return [make_analysis({"Pneumothorax": 0.1 * img.width}) for img in images]
+        return [make_analysis({"Pneumothorax": img.width / 1000}) for img in images]
 
 
 class _Clip:
+    model_version = "clip-test"
+
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
 
@@ -39,7 +41,7 @@ class _Clip:
         self, images: Sequence[DecodedImage], *, batch_size: int
     ) -> npt.NDArray[np.float32]:
         self.calls.append((len(images), batch_size))
-        return np.array([[float(img.width)] * 4 for img in images], dtype=np.float32)
+        return np.array([[img.width / 100] * 4 for img in images], dtype=np.float32)
 
 
 def _analyzer() -> tuple[ModelAnalyzer, _Classifier, _Clip]:
@@ -50,16 +52,17 @@ def _analyzer() -> tuple[ModelAnalyzer, _Classifier, _Clip]:
 
 def test_one_pass_for_the_batch_and_a_bad_image_fails_alone() -> None:
     analyzer, classifier, clip = _analyzer()
-    images = [(make_png(width=6), "a.png"), (b"not an image", "b.png"), (make_png(width=9), "c")]
+    images = [(make_xray_png(600), "a.png"), (b"not an image", "b.png"), (make_xray_png(900), "c")]
     results = analyzer.analyze_many(images)
     # the two decodable images in one pass each, in their order
-    assert classifier.calls == [([6, 9], 2)]
+    assert classifier.calls == [([600, 900], 2)]
     assert clip.calls == [(2, 2)]
     first, bad, last = results
     assert isinstance(bad, InputError)
     assert isinstance(first, AnalyzedImage) and isinstance(last, AnalyzedImage)
     assert first.analysis.findings[7].calibrated_probability == pytest.approx(0.6)
     assert last.clip_embedding is not None and last.clip_embedding[0] == 9.0
+    assert last.clip_version == "clip-test"
     # heatmaps for the positive findings only: Pneumothorax 0.6 and 0.9, at threshold 0.5
     assert "Pneumothorax" in first.heatmaps and "Pneumothorax" in last.heatmaps
     assert "Atelectasis" not in first.heatmaps  # 0.05
@@ -67,6 +70,6 @@ def test_one_pass_for_the_batch_and_a_bad_image_fails_alone() -> None:
 
 def test_a_single_image_is_a_batch_of_one() -> None:
     analyzer, classifier, clip = _analyzer()
-    result = analyzer.analyze(make_png(width=5), "x.png")
-    assert classifier.calls == [([5], 1)] and clip.calls == [(1, 1)]
+    result = analyzer.analyze(make_xray_png(500), "x.png")
+    assert classifier.calls == [([500], 1)] and clip.calls == [(1, 1)]
     assert result.analysis.findings[7].calibrated_probability == pytest.approx(0.5)

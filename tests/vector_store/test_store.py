@@ -444,3 +444,54 @@ def test_bad_records_are_input_errors(kwargs: dict[str, Any], message: str) -> N
     fields.update(kwargs)
     with pytest.raises(InputError, match=message):
         EmbeddingRecord(**fields)
+
+
+# --- CLIP versions (migration 002) --------------------------------------------------------------
+
+
+def test_rows_from_before_clip_versions_survive_migration_002(
+    fresh_database: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A database migrated to 001 with a row in it takes 002: the row is kept with an unknown
+    CLIP version, still serves the densenet space and never a versioned clip search."""
+    url = fresh_database("cxr_test_clip_version_migration")
+    first = sorted(MIGRATIONS_DIR.glob("001_*.sql"))[0]
+    shutil.copy(first, tmp_path / first.name)
+    migrate(url, directory=tmp_path)
+    rng = np.random.default_rng(4)
+    clip, densenet = rng.normal(size=512), rng.normal(size=1024)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO study_embeddings (study_id, model_version, study_version_id,"
+            " clip_embedding, densenet_features) VALUES ('old', 'm1', '1', %s, %s)",
+            (
+                str((clip / np.linalg.norm(clip)).tolist()),
+                str((densenet / np.linalg.norm(densenet)).tolist()),
+            ),
+        )
+    assert migrate(url) == [2]
+    with VectorStore(url) as store:
+        old = store.get("old", "m1")
+        assert old is not None and old.clip_version is None and old.clip is not None
+        assert [
+            h.study_id for h in store.search(densenet, space="densenet", k=5, model_version="m1")
+        ] == ["old"]
+        assert store.search(clip, space="clip", k=5, model_version="m1", clip_version="c1") == []
+        store.upsert(EmbeddingRecord("new", "m1", "1", clip=clip, clip_version="c1"))
+        got = store.get("new", "m1")
+        assert got is not None and got.clip_version == "c1"
+        hits = store.search(clip, space="clip", k=5, model_version="m1", clip_version="c1")
+        assert [h.study_id for h in hits] == ["new"]
+        assert store.search(clip, space="clip", k=5, model_version="m1", clip_version="c2") == []
+
+
+def test_the_fake_store_keys_clip_the_same_way() -> None:
+    clip = np.random.default_rng(5).normal(size=512)
+    store = InMemoryVectorStore()
+    store.upsert(EmbeddingRecord("a", "m1", "1", clip=clip, clip_version="c1"))
+    store.upsert(EmbeddingRecord("b", "m1", "1", clip=clip, clip_version="c2"))
+    store.upsert(EmbeddingRecord("c", "m1", "1", clip=clip))
+    hits = store.search(clip, space="clip", k=5, model_version="m1", clip_version="c1")
+    assert [h.study_id for h in hits] == ["a"]
+    with pytest.raises(InputError, match="clip_version needs a clip vector"):
+        EmbeddingRecord("d", "m1", "1", densenet=np.ones(1024), clip_version="c1")

@@ -43,6 +43,8 @@ function showError(err) {
 const app = { mode: "patient" };
 
 function fmt(p) { return p === null || p === undefined ? "–" : Number(p).toFixed(2); }
+// Operating points go down to 0.00044: four significant digits, never "0.00".
+function fmtThreshold(t) { return t === null || t === undefined ? "–" : Number(Number(t).toPrecision(4)).toString(); }
 
 function since(iso) {
   if (!iso) return "–";
@@ -102,7 +104,7 @@ function renderWorklist(rows) {
   const user = app.mode === "user";
   const trs = rows.map((row, i) => {
     const findings = (row.top_findings || []).map((f) =>
-      `${f.text} ${fmt(f.calibrated_probability)}${f.positive ? " ▲" : ""}`).join(", ");
+      `${f.text} ${fmt(f.score)}${f.positive ? " ▲" : ""}`).join(", ");
     const patient = row.patient || null;
     return el("tr", { "data-study": row.id, "data-status": row.status, "data-patient": patient ? patient.id : null,
       "data-priority": row.priority || null,
@@ -209,12 +211,13 @@ function findingItem(f) {
   const bar = el("span", { class: "bar", "aria-hidden": "true" },
     f.band_low !== null && f.band_high !== null
       ? el("span", { class: "band", style: { left: pct(f.band_low), width: `calc(${pct(f.band_high)} - ${pct(f.band_low)})` } }) : null,
-    el("span", { class: `fill${f.positive ? " positive" : ""}`, style: { width: pct(f.calibrated_probability) } }),
+    el("span", { class: `fill${f.positive ? " positive" : ""}`, style: { width: pct(f.score) } }),
     f.threshold !== null ? el("span", { class: "threshold", style: { left: pct(f.threshold) } }) : null);
-  const label = `${f.text}: calibrated probability ${fmt(f.calibrated_probability)}, band ${fmt(f.band_low)} to ${fmt(f.band_high)}, operating threshold ${fmt(f.threshold)}${f.positive ? ", at or above threshold" : ""}. Show heatmap.`;
+  const band = f.band_kind ? `, ${f.band_kind} ${fmt(f.band_low)} to ${fmt(f.band_high)}` : "";
+  const label = `${f.text}: ${f.score_kind} ${fmt(f.score)}${band}, operating threshold ${fmtThreshold(f.threshold)}${f.positive ? ", at or above threshold" : ""}. Show heatmap.`;
   const button = el("button", { type: "button", class: "finding-button", "aria-pressed": "false", "aria-label": label, "data-finding": f.finding },
     el("span", { class: "fname", text: f.text + (f.positive ? " ▲" : "") }),
-    el("span", { class: "fval", text: `${fmt(f.calibrated_probability)} [${fmt(f.band_low)}–${fmt(f.band_high)}] thr ${fmt(f.threshold)}` }),
+    el("span", { class: "fval", text: `${fmt(f.score)}${f.band_kind ? ` [${fmt(f.band_low)}–${fmt(f.band_high)}]` : ""} thr ${fmtThreshold(f.threshold)}`, title: f.band_kind ? `${f.score_kind}; ${f.band_kind}` : f.score_kind }),
     bar);
   button.addEventListener("click", () => showHeatmap(f.finding, button));
   return el("li", { "data-finding": f.finding, "data-observation": f.observation,
@@ -298,7 +301,7 @@ function renderStudy(s) {
     : s.status === "failed" ? `Analysis failed: ${s.failure}` : "Analysis pending…";
   reportStatus.dataset.reportStatus = report ? report.status : "";
   document.getElementById("conclusion").textContent = report ? report.conclusion : "";
-  const sorted = [...s.findings].sort((a, b) => b.calibrated_probability - a.calibrated_probability);
+  const sorted = [...s.findings].sort((a, b) => b.score - a.score);
   document.getElementById("findings").replaceChildren(...sorted.map(findingItem));
   document.getElementById("findings").dataset.count = String(sorted.length);
 }
@@ -328,7 +331,7 @@ async function loadSimilar() {
       el("div", {},
         el("a", { href: `/app/study/${encodeURIComponent(r.id)}` }, `${r.description} (${r.id})`),
         el("div", { class: "muted", text: `score ${fmt(r.score)}${r.patient ? " · " + r.patient.name : ""}${r.same_patient ? " · same patient" : ""} · ${r.status}` }),
-        el("div", { text: r.findings.map((f) => `${f.text} ${fmt(f.calibrated_probability)}`).join(", ") || "–" })))));
+        el("div", { text: r.findings.map((f) => `${f.text} ${fmt(f.score)}`).join(", ") || "–" })))));
     // Say only what the app guarantees: in a patient launch it asks for this patient's
     // studies only and checks every result (the EHR need not filter them).
     const visible = app.mode === "user"
