@@ -46,6 +46,11 @@ CXR_APP_SCOPES = (
 )
 
 
+#: Endpoints whose bodies carry an image (the app's search by image and upload, the dev
+#: EHR's transaction base that an upload goes through): the larger body limit applies.
+_IMAGE_BODY_PATHS = ("/app/api/similar-image", "/app/api/upload", "/app/api/analyze", "/fhir")
+
+
 class DevEhrClient(BaseModel):
     """A SMART client registered with ``cxr dev-ehr`` (public: PKCE, no secret)."""
 
@@ -268,7 +273,7 @@ class Settings(BaseSettings):
 
     def request_limit(self, path: str) -> int:
         """The body limit of a request to ``path`` (see :mod:`fhir_service.api.limits`)."""
-        if path.endswith("/$similar"):
+        if path.endswith(("/$similar", "/$analyze")) or path in _IMAGE_BODY_PATHS:
             return self.max_similar_request_bytes
         return self.max_request_bytes
 

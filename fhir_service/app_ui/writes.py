@@ -3,10 +3,14 @@ token (:func:`fhir_service.app_ui.routes.same_origin_with_token`) and the user's
 
     POST /app/api/review/{study_id}   {"review_id", "decisions": [{"observation", "verdict",
                                        "comment"?}]} → one review transaction
+    POST /app/api/similar-image       {"image" (base64), "content_type", "params"} → $similar
+                                       by image (reads only; a POST for the body's size)
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from typing import Annotated, Literal
 
@@ -14,9 +18,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 
-from cxr_errors import InputError
+from cxr_errors import ImageError, InputError
 from fhir_service.api.limits import parse_json
-from fhir_service.app_ui import review
+from fhir_service.app_ui import image_search, review
 from fhir_service.app_ui.routes import UiDep, _api_error, _guard, _json, _session
 from fhir_service.app_ui.routes import same_origin_with_token as csrf_ok
 from fhir_service.fhir.review import MAX_COMMENT_CHARS, ReviewDecision, ReviewError
@@ -67,6 +71,49 @@ async def post_review(request: Request, ui: UiDep, study_id: FhirId) -> Response
         except ReviewError as exc:
             return _api_error(400, str(exc))
         return _json(result)
+
+    result: Response = await _guard(run())
+    return result
+
+
+#: The panel's filters a search by image passes on (as for a text search).
+_SIMILAR_PARAMS = {"count", "finding", "view-position", "exclude-same-patient", "space"}
+
+
+class ImageQueryIn(BaseModel):
+    image: Annotated[str, Field(min_length=1)]
+    content_type: Annotated[str, Field(max_length=100)]
+    params: dict[str, Annotated[str, Field(max_length=100)]] = Field(default_factory=dict)
+
+
+def _decode(data: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _BadRequest(f"the image is not valid base64: {exc}") from exc
+
+
+@router.post("/similar-image")
+async def similar_image(request: Request, ui: UiDep) -> Response:
+    async def run() -> Response:
+        session = _session(request, ui)
+        if not csrf_ok(request, ui, session):
+            return _api_error(403, "missing or wrong CSRF token")
+        try:
+            body = ImageQueryIn.model_validate(await _body(request))
+            image = _decode(body.image)
+        except (ValidationError, _BadRequest) as exc:
+            return _api_error(400, f"not an image query: {exc}")
+        params = {k: v for k, v in body.params.items() if k in _SIMILAR_PARAMS and v}
+        try:
+            results = await image_search.similar_by_image(
+                ui, session, image, body.content_type, params
+            )
+        except ImageError:
+            raise
+        except InputError as exc:
+            return _api_error(400, str(exc))
+        return _json({"results": results})
 
     result: Response = await _guard(run())
     return result

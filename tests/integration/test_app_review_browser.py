@@ -218,3 +218,34 @@ def test_worklist_order_with_mixed_priorities_in_chromium(
         assert why[1].startswith(f"URGENT order ({urgent}); then AI")
         assert why[2].startswith("no order priority (routine); then AI")
         page.screenshot(path=str(SHOTS / "worklist-priority-1280x800.png"), full_page=True)
+
+
+def test_search_by_image_in_chromium(
+    review_stack: ReviewStack, stack: Stack, chromium: Browser
+) -> None:
+    rs = review_stack
+    rec = stack.records[REVIEW_ROW]
+    image = stack.settings.shared_dir / "data" / "nih-sample" / rec.image_index
+    with browsing(chromium) as page:
+        page.goto(f"{rs.settings.dev_ehr_url}/launch/ehr?patient={rs.patient}")
+        page.wait_for_selector(f"#worklist tr[data-study='{rs.study}']")
+        page.goto(f"{rs.settings.service_url}/app/study/{rs.study}")
+        page.wait_for_selector(
+            f"#similar-results[data-query='study:{rs.study}']", state="attached"
+        )
+        with page.expect_response(lambda r: "/app/api/similar-image" in r.url) as answered:
+            page.set_input_files("#similar-image", str(image))
+        page.wait_for_selector(f"#similar-results[data-query='image:{image.name}']")
+        results = answered.value.json()["results"]
+        # The study's own pixels: it is the best match, and only the launch patient's studies
+        # come back.
+        assert results[0]["id"] == rs.study
+        assert results[0]["score"] > 0.99
+        assert all(r["same_patient"] for r in results)
+        assert "similar to " + image.name in page.locator("#similar-note").inner_text()
+        # Not an image: a clear refusal, nothing searched.
+        bad = SHOTS / "not-an-image.txt"
+        bad.write_text("hello")
+        page.set_input_files("#similar-image", str(bad))
+        page.wait_for_selector("#similar-note:has-text('Search by image failed')")
+        assert "not a PNG, JPEG or DICOM image" in page.locator("#similar-note").inner_text()

@@ -318,30 +318,93 @@ function similarQuery(text) {
   return `/app/api/similar?${q}`;
 }
 
+function renderSimilar(results, what, query) {
+  const note = document.getElementById("similar-note");
+  const list = document.getElementById("similar-results");
+  list.replaceChildren(...results.map((r) => el("li", { "data-study": r.id,
+    "data-patient": r.patient ? r.patient.id : null, "data-same-patient": String(r.same_patient) },
+    el("img", { src: `/app/api/image/${encodeURIComponent(r.id)}?size=96`, alt: `Thumbnail of study ${r.id}`, width: 96, height: 96, loading: "lazy" }),
+    el("div", {},
+      el("a", { href: `/app/study/${encodeURIComponent(r.id)}` }, `${r.description} (${r.id})`),
+      el("div", { class: "muted", text: `score ${fmt(r.score)}${r.patient ? " · " + r.patient.name : ""}${r.same_patient ? " · same patient" : ""} · ${r.status}` }),
+      el("div", { text: r.findings.map((f) => `${f.text} ${fmt(f.score)}`).join(", ") || "–" })))));
+  // Say only what the app guarantees: in a patient launch it asks for this patient's
+  // studies only and checks every result (the EHR need not filter them).
+  const visible = app.mode === "user"
+    ? "Studies of every patient your EHR account may read are included (user-level launch)."
+    : "Only this patient's studies are searched and shown (patient launch).";
+  note.textContent = `${results.length} result(s) ${what}. ${visible}`;
+  list.dataset.query = query;
+}
+
 async function loadSimilar() {
   const text = document.getElementById("similar-text").value.trim();
   const note = document.getElementById("similar-note");
-  const list = document.getElementById("similar-results");
   note.textContent = "Searching…";
   try {
     const { results } = await api(similarQuery(text));
-    list.replaceChildren(...results.map((r) => el("li", { "data-study": r.id,
-      "data-patient": r.patient ? r.patient.id : null, "data-same-patient": String(r.same_patient) },
-      el("img", { src: `/app/api/image/${encodeURIComponent(r.id)}?size=96`, alt: `Thumbnail of study ${r.id}`, width: 96, height: 96, loading: "lazy" }),
-      el("div", {},
-        el("a", { href: `/app/study/${encodeURIComponent(r.id)}` }, `${r.description} (${r.id})`),
-        el("div", { class: "muted", text: `score ${fmt(r.score)}${r.patient ? " · " + r.patient.name : ""}${r.same_patient ? " · same patient" : ""} · ${r.status}` }),
-        el("div", { text: r.findings.map((f) => `${f.text} ${fmt(f.score)}`).join(", ") || "–" })))));
-    // Say only what the app guarantees: in a patient launch it asks for this patient's
-    // studies only and checks every result (the EHR need not filter them).
-    const visible = app.mode === "user"
-      ? "Studies of every patient your EHR account may read are included (user-level launch)."
-      : "Only this patient's studies are searched and shown (patient launch).";
-    note.textContent = `${results.length} result(s) ${text ? `for “${text}”` : "similar to this study"}. ${visible}`;
-    list.dataset.query = text || `study:${viewer.study}`;
+    renderSimilar(results, text ? `for “${text}”` : "similar to this study", text || `study:${viewer.study}`);
   } catch (err) {
     note.textContent = `Similar cases unavailable: ${err.message}`;
   }
+}
+
+// A dropped (or chosen) PNG, JPEG or DICOM: its bytes go to the server, which asks $similar.
+function imageType(file) {
+  if (["image/png", "image/jpeg", "application/dicom"].includes(file.type)) return file.type;
+  const name = file.name.toLowerCase();
+  if (name.endsWith(".dcm") || name.endsWith(".dicom")) return "application/dicom";
+  if (name.endsWith(".png")) return "image/png";
+  if (name.endsWith(".jpg") || name.endsWith(".jpeg")) return "image/jpeg";
+  return file.type || "";
+}
+
+function fileBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+async function postJson(path, body) {
+  const resp = await fetch(path, { method: "POST", credentials: "same-origin",
+    headers: { "Content-Type": "application/json", Accept: "application/json", "X-Cxr-Csrf": app.csrf },
+    body: JSON.stringify(body) });
+  const answer = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new ApiError(resp.status, answer.error || `HTTP ${resp.status}`);
+  return answer;
+}
+
+async function searchByImage(file) {
+  const note = document.getElementById("similar-note");
+  note.textContent = `Searching by ${file.name}…`;
+  const params = { count: document.getElementById("filter-count").value,
+    "exclude-same-patient": document.getElementById("same-patient").checked ? "false" : "true" };
+  const finding = document.getElementById("filter-finding").value;
+  if (finding) params.finding = finding;
+  const view = document.getElementById("filter-view").value;
+  if (view) params["view-position"] = view;
+  try {
+    const body = { image: await fileBase64(file), content_type: imageType(file), params };
+    const { results } = await postJson("/app/api/similar-image", body);
+    renderSimilar(results, `similar to ${file.name}`, `image:${file.name}`);
+  } catch (err) {
+    note.textContent = `Search by image failed: ${err.message}`;
+  }
+}
+
+function wireImageDrop() {
+  const zone = document.getElementById("similar-drop");
+  const input = document.getElementById("similar-image");
+  input.addEventListener("change", () => { if (input.files.length) searchByImage(input.files[0]); });
+  zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault(); zone.classList.remove("over");
+    if (ev.dataTransfer.files.length) searchByImage(ev.dataTransfer.files[0]);
+  });
 }
 
 async function studyPage() {
@@ -355,6 +418,7 @@ async function studyPage() {
   for (const f of FINDINGS) sel.append(el("option", { value: f, text: f.replace("_", " ") }));
   document.getElementById("similar-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadSimilar(); });
   document.getElementById("similar-reset").addEventListener("click", () => { document.getElementById("similar-text").value = ""; loadSimilar(); });
+  wireImageDrop();
   for (const id of ["same-patient", "filter-finding", "filter-view", "filter-count"])
     document.getElementById(id).addEventListener("change", loadSimilar);
   let interval = 3;
