@@ -3,6 +3,8 @@ token (:func:`fhir_service.app_ui.routes.same_origin_with_token`) and the user's
 
     POST /app/api/review/{study_id}   {"review_id", "decisions": [{"observation", "verdict",
                                        "comment"?}]} → one review transaction
+    POST /app/api/upload              {"image" (base64), "content_type", "name"} → ImagingStudy
+                                       + Media for the launch's patient (write scopes)
     POST /app/api/similar-image       {"image" (base64), "content_type", "params"} → $similar
                                        by image (reads only; a POST for the body's size)
 """
@@ -20,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cxr_errors import ImageError, InputError
 from fhir_service.api.limits import parse_json
-from fhir_service.app_ui import image_search, review
+from fhir_service.app_ui import image_search, review, uploads
 from fhir_service.app_ui.routes import UiDep, _api_error, _guard, _json, _session
 from fhir_service.app_ui.routes import same_origin_with_token as csrf_ok
 from fhir_service.fhir.review import MAX_COMMENT_CHARS, ReviewDecision, ReviewError
@@ -114,6 +116,41 @@ async def similar_image(request: Request, ui: UiDep) -> Response:
         except InputError as exc:
             return _api_error(400, str(exc))
         return _json({"results": results})
+
+    result: Response = await _guard(run())
+    return result
+
+
+class UploadIn(BaseModel):
+    image: Annotated[str, Field(min_length=1)]
+    content_type: Annotated[str, Field(max_length=100)]
+    name: Annotated[str, Field(max_length=200)] = "upload"
+
+
+@router.post("/upload")
+async def upload(request: Request, ui: UiDep) -> Response:
+    async def run() -> Response:
+        session = _session(request, ui)
+        if not csrf_ok(request, ui, session):
+            return _api_error(403, "missing or wrong CSRF token")
+        if not review.can_upload(session):
+            return _api_error(
+                403,
+                "this launch may not write studies to the record "
+                "(it needs patient/ImagingStudy.c and patient/Media.c)",
+            )
+        try:
+            body = UploadIn.model_validate(await _body(request))
+            image = _decode(body.image)
+        except (ValidationError, _BadRequest) as exc:
+            return _api_error(400, f"not an upload: {exc}")
+        try:
+            image_search.check_image(ui, image, body.content_type)
+        except ImageError:
+            raise
+        except InputError as exc:
+            return _api_error(400, str(exc))
+        return _json(await uploads.upload(ui, session, image, body.content_type, body.name))
 
     result: Response = await _guard(run())
     return result

@@ -308,3 +308,16 @@ def test_one_finding_decided_twice_is_refused() -> None:
     oid = next(iter(observations))
     with pytest.raises(ReviewError, match="decided twice"):
         build([ReviewDecision(oid, "agree"), ReviewDecision(oid, "disagree")])
+
+
+def test_an_upload_transaction_is_valid_r4() -> None:
+    from fhir_service.fhir.uploads import build_upload_transaction
+
+    bundle = build_upload_transaction(
+        "p1", b"\x89PNG\r\n", "image/png", uploaded=WHEN, title="chest.png"
+    )
+    assert validation_problems(bundle) == []
+    study, media = (e["resource"] for e in bundle["entry"])
+    assert study["subject"] == media["subject"] == {"reference": "Patient/p1"}
+    assert media["partOf"] == [{"reference": bundle["entry"][0]["fullUrl"]}]
+    assert study["status"] == "available"

@@ -141,10 +141,45 @@ function showMode() {
     ? "Recent studies of all patients, most urgent first" : "Studies of the launched patient, most urgent first";
 }
 
+async function uploadImage(file) {
+  const status = document.getElementById("upload-status");
+  const type = imageType(file);
+  if (!["image/png", "image/jpeg", "application/dicom"].includes(type)) {
+    status.textContent = `${file.name} is not a PNG, JPEG or DICOM image.`;
+    return;
+  }
+  status.textContent = `Uploading ${file.name}…`;
+  try {
+    const body = { image: await fileBase64(file), content_type: type, name: file.name };
+    const { study } = await postJson("/app/api/upload", body);
+    status.textContent = `Saved as study ${study}; opening it…`;
+    location.href = `/app/study/${encodeURIComponent(study)}?uploaded=${Date.now()}`;
+  } catch (err) {
+    status.textContent = `Upload failed: ${err.message}`;
+  }
+}
+
+function wireUpload(ctx) {
+  const zone = document.getElementById("upload");
+  document.getElementById("upload-note").hidden = !(ctx.mode === "patient" && !ctx.can_upload);
+  if (ctx.mode !== "patient" || !ctx.can_upload) return;
+  zone.hidden = false;
+  const input = document.getElementById("upload-image");
+  input.addEventListener("change", () => { if (input.files.length) uploadImage(input.files[0]); });
+  zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault(); zone.classList.remove("over");
+    if (ev.dataTransfer.files.length) uploadImage(ev.dataTransfer.files[0]);
+  });
+}
+
 async function worklistPage() {
   let interval = 3;
-  try { interval = (await loadContext()).poll_interval_s; } catch (err) { showError(err); return; }
+  let ctx;
+  try { ctx = await loadContext(); interval = ctx.poll_interval_s; } catch (err) { showError(err); return; }
   showMode();
+  wireUpload(ctx);
   const poll = async () => {
     try { renderWorklist((await api("/app/api/worklist")).studies); showError(null); }
     catch (err) { showError(err); if (err.status === 401) return; }
@@ -277,6 +312,13 @@ async function submitReview(f, verdict, comment, status, buttons) {
   }
 }
 
+function pendingText() {
+  const uploaded = Number(new URLSearchParams(location.search).get("uploaded"));
+  if (!uploaded) return "Analysis pending…";
+  const s = Math.max(0, Math.round((Date.now() - uploaded) / 1000));
+  return `Uploaded to the record; waiting for the AI result (${s} s)… the page updates by itself.`;
+}
+
 function reviewSummary(s) {
   const r = s.review || { reviewed: 0, total: 0 };
   const report = s.report;
@@ -298,7 +340,7 @@ function renderStudy(s) {
   const reportStatus = document.getElementById("report-status");
   reportStatus.textContent = report
     ? reviewSummary(s)
-    : s.status === "failed" ? `Analysis failed: ${s.failure}` : "Analysis pending…";
+    : s.status === "failed" ? `Analysis failed: ${s.failure}` : pendingText();
   reportStatus.dataset.reportStatus = report ? report.status : "";
   document.getElementById("conclusion").textContent = report ? report.conclusion : "";
   const sorted = [...s.findings].sort((a, b) => b.score - a.score);
@@ -386,8 +428,14 @@ async function searchByImage(file) {
   if (finding) params.finding = finding;
   const view = document.getElementById("filter-view").value;
   if (view) params["view-position"] = view;
+  const type = imageType(file);
+  if (!["image/png", "image/jpeg", "application/dicom"].includes(type)) {
+    // The server refuses it too; saying so here spares a round trip.
+    note.textContent = `Search by image failed: ${file.name} is not a PNG, JPEG or DICOM image.`;
+    return;
+  }
   try {
-    const body = { image: await fileBase64(file), content_type: imageType(file), params };
+    const body = { image: await fileBase64(file), content_type: type, params };
     const { results } = await postJson("/app/api/similar-image", body);
     renderSimilar(results, `similar to ${file.name}`, `image:${file.name}`);
   } catch (err) {
