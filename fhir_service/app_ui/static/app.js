@@ -479,15 +479,18 @@ async function studyPage() {
     .then((img) => { viewer.xray = img; draw(); document.getElementById("xray").dataset.loaded = "true"; })
     // The study's own error (e.g. 403, another patient's study) says more than this one.
     .catch((err) => { if (document.getElementById("error").hidden) showError(err); });
+  let similarShown = false;
   const poll = async () => {
     try {
       const s = await api(`/app/api/study/${encodeURIComponent(viewer.study)}`);
       renderStudy(s); showError(null);
-      if (s.status === "pending") setTimeout(poll, interval * 1000);
+      if (s.status === "pending") { setTimeout(poll, interval * 1000); return; }
     } catch (err) { showError(err); }
+    // A pending study (e.g. just uploaded) has no embedding yet: its similar cases come
+    // once the result is there.
+    if (!similarShown) { similarShown = true; loadSimilar(); }
   };
   await poll();
-  loadSimilar();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
