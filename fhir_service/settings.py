@@ -21,15 +21,35 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: The cxr SMART app's client id in the dev EHR's default registry.
 CXR_APP_CLIENT_ID = "cxr-app"
+#: What the cxr app may write (issue 18): uploaded studies (ImagingStudy + Media) and a
+#: radiologist's review (Observation, Provenance, the DiagnosticReport).
+CXR_APP_WRITE_SCOPES = " ".join(
+    f"{context}/{grant}"
+    for context in ("patient", "user")
+    for grant in (
+        "ImagingStudy.c",
+        "Media.c",
+        "Observation.cu",
+        "DiagnosticReport.u",
+        "Provenance.c",
+    )
+)
 #: What the cxr app may be granted: SMART v2 read/search of its six resource types, on the
-#: patient compartment (``patient/``) or, for a user-level launch, across patients (``user/``).
+#: patient compartment (``patient/``) or, for a user-level launch, across patients (``user/``),
+#: and the writes above.
 CXR_APP_SCOPES = (
     "launch launch/patient openid fhirUser profile offline_access online_access "
     "patient/Patient.rs patient/ImagingStudy.rs patient/DiagnosticReport.rs "
-    "patient/Observation.rs patient/Media.rs patient/Task.rs "
+    "patient/Observation.rs patient/Media.rs patient/Task.rs patient/ServiceRequest.rs "
     "user/Patient.rs user/ImagingStudy.rs user/DiagnosticReport.rs "
-    "user/Observation.rs user/Media.rs user/Task.rs"
+    "user/Observation.rs user/Media.rs user/Task.rs user/ServiceRequest.rs "
+    f"{CXR_APP_WRITE_SCOPES}"
 )
+
+
+#: Endpoints whose bodies carry an image (the app's search by image and upload, the dev
+#: EHR's transaction base that an upload goes through): the larger body limit applies.
+_IMAGE_BODY_PATHS = ("/app/api/similar-image", "/app/api/upload", "/app/api/analyze", "/fhir")
 
 
 class DevEhrClient(BaseModel):
@@ -283,7 +303,7 @@ class Settings(BaseSettings):
 
     def request_limit(self, path: str) -> int:
         """The body limit of a request to ``path`` (see :mod:`fhir_service.api.limits`)."""
-        if path.endswith("/$similar"):
+        if path.endswith(("/$similar", "/$analyze")) or path in _IMAGE_BODY_PATHS:
             return self.max_similar_request_bytes
         return self.max_request_bytes
 

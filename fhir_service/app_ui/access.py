@@ -33,6 +33,7 @@ PATIENT_ELEMENT: dict[str, str] = {
     "Observation": "subject",
     "Media": "subject",
     "Task": "for",
+    "ServiceRequest": "subject",
 }
 PATIENT_SEARCH_PARAM = "patient"
 #: ``Patient/{id}``, ``{base}/Patient/{id}``, either with ``/_history/{v}``; nothing else.

@@ -31,6 +31,8 @@ _THRESHOLD = TERMINOLOGY.concept("component_threshold")
 #: DiagnosticReport statuses that still stand (a superseded report is ``cancelled``).
 LIVE_REPORT_STATUSES = ("preliminary", "final", "amended", "corrected", "partial", "registered")
 _LIVE_REPORT = LIVE_REPORT_STATUSES
+#: A report a radiologist has signed off (every finding reviewed).
+REVIEWED_REPORT_STATUSES = ("final", "amended", "corrected")
 
 
 def entries(bundle: Mapping[str, Any]) -> list[Resource]:
@@ -90,6 +92,8 @@ def finding_of(obs: Mapping[str, Any]) -> dict[str, Any] | None:
         "threshold": threshold,
         "positive": threshold is not None and probability >= float(threshold),
         "observation": obs.get("id"),
+        # preliminary (AI only), final (a radiologist agreed), amended (one disagreed)
+        "status": obs.get("status"),
     }
 
 
@@ -191,6 +195,9 @@ def worklist(
                     report, [observations[o] for f in findings if (o := f["observation"])]
                 ),
                 report_status=report.get("status"),
+                # A radiologist reviewed every finding (FHIR_PROFILE.md, "A radiologist's
+                # review"); "preliminary" is AI output nobody has verified yet.
+                reviewed=report.get("status") in REVIEWED_REPORT_STATUSES,
             )
             rows.append(((0, tuple(-k for k in key)), row))
         elif sid in failed:

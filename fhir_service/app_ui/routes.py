@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from cxr_errors import CxrError, FhirError, ForbiddenError, ImageError, NotFoundError
-from fhir_service.app_ui import clinical, images, smart
+from fhir_service.app_ui import clinical, images, review, smart
 from fhir_service.app_ui.service import AppUi, NotSignedIn
 from fhir_service.app_ui.session import COOKIE, AppSession, Pending
 
@@ -302,6 +302,9 @@ async def context(request: Request, ui: UiDep) -> Response:
             "iss": session.iss,
             "poll_interval_s": ui.settings.app_poll_interval_s,
             "csrf": session.csrf,
+            "can_review": review.can_review(session),
+            "can_upload": review.can_upload(session),
+            "reviewer": review.reviewer(session),
         }
         if mode == "patient" and tokens.patient is not None:
             patient = await ui.read(session, "Patient", tokens.patient)
@@ -329,7 +332,8 @@ async def worklist(request: Request, ui: UiDep) -> Response:
 @router.get("/api/study/{study_id}")
 async def study(request: Request, ui: UiDep, study_id: str) -> Response:
     async def run() -> Response:
-        return _json(await ui.study(_session(request, ui), study_id))
+        session = _session(request, ui)
+        return _json(await review.decorate_study(ui, session, await ui.study(session, study_id)))
 
     result: Response = await _guard(run())
     return result

@@ -32,6 +32,7 @@ from cxr_errors import FhirError, ImageError, NotFoundError
 from fhir_service.app_ui import clinical, smart
 from fhir_service.app_ui.access import PATIENT_SEARCH_PARAM, LaunchAccess
 from fhir_service.app_ui.heatmaps import HeatmapRenderer
+from fhir_service.app_ui.priority import fetch_priorities, with_priority
 from fhir_service.app_ui.session import AppSession, SessionStore, Tokens
 from fhir_service.issuers import issuer_allowed
 from fhir_service.runtime import LazyModels
@@ -303,9 +304,21 @@ class AppUi:
             )
             rows = clinical.worklist(studies, reports, observations, tasks)
             subjects = clinical.study_patients(studies, patients)
-            return [{**row, "patient": subjects.get(str(row["id"]))} for row in rows]
+            rows = [{**row, "patient": subjects.get(str(row["id"]))} for row in rows]
+            return with_priority(rows, await self.priorities(session, studies))
         studies, reports, observations, tasks = await self.patient_data(session)
-        return clinical.worklist(studies, reports, observations, tasks)
+        rows = clinical.worklist(studies, reports, observations, tasks)
+        return with_priority(rows, await self.priorities(session, studies))
+
+    async def priorities(
+        self, session: AppSession, studies: list[dict[str, Any]]
+    ) -> dict[str, tuple[str, str]]:
+        """Study id → (clinical priority, its order) (:mod:`fhir_service.app_ui.priority`)."""
+
+        async def search(rtype: str, params: dict[str, str]) -> list[dict[str, Any]]:
+            return await self.search(session, rtype, params)
+
+        return await fetch_priorities(search, studies, by_patient=self.mode(session) == "patient")
 
     async def study(self, session: AppSession, study_id: str) -> dict[str, Any]:
         # R4 has no DiagnosticReport search by ImagingStudy: read the reports covering the
@@ -341,6 +354,9 @@ class AppUi:
                 "status": report.get("status"),
                 "conclusion": report.get("conclusion"),
                 "issued": report.get("issued"),
+                "interpreters": [
+                    str(i.get("reference")) for i in report.get("resultsInterpreter", [])
+                ],
             },
             "untrained": clinical.is_untrained(
                 report, [observations[str(f["observation"])] for f in findings]

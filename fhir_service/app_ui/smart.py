@@ -38,13 +38,34 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from cxr_errors import FhirError
 
 #: The resource types the app reads (SMART v2 read + search on each).
-RESOURCE_TYPES = ("ImagingStudy", "DiagnosticReport", "Observation", "Media", "Patient", "Task")
+RESOURCE_TYPES = (
+    "ImagingStudy",
+    "DiagnosticReport",
+    "Observation",
+    "Media",
+    "Patient",
+    "Task",
+    # The order a study is based on: its clinical priority leads the worklist.
+    "ServiceRequest",
+)
 #: One patient's compartment.
 RESOURCE_SCOPES = " ".join(f"patient/{t}.rs" for t in RESOURCE_TYPES)
 #: Across patients, for the signed-in user (a user-level launch: the worklist of everyone).
 USER_RESOURCE_SCOPES = " ".join(f"user/{t}.rs" for t in RESOURCE_TYPES)
-EHR_SCOPES = f"launch openid fhirUser online_access {RESOURCE_SCOPES} {USER_RESOURCE_SCOPES}"
-STANDALONE_SCOPES = f"launch/patient openid fhirUser online_access {RESOURCE_SCOPES}"
+#: What the app writes, when the EHR grants it (issue 18): an uploaded study, and a
+#: radiologist's review. A launch without them reads only ($analyze instead of an upload,
+#: no review buttons).
+WRITES = ("ImagingStudy.c", "Media.c", "Observation.cu", "DiagnosticReport.u", "Provenance.c")
+#: Writes a review needs, and writes an upload needs.
+REVIEW_WRITES = {"Observation": "cu", "DiagnosticReport": "u", "Provenance": "c"}
+UPLOAD_WRITES = {"ImagingStudy": "c", "Media": "c"}
+WRITE_SCOPES = " ".join(f"patient/{w}" for w in WRITES)
+USER_WRITE_SCOPES = " ".join(f"user/{w}" for w in WRITES)
+EHR_SCOPES = (
+    f"launch openid fhirUser online_access {RESOURCE_SCOPES} {USER_RESOURCE_SCOPES} "
+    f"{WRITE_SCOPES} {USER_WRITE_SCOPES}"
+)
+STANDALONE_SCOPES = f"launch/patient openid fhirUser online_access {RESOURCE_SCOPES} {WRITE_SCOPES}"
 #: Refresh this long before the access token expires, so a request never races expiry.
 REFRESH_MARGIN_S = 30.0
 
@@ -52,7 +73,11 @@ REFRESH_MARGIN_S = 30.0
 #: ``patient``: the launch's patient and their studies; ``user``: all recent studies.
 Mode = Literal["patient", "user"]
 _USER_SCOPE = re.compile(r"user/(?P<type>[A-Z][A-Za-z]+|\*)\.(?P<perms>read|\*|c?r?u?d?s?)")
+_SCOPE = re.compile(
+    r"(?P<context>patient|user)/(?P<type>[A-Z][A-Za-z]+|\*)\.(?P<perms>read|write|\*|c?r?u?d?s?)"
+)
 _V1_PERMISSIONS = {"read": "rs", "*": "cruds"}
+_V1_ANY = {"read": "rs", "write": "cud", "*": "cruds"}
 
 
 class LaunchError(FhirError):
@@ -80,6 +105,22 @@ def user_permissions(granted: str, resource_type: str) -> frozenset[str]:
         if m and m.group("type") in ("*", resource_type):
             perms |= set(_V1_PERMISSIONS.get(m.group("perms"), m.group("perms")))
     return frozenset(perms)
+
+
+def permissions(granted: str, resource_type: str, context: str) -> frozenset[str]:
+    """What the ``{context}/`` scopes in ``granted`` allow on ``resource_type`` (letters of
+    ``cruds``); granular scopes (``?query``) are ignored."""
+    perms: set[str] = set()
+    for scope in granted.split():
+        m = _SCOPE.fullmatch(scope)
+        if m and m.group("context") == context and m.group("type") in ("*", resource_type):
+            perms |= set(_V1_ANY.get(m.group("perms"), m.group("perms")))
+    return frozenset(perms)
+
+
+def may_write(granted: str, context: str, needed: Mapping[str, str]) -> bool:
+    """Whether ``granted`` allows every write in ``needed`` (type → letters) in ``context``."""
+    return all(set(p) <= permissions(granted, t, context) for t, p in needed.items())
 
 
 def launch_mode(token: Mapping[str, Any]) -> Mode:

@@ -174,8 +174,17 @@ def _read_labels(labels: Path, images: Path) -> tuple[list[Path], np.ndarray]:
 
 
 def calibrate(
-    labels: Path = typer.Option(..., "--labels", help="CSV with columns file, finding_labels."),
-    images: Path = typer.Option(..., "--images", help="Directory holding the listed images."),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="CSV with columns file, finding_labels."
+    ),
+    images: Path | None = typer.Option(
+        None, "--images", help="Directory holding the listed images."
+    ),
+    from_feedback: bool = typer.Option(
+        False,
+        "--from-feedback",
+        help="Refit thresholds from radiologists' agree/disagree reviews in FHIR instead.",
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="Calibration file; default the one `cxr infer` picks up."
     ),
@@ -187,12 +196,28 @@ def calibrate(
     min_positives: int = typer.Option(10, "--min-positives", min=1, help="Else uncalibrated."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split."),
 ) -> None:
-    """Fit per-finding temperature + bias and thresholds; ECE/Brier before/after on held-out."""
+    """Fit per-finding temperature + bias and thresholds; ECE/Brier before/after on held-out.
+
+    With --from-feedback: refit each finding's threshold from the radiologists' decisions in
+    FHIR (at least --min-positives positive and negative ones per finding)."""
     import torch
 
     from models.calibration import fit_calibration
 
     settings = Settings()
+    if from_feedback:
+        from fhir_service.cli.feedback import calibrate_from_feedback
+
+        with cli_errors():
+            calibrate_from_feedback(
+                settings,
+                out=out,
+                min_decisions=min_positives,
+                target_sensitivity=None if youden else target_sensitivity,
+            )
+        return
+    if labels is None or images is None:
+        raise typer.BadParameter("give --labels and --images, or --from-feedback")
     with cli_errors():
         paths, y = _read_labels(labels, images)
         classifier = build_classifier(settings, tta=False, calibrated=False)

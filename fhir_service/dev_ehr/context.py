@@ -45,6 +45,8 @@ class DevEhr:
     upstream: httpx.AsyncClient
     clock: Callable[[], float] = time.time
     clients: dict[str, DevEhrClient] = field(default_factory=dict)
+    #: The signed-in user's Practitioner exists in HAPI (see writes.ensure_user).
+    user_ensured: bool = False
 
     @property
     def issuer(self) -> str:

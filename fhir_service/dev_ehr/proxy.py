@@ -14,7 +14,9 @@ access token.
   type); bundles lose only entries of types not granted, so ``$similar`` answers whole. A
   chained search parameter must name each link's target type (``subject:Patient.name``),
   and the token must be granted search on it: a chain reads the type it passes through.
-- Reads and searches only: every write is refused (403), since only ``.rs`` is granted.
+- Writes: a transaction Bundle ``POST``ed at the base, each entry judged against the token's
+  ``c``/``u`` scopes and, for a patient token, its patient (:mod:`fhir_service.dev_ehr.writes`);
+  every other write (a plain POST/PUT/PATCH/DELETE of a resource) is refused (403).
   ``ImagingStudy/$similar`` and ``ImagingStudy/{id}/$similar`` are allowed, GET or POST, as
   they do not change state; the token goes along to HAPI (whose forwarder passes it to the
   cxr service, which checks it again and keeps a patient token to its patient).
@@ -45,7 +47,7 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from fhir_service.dev_ehr import scopes
+from fhir_service.dev_ehr import scopes, writes
 from fhir_service.dev_ehr.context import FHIR_JSON, DevEhr, EhrDep, is_fhir_id
 from fhir_service.dev_ehr.oauth import AUTHORIZE_PATH, TOKEN_PATH
 from fhir_service.dev_ehr.tokens import AccessClaims, InvalidTokenError
@@ -64,6 +66,7 @@ COMPARTMENT: dict[str, tuple[str, tuple[str, ...]]] = {
     "Observation": ("subject", ("patient", "subject")),
     "Media": ("subject", ("patient", "subject")),
     "Task": ("for", ("patient", "subject")),
+    "ServiceRequest": ("subject", ("patient", "subject")),
 }
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]+")
 # Parameters that make HAPI answer in another format or reach across compartments.
@@ -377,6 +380,30 @@ async def _similar(
     return _fhir(filter_bundle(body, access) if status == 200 else body, status)
 
 
+async def _transaction(ehr: DevEhr, up: Upstream, access: Access, request: Request) -> Response:
+    try:
+        bundle = writes.parse_transaction(await request.body())
+
+        async def read(path: str) -> tuple[int, dict[str, Any]]:
+            return await up.call("GET", path, [])
+
+        await writes.check_transaction(
+            read, access, bundle, compartment=COMPARTMENT, belongs=belongs
+        )
+    except writes.WriteDenied as exc:
+        if exc.status == 403:
+            raise Denied(403, exc.message) from exc
+        return _fhir(operation_outcome(exc.message, code="invalid"), exc.status)
+    await writes.ensure_user(ehr)
+    status, body = await up.call(
+        "POST", "", [], body=json.dumps(bundle).encode(), content_type=FHIR_JSON
+    )
+    log.info(
+        "transaction by %s: %d entries, HAPI answered %d", access, len(bundle["entry"]), status
+    )
+    return _fhir(body, status)
+
+
 async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str) -> Response:
     access = Access(claims, compartment=ehr.settings.dev_ehr_proxy_filter)
     if claims.patient is None and not scopes.scopes_in(claims.scopes, "user"):
@@ -386,6 +413,8 @@ async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str)
     segments = [s for s in path.split("/") if s]
     params = list(request.query_params.multi_items())
 
+    if not segments and method == "POST":
+        return await _transaction(ehr, up, access, request)
     if not segments:
         # Only HAPI's paging links live at the base; their entries are filtered like a search.
         if method == "GET" and any(k == "_getpages" for k, _ in params):
@@ -403,7 +432,7 @@ async def _proxy(ehr: DevEhr, request: Request, claims: AccessClaims, path: str)
         return await _similar(up, access, request, segments, params)
 
     if method != "GET":
-        raise Denied(403, "the dev EHR grants read/search scopes only; writes are refused")
+        raise Denied(403, "writes go through the dev EHR as one transaction Bundle at the base")
     if claims.patient is not None and rtype != "Patient" and rtype not in COMPARTMENT:
         raise Denied(403, f"{rtype} is not in the patient compartment this dev EHR serves")
 

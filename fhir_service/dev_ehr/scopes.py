@@ -8,9 +8,9 @@ launch context:
   for one: ``launch/patient`` or ``patient/`` scopes → the patient picker): ``patient/``
   resource scopes only, as the client may have them;
 - **user context** (an EHR launch with no patient, i.e. the clinician's worklist, or a
-  standalone launch asking for no patient): ``user/`` resource scopes only, and only read
-  and search (``r``/``s``, v1 ``read``) — the proxy serves nothing else; ``launch/patient``
-  is not granted, as there is no patient to give.
+  standalone launch asking for no patient): ``user/`` resource scopes only, and only read,
+  search, create and update (``crus``; v1 ``read``) — the proxy serves no deletes;
+  ``launch/patient`` is not granted, as there is no patient to give.
 
 ``system/`` scopes are never granted (there is no backend-services flow), nor granular
 scopes with a query part (``patient/Observation.rs?category=…``), since the proxy would have
@@ -31,8 +31,9 @@ _RESOURCE_SCOPE = re.compile(
     r"(?P<context>patient|user|system)/(?P<type>[A-Z][A-Za-z]+|\*)"
     r"\.(?P<perms>read|write|\*|c?r?u?d?s?)(?P<query>\?.*)?"
 )
-#: What a ``user/`` scope may carry here: the proxy serves reads and searches only.
-_USER_PERMISSIONS = frozenset("rs")
+#: What a ``user/`` scope may carry here: reads, searches, and the creates and updates the
+#: proxy checks in a transaction (never deletes).
+_USER_PERMISSIONS = frozenset("crus")
 
 
 @dataclass(frozen=True)

@@ -190,6 +190,7 @@ def test_finding_of_reads_what_the_worker_writes() -> None:
         "threshold": 0.5,
         "positive": True,
         "observation": by_label["Pneumothorax"]["id"],
+        "status": "preliminary",
     }
     cardio = clinical.finding_of(by_label["Cardiomegaly"])
     assert cardio is not None

@@ -64,6 +64,7 @@ def test_every_search_of_a_patient_launch_names_the_launch_patient(h: Harness) -
         "/fhir/ImagingStudy",
         "/fhir/DiagnosticReport",
         "/fhir/Task",
+        "/fhir/ServiceRequest",
     }
     assert [r.url.params.get("patient") for r in searched] == ["p1"] * len(searched)
 

@@ -110,7 +110,12 @@ def test_the_ehr_launch_scopes_give_each_mode_through_the_dev_ehr() -> None:
     as_user = scopes.grant(smart.EHR_SCOPES, CXR_APP_SCOPES, ehr_launch=True, context="user")
     assert smart.launch_mode({"patient": "p1", "scope": " ".join(as_patient)}) == "patient"
     assert smart.launch_mode({"scope": " ".join(as_user)}) == "user"
-    assert sorted(s for s in as_user if "/" in s) == sorted(smart.USER_RESOURCE_SCOPES.split())
+    assert sorted(s for s in as_user if "/" in s) == sorted(
+        [*smart.USER_RESOURCE_SCOPES.split(), *smart.USER_WRITE_SCOPES.split()]
+    )
+    assert sorted(s for s in as_patient if "/" in s) == sorted(
+        [*smart.RESOURCE_SCOPES.split(), *smart.WRITE_SCOPES.split()]
+    )
 
 
 def _jwt(claims: Mapping[str, Any]) -> str:
@@ -257,7 +262,10 @@ class FakeEhr:
         elif rtype == "Task":
             if "focus" in q:
                 found = [t for t in found if t["focus"]["reference"] in q["focus"].split(",")]
-            found = [t for t in found if t["status"] == q["status"]]
+            if "status" in q:
+                found = [t for t in found if t["status"] == q["status"]]
+            if "priority" in q:
+                found = [t for t in found if t.get("priority") in q["priority"].split(",")]
         elif rtype == "Patient":
             found = [p for p in found if p["id"] in q["_id"].split(",")]
         elif rtype == "Media":
@@ -341,9 +349,12 @@ def test_user_worklist_reads_a_fixed_number_of_bounded_searches(h: Harness) -> N
         f"ImagingStudy/{s}" for s in ids
     }
     assert "cancelled" not in reports["status"].split(",")
-    (tasks,) = h.ehr.searched("Task")
-    assert set(tasks["focus"].split(",")) == {f"ImagingStudy/{s}" for s in ids}
-    assert len(h.ehr.requests) == 3
+    failed, ordered = h.ehr.searched("Task")  # failed analyses; orders with a priority
+    for tasks in (failed, ordered):
+        assert set(tasks["focus"].split(",")) == {f"ImagingStudy/{s}" for s in ids}
+    assert ordered["priority"] == "stat,asap,urgent,routine"
+    # No study is basedOn a ServiceRequest here, so none is read.
+    assert len(h.ehr.requests) == 4
     assert not [r for r in h.ehr.requests if "patient" in r.url.params]
 
 

@@ -63,7 +63,14 @@ EXPECTED_CONCEPTS = {
     "interpretation_negative": (
         "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation|NEG"
     ),
+    "interpretation_indeterminate": (
+        "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation|IND"
+    ),
     "provenance_activity_create": "http://terminology.hl7.org/CodeSystem/v3-DataOperation|CREATE",
+    "provenance_activity_update": "http://terminology.hl7.org/CodeSystem/v3-DataOperation|UPDATE",
+    "provenance_agent_verifier": (
+        "http://terminology.hl7.org/CodeSystem/provenance-participant-type|verifier"
+    ),
     "provenance_agent_author": (
         "http://terminology.hl7.org/CodeSystem/provenance-participant-type|author"
     ),

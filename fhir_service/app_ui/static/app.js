@@ -91,7 +91,12 @@ async function loadContext() {
 // --- worklist -----------------------------------------------------------------------------
 
 function statusBadge(row) {
-  return el("span", { class: `badge status-${row.status}`, title: row.reason || null, text: row.status });
+  const badge = el("span", { class: `badge status-${row.status}`, title: row.reason || null, text: row.status });
+  if (row.status !== "done") return badge;
+  const review = row.reviewed
+    ? el("span", { class: "badge reviewed", "data-reviewed": "true", text: `reviewed (${row.report_status})` })
+    : el("span", { class: "badge unreviewed", "data-reviewed": "false", text: "AI only, unreviewed" });
+  return el("span", {}, badge, " ", review);
 }
 
 function renderWorklist(rows) {
@@ -102,18 +107,23 @@ function renderWorklist(rows) {
       `${f.text} ${fmt(f.score)}${f.positive ? " ▲" : ""}`).join(", ");
     const patient = row.patient || null;
     return el("tr", { "data-study": row.id, "data-status": row.status, "data-patient": patient ? patient.id : null,
+      "data-priority": row.priority || null,
+      "data-reviewed": row.status === "done" ? String(Boolean(row.reviewed)) : null,
       class: row.pneumothorax_positive ? "critical" : null },
       el("td", { text: String(i + 1) }),
       user ? el("td", { class: "patient-cell", text: patient ? patient.name : "–" }) : null,
       el("td", {}, el("a", { href: `/app/study/${encodeURIComponent(row.id)}` }, `${row.description} (${row.id})`)),
+      el("td", { class: `priority priority-${row.priority || "routine"}`, title: row.priority_source || "no order priority",
+        text: (row.priority || "routine").toUpperCase() }),
       el("td", {}, statusBadge(row)),
       el("td", { class: "num", text: row.status !== "done" ? "–"
         : `${fmt(row.urgency)}${row.pneumothorax_positive ? " · pneumothorax ▲" : ""}` }),
       el("td", { text: findings || (row.status === "failed" ? row.reason : "–") }),
-      el("td", { "data-posted": row.posted || "", text: since(row.posted) }));
+      el("td", { "data-posted": row.posted || "", text: since(row.posted) }),
+      el("td", { class: "why muted", text: row.why || "" }));
   });
   body.replaceChildren(...trs);
-  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: user ? 7 : 6, text: user ? "No recent studies." : "No studies for this patient." })));
+  if (!rows.length) body.append(el("tr", {}, el("td", { colspan: user ? 9 : 8, text: user ? "No recent studies." : "No studies for this patient." })));
   setBanner(rows.some((r) => r.untrained));
   const table = document.getElementById("worklist");
   table.dataset.rendered = String(rows.length);
@@ -131,10 +141,45 @@ function showMode() {
     ? "Recent studies of all patients, most urgent first" : "Studies of the launched patient, most urgent first";
 }
 
+async function uploadImage(file) {
+  const status = document.getElementById("upload-status");
+  const type = imageType(file);
+  if (!["image/png", "image/jpeg", "application/dicom"].includes(type)) {
+    status.textContent = `${file.name} is not a PNG, JPEG or DICOM image.`;
+    return;
+  }
+  status.textContent = `Uploading ${file.name}…`;
+  try {
+    const body = { image: await fileBase64(file), content_type: type, name: file.name };
+    const { study } = await postJson("/app/api/upload", body);
+    status.textContent = `Saved as study ${study}; opening it…`;
+    location.href = `/app/study/${encodeURIComponent(study)}?uploaded=${Date.now()}`;
+  } catch (err) {
+    status.textContent = `Upload failed: ${err.message}`;
+  }
+}
+
+function wireUpload(ctx) {
+  const zone = document.getElementById("upload");
+  document.getElementById("upload-note").hidden = !(ctx.mode === "patient" && !ctx.can_upload);
+  if (ctx.mode !== "patient" || !ctx.can_upload) return;
+  zone.hidden = false;
+  const input = document.getElementById("upload-image");
+  input.addEventListener("change", () => { if (input.files.length) uploadImage(input.files[0]); });
+  zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault(); zone.classList.remove("over");
+    if (ev.dataTransfer.files.length) uploadImage(ev.dataTransfer.files[0]);
+  });
+}
+
 async function worklistPage() {
   let interval = 3;
-  try { interval = (await loadContext()).poll_interval_s; } catch (err) { showError(err); return; }
+  let ctx;
+  try { ctx = await loadContext(); interval = ctx.poll_interval_s; } catch (err) { showError(err); return; }
   showMode();
+  wireUpload(ctx);
   const poll = async () => {
     try { renderWorklist((await api("/app/api/worklist")).studies); showError(null); }
     catch (err) { showError(err); if (err.status === 401) return; }
@@ -210,7 +255,78 @@ function findingItem(f) {
     el("span", { class: "fval", text: `${fmt(f.score)}${f.band_kind ? ` [${fmt(f.band_low)}–${fmt(f.band_high)}]` : ""} thr ${fmtThreshold(f.threshold)}`, title: f.band_kind ? `${f.score_kind}; ${f.band_kind}` : f.score_kind }),
     bar);
   button.addEventListener("click", () => showHeatmap(f.finding, button));
-  return el("li", {}, button);
+  return el("li", { "data-finding": f.finding, "data-observation": f.observation,
+    "data-status": f.status || "", "data-reviews": String((f.reviews || []).length) },
+  button, reviewBox(f));
+}
+
+// --- review: agree / disagree / uncertain on each finding -----------------------------------
+
+const VERDICT_TEXT = { agree: "agreed", disagree: "disagreed", uncertain: "uncertain" };
+
+function reviewBox(f) {
+  const reviews = f.reviews || [];
+  const done = reviews.map((r) =>
+    el("li", { class: `review-${r.verdict}`, "data-verdict": r.verdict },
+      `${r.reviewer.replace("Practitioner/", "")} ${VERDICT_TEXT[r.verdict]}${r.comment ? ": " + r.comment : ""}`));
+  const box = el("div", { class: "review" },
+    done.length ? el("ul", { class: "reviews", "aria-label": `Reviews of ${f.text}` }, ...done) : null);
+  if (!viewer.canReview) return box;
+  const label = `Comment on ${f.text} (optional)`;
+  const comment = el("input", { type: "text", class: "review-comment", "aria-label": label, maxlength: 2000,
+    placeholder: "comment (optional)" });
+  const status = el("span", { class: "review-status muted", "aria-live": "polite" });
+  const buttons = ["agree", "disagree", "uncertain"].map((verdict) =>
+    el("button", { type: "button", class: `verdict verdict-${verdict}`, "data-verdict": verdict,
+      "aria-label": `${verdict[0].toUpperCase() + verdict.slice(1)} with ${f.text}`,
+      onclick: () => submitReview(f, verdict, comment, status, buttons) },
+    verdict[0].toUpperCase() + verdict.slice(1)));
+  box.append(el("div", { class: "review-actions" }, ...buttons, comment, status));
+  return box;
+}
+
+function reviewId() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function submitReview(f, verdict, comment, status, buttons) {
+  buttons.forEach((b) => { b.disabled = true; });
+  status.textContent = "Saving…";
+  // One id per submission: resending it (a retry) records nothing twice.
+  const body = { review_id: reviewId(), decisions: [{ observation: f.observation, verdict, comment: comment.value.trim() || null }] };
+  try {
+    const resp = await fetch(`/app/api/review/${encodeURIComponent(viewer.study)}`, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-Cxr-Csrf": app.csrf },
+      body: JSON.stringify(body) });
+    const answer = await resp.json().catch(() => ({}));
+    if (!resp.ok) throw new ApiError(resp.status, answer.error || `HTTP ${resp.status}`);
+    status.textContent = `Saved (${Math.round(answer.transaction_ms)} ms).`;
+    document.getElementById("findings").dataset.lastReviewMs = String(answer.transaction_ms);
+    renderStudy(await api(`/app/api/study/${encodeURIComponent(viewer.study)}`));
+  } catch (err) {
+    status.textContent = `Not saved: ${err.message}`;
+    buttons.forEach((b) => { b.disabled = false; });
+  }
+}
+
+function pendingText() {
+  const uploaded = Number(new URLSearchParams(location.search).get("uploaded"));
+  if (!uploaded) return "Analysis pending…";
+  const s = Math.max(0, Math.round((Date.now() - uploaded) / 1000));
+  return `Uploaded to the record; waiting for the AI result (${s} s)… the page updates by itself.`;
+}
+
+function reviewSummary(s) {
+  const r = s.review || { reviewed: 0, total: 0 };
+  const report = s.report;
+  if (!report) return "";
+  const by = (report.interpreters || []).map((p) => p.replace("Practitioner/", "")).join(", ");
+  if (["final", "amended", "corrected"].includes(report.status))
+    return `Report ${report.status}: reviewed by ${by || "a radiologist"} (${r.reviewed}/${r.total} findings).`;
+  return `AI-generated report, status ${report.status} (not reviewed by a radiologist; ${r.reviewed}/${r.total} findings reviewed).`;
 }
 
 function renderStudy(s) {
@@ -220,9 +336,12 @@ function renderStudy(s) {
     `${s.patient ? s.patient.name + " · " : ""}${s.modality || "X-ray"} · posted ${since(s.posted)} · status ${s.status}`;
   setBanner(s.untrained);
   const report = s.report;
-  document.getElementById("report-status").textContent = report
-    ? `AI-generated report, status ${report.status} (not reviewed by a radiologist).`
-    : s.status === "failed" ? `Analysis failed: ${s.failure}` : "Analysis pending…";
+  viewer.canReview = Boolean(s.review && s.review.can_review);
+  const reportStatus = document.getElementById("report-status");
+  reportStatus.textContent = report
+    ? reviewSummary(s)
+    : s.status === "failed" ? `Analysis failed: ${s.failure}` : pendingText();
+  reportStatus.dataset.reportStatus = report ? report.status : "";
   document.getElementById("conclusion").textContent = report ? report.conclusion : "";
   const sorted = [...s.findings].sort((a, b) => b.score - a.score);
   document.getElementById("findings").replaceChildren(...sorted.map(findingItem));
@@ -241,30 +360,99 @@ function similarQuery(text) {
   return `/app/api/similar?${q}`;
 }
 
+function renderSimilar(results, what, query) {
+  const note = document.getElementById("similar-note");
+  const list = document.getElementById("similar-results");
+  list.replaceChildren(...results.map((r) => el("li", { "data-study": r.id,
+    "data-patient": r.patient ? r.patient.id : null, "data-same-patient": String(r.same_patient) },
+    el("img", { src: `/app/api/image/${encodeURIComponent(r.id)}?size=96`, alt: `Thumbnail of study ${r.id}`, width: 96, height: 96, loading: "lazy" }),
+    el("div", {},
+      el("a", { href: `/app/study/${encodeURIComponent(r.id)}` }, `${r.description} (${r.id})`),
+      el("div", { class: "muted", text: `score ${fmt(r.score)}${r.patient ? " · " + r.patient.name : ""}${r.same_patient ? " · same patient" : ""} · ${r.status}` }),
+      el("div", { text: r.findings.map((f) => `${f.text} ${fmt(f.score)}`).join(", ") || "–" })))));
+  // Say only what the app guarantees: in a patient launch it asks for this patient's
+  // studies only and checks every result (the EHR need not filter them).
+  const visible = app.mode === "user"
+    ? "Studies of every patient your EHR account may read are included (user-level launch)."
+    : "Only this patient's studies are searched and shown (patient launch).";
+  note.textContent = `${results.length} result(s) ${what}. ${visible}`;
+  list.dataset.query = query;
+}
+
 async function loadSimilar() {
   const text = document.getElementById("similar-text").value.trim();
   const note = document.getElementById("similar-note");
-  const list = document.getElementById("similar-results");
   note.textContent = "Searching…";
   try {
     const { results } = await api(similarQuery(text));
-    list.replaceChildren(...results.map((r) => el("li", { "data-study": r.id,
-      "data-patient": r.patient ? r.patient.id : null, "data-same-patient": String(r.same_patient) },
-      el("img", { src: `/app/api/image/${encodeURIComponent(r.id)}?size=96`, alt: `Thumbnail of study ${r.id}`, width: 96, height: 96, loading: "lazy" }),
-      el("div", {},
-        el("a", { href: `/app/study/${encodeURIComponent(r.id)}` }, `${r.description} (${r.id})`),
-        el("div", { class: "muted", text: `score ${fmt(r.score)}${r.patient ? " · " + r.patient.name : ""}${r.same_patient ? " · same patient" : ""} · ${r.status}` }),
-        el("div", { text: r.findings.map((f) => `${f.text} ${fmt(f.score)}`).join(", ") || "–" })))));
-    // Say only what the app guarantees: in a patient launch it asks for this patient's
-    // studies only and checks every result (the EHR need not filter them).
-    const visible = app.mode === "user"
-      ? "Studies of every patient your EHR account may read are included (user-level launch)."
-      : "Only this patient's studies are searched and shown (patient launch).";
-    note.textContent = `${results.length} result(s) ${text ? `for “${text}”` : "similar to this study"}. ${visible}`;
-    list.dataset.query = text || `study:${viewer.study}`;
+    renderSimilar(results, text ? `for “${text}”` : "similar to this study", text || `study:${viewer.study}`);
   } catch (err) {
     note.textContent = `Similar cases unavailable: ${err.message}`;
   }
+}
+
+// A dropped (or chosen) PNG, JPEG or DICOM: its bytes go to the server, which asks $similar.
+function imageType(file) {
+  if (["image/png", "image/jpeg", "application/dicom"].includes(file.type)) return file.type;
+  const name = file.name.toLowerCase();
+  if (name.endsWith(".dcm") || name.endsWith(".dicom")) return "application/dicom";
+  if (name.endsWith(".png")) return "image/png";
+  if (name.endsWith(".jpg") || name.endsWith(".jpeg")) return "image/jpeg";
+  return file.type || "";
+}
+
+function fileBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+async function postJson(path, body) {
+  const resp = await fetch(path, { method: "POST", credentials: "same-origin",
+    headers: { "Content-Type": "application/json", Accept: "application/json", "X-Cxr-Csrf": app.csrf },
+    body: JSON.stringify(body) });
+  const answer = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new ApiError(resp.status, answer.error || `HTTP ${resp.status}`);
+  return answer;
+}
+
+async function searchByImage(file) {
+  const note = document.getElementById("similar-note");
+  note.textContent = `Searching by ${file.name}…`;
+  const params = { count: document.getElementById("filter-count").value,
+    "exclude-same-patient": document.getElementById("same-patient").checked ? "false" : "true" };
+  const finding = document.getElementById("filter-finding").value;
+  if (finding) params.finding = finding;
+  const view = document.getElementById("filter-view").value;
+  if (view) params["view-position"] = view;
+  const type = imageType(file);
+  if (!["image/png", "image/jpeg", "application/dicom"].includes(type)) {
+    // The server refuses it too; saying so here spares a round trip.
+    note.textContent = `Search by image failed: ${file.name} is not a PNG, JPEG or DICOM image.`;
+    return;
+  }
+  try {
+    const body = { image: await fileBase64(file), content_type: type, params };
+    const { results } = await postJson("/app/api/similar-image", body);
+    renderSimilar(results, `similar to ${file.name}`, `image:${file.name}`);
+  } catch (err) {
+    note.textContent = `Search by image failed: ${err.message}`;
+  }
+}
+
+function wireImageDrop() {
+  const zone = document.getElementById("similar-drop");
+  const input = document.getElementById("similar-image");
+  input.addEventListener("change", () => { if (input.files.length) searchByImage(input.files[0]); });
+  zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault(); zone.classList.remove("over");
+    if (ev.dataTransfer.files.length) searchByImage(ev.dataTransfer.files[0]);
+  });
 }
 
 async function studyPage() {
@@ -278,6 +466,7 @@ async function studyPage() {
   for (const f of FINDINGS) sel.append(el("option", { value: f, text: f.replace("_", " ") }));
   document.getElementById("similar-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadSimilar(); });
   document.getElementById("similar-reset").addEventListener("click", () => { document.getElementById("similar-text").value = ""; loadSimilar(); });
+  wireImageDrop();
   for (const id of ["same-patient", "filter-finding", "filter-view", "filter-count"])
     document.getElementById(id).addEventListener("change", loadSimilar);
   let interval = 3;
@@ -290,15 +479,18 @@ async function studyPage() {
     .then((img) => { viewer.xray = img; draw(); document.getElementById("xray").dataset.loaded = "true"; })
     // The study's own error (e.g. 403, another patient's study) says more than this one.
     .catch((err) => { if (document.getElementById("error").hidden) showError(err); });
+  let similarShown = false;
   const poll = async () => {
     try {
       const s = await api(`/app/api/study/${encodeURIComponent(viewer.study)}`);
       renderStudy(s); showError(null);
-      if (s.status === "pending") setTimeout(poll, interval * 1000);
+      if (s.status === "pending") { setTimeout(poll, interval * 1000); return; }
     } catch (err) { showError(err); }
+    // A pending study (e.g. just uploaded) has no embedding yet: its similar cases come
+    // once the result is there.
+    if (!similarShown) { similarShown = true; loadSimilar(); }
   };
   await poll();
-  loadSimilar();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
