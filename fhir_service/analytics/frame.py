@@ -49,9 +49,11 @@ COLUMNS = (
     "finding",
     "finding_system",
     "finding_code",
-    "calibrated_probability",
+    "score",
+    "score_kind",
     "band_low",
     "band_high",
+    "band_kind",
     "flag",
     "threshold",
     "untrained",
@@ -60,14 +62,21 @@ COLUMNS = (
     "issued",
     "observation",
 )
-_FLOATS = ("calibrated_probability", "band_low", "band_high", "threshold")
+_FLOATS = ("score", "band_low", "band_high", "threshold")
 #: Results in force: everything but ``cancelled`` (withdrawn for a newer image) and
 #: ``entered-in-error``. A radiologist's review turns ``preliminary`` into final/amended.
 LIVE_STATUSES = ("preliminary", "final", "amended", "corrected")
 
 _NIH_SYSTEM = TERMINOLOGY.code_system_url("nih_label")
 _AIAST = TERMINOLOGY.concept("ai_asserted")
-_CONFIDENCE_URL = TERMINOLOGY.extension_url("ai_confidence")
+#: The band's extension → what the band is (issue 15: an augmented-view spread is no
+#: confidence interval, so it has its own extension).
+_BAND_KINDS = {
+    TERMINOLOGY.extension_url("ai_confidence"): "confidence",
+    TERMINOLOGY.extension_url("tta_spread"): "tta-spread",
+}
+#: How the Observation's interpretation text names its value (fhir.results.score_name).
+_SCORE_KINDS = ("calibrated probability", "uncalibrated score")
 _THRESHOLD = TERMINOLOGY.concept("component_threshold")
 _INTERPRETATION_SYSTEM = TERMINOLOGY.concept("interpretation_positive")["system"]
 _LABELS = {label.lower(): label for label in TERMINOLOGY.findings}
@@ -226,11 +235,22 @@ def _number(quantity: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _band(obs: Any) -> tuple[float | None, float | None]:
+def _band(obs: Any) -> tuple[float | None, float | None, str | None]:
     for ext in obs.extension or []:
-        if ext.url == _CONFIDENCE_URL and ext.valueRange is not None:
-            return _number(ext.valueRange.low), _number(ext.valueRange.high)
-    return None, None
+        kind = _BAND_KINDS.get(ext.url)
+        if kind is not None and ext.valueRange is not None:
+            return _number(ext.valueRange.low), _number(ext.valueRange.high), kind
+    return None, None, None
+
+
+def _score_kind(obs: Any) -> str | None:
+    """'calibrated probability' or 'uncalibrated score', as the interpretation names it."""
+    for concept in obs.interpretation or []:
+        text = concept.text or ""
+        for kind in _SCORE_KINDS:
+            if text.startswith(kind):
+                return kind
+    return None
 
 
 def _threshold(obs: Any) -> float | None:
@@ -253,16 +273,18 @@ def _row(obs: Any) -> dict[str, Any]:
     codings = (obs.code.coding or []) if obs.code else []
     standard = next((c for c in codings if c.system != _NIH_SYSTEM), None)
     studies = (_ref_id(r, "ImagingStudy") for r in obs.derivedFrom or [])
-    low, high = _band(obs)
+    low, high, band_kind = _band(obs)
     return {
         "study": next((s for s in studies if s), None),
         "patient": _ref_id(obs.subject, "Patient"),
         "finding": next((c.code for c in codings if c.system == _NIH_SYSTEM), None),
         "finding_system": standard.system if standard else None,
         "finding_code": standard.code if standard else None,
-        "calibrated_probability": _number(obs.valueQuantity),
+        "score": _number(obs.valueQuantity),
+        "score_kind": _score_kind(obs),
         "band_low": low,
         "band_high": high,
+        "band_kind": band_kind,
         "flag": _flag(obs),
         "threshold": _threshold(obs),
         "untrained": any(n.text == UNTRAINED_NOTE for n in obs.note or []),
@@ -375,10 +397,12 @@ def findings_frame(
 
     Columns (:data:`COLUMNS`): ``study``/``patient`` ids; ``finding`` (NIH label);
     ``finding_system``/``finding_code`` (SNOMED CT; DICOM 112121 for Infiltration);
-    ``calibrated_probability`` = ``valueQuantity``, the probability after the per-finding
-    calibration (with none fitted, the identity: it then equals the sigmoid score, and
-    ``model_version`` names no calibration); ``band_low``/``band_high`` (the AIconfidence
-    band); ``flag`` POS/NEG at ``threshold``; ``untrained`` — True for the untrained test
+    ``score`` = ``valueQuantity`` and ``score_kind`` what it is: ``calibrated probability``
+    where a calibration was fitted for the finding, else ``uncalibrated score`` (the sigmoid
+    of the logit, not a probability); ``band_low``/``band_high`` and ``band_kind``
+    (``confidence``: the AIconfidence range; ``tta-spread``: the spread over augmented views,
+    not a confidence interval; empty where no band was computed); ``flag`` POS/NEG at
+    ``threshold``; ``untrained`` — True for the untrained test
     model, **not a finding**; ``model_version`` (Device.version; missing if the Device is
     unreadable); ``status`` (preliminary, final/amended once reviewed); ``issued``
     (datetime64[ns, UTC]); ``observation`` id. Ordered by issued, study, NIH finding order.

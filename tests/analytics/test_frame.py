@@ -31,7 +31,7 @@ from fhir_service.analytics import (
     findings_frame,
     findings_search,
 )
-from fhir_service.fhir.results import build_result_transaction
+from fhir_service.fhir.results import build_result_transaction, score_name
 from fhir_service.fhir.terminology import TERMINOLOGY
 from models.types import NIH_FINDINGS, ImageAnalysis
 from tests.factories import IMAGE_SHA256, RECORDED, make_analysis, make_heatmaps, make_study
@@ -181,8 +181,15 @@ def test_one_row_per_observation_with_the_builders_numbers(two_studies: FakeHapi
     s1 = frame[frame["study"] == "s1"]
     assert list(s1["finding"]) == list(NIH_FINDINGS)
     for f, (_, row) in zip(TRAINED.findings, s1.iterrows(), strict=True):
-        assert row["calibrated_probability"] == pytest.approx(f.calibrated_probability)
-        assert (row["band_low"], row["band_high"]) == pytest.approx((f.band_low, f.band_high))
+        assert row["score"] == pytest.approx(f.calibrated_probability)
+        assert row["score_kind"] == score_name(f)
+        if f.has_band:
+            assert (row["band_low"], row["band_high"]) == pytest.approx((f.band_low, f.band_high))
+            assert row["band_kind"] == (
+                "tta-spread" if f.band_kind == "tta-spread" else "confidence"
+            )
+        else:
+            assert row["band_kind"] is None and pd.isna(row["band_low"])
         assert row["threshold"] == pytest.approx(f.threshold)
         assert row["flag"] == ("POS" if f.positive else "NEG")
     pneumothorax = s1[s1["finding"] == "Pneumothorax"].iloc[0]
@@ -287,7 +294,7 @@ def test_empty_result_has_the_columns_and_types() -> None:
     frame = findings_frame(FHIR, session=FakeHapi([]).session())
     assert tuple(frame.columns) == COLUMNS and frame.empty
     assert str(frame["issued"].dtype) == "datetime64[ns, UTC]"
-    assert frame["calibrated_probability"].dtype == "float64"
+    assert frame["score"].dtype == "float64"
 
 
 def test_next_link_to_another_host_is_not_followed(two_studies: FakeHapi) -> None:

@@ -31,7 +31,11 @@ pytestmark = pytest.mark.integration
 
 Resource = dict[str, Any]
 NIH = TERMINOLOGY.code_system_url("nih_label")
-CONFIDENCE = TERMINOLOGY.extension_url("ai_confidence")
+BAND_KINDS = {
+    TERMINOLOGY.extension_url("ai_confidence"): "confidence",
+    TERMINOLOGY.extension_url("tta_spread"): "tta-spread",
+}
+SCORE_KINDS = ("calibrated probability", "uncalibrated score")
 ANALYST = "cxr-analytics-test"
 REDIRECT = "http://analyst.test/callback"
 
@@ -71,7 +75,14 @@ def _ref_id(reference: str) -> str:
 
 def _expected_row(obs: Resource, devices: dict[str, Resource]) -> dict[str, Any]:
     codings = obs["code"]["coding"]
-    (band,) = [e["valueRange"] for e in obs["extension"] if e["url"] == CONFIDENCE]
+    bands = [
+        (e["valueRange"], kind)
+        for e in obs.get("extension", [])
+        for url, kind in BAND_KINDS.items()
+        if e["url"] == url
+    ]
+    (band, band_kind) = bands[0] if bands else ({}, None)
+    interpretation = obs["interpretation"][0]["text"]
     (threshold,) = [
         c["valueQuantity"]["value"]
         for c in obs["component"]
@@ -83,9 +94,11 @@ def _expected_row(obs: Resource, devices: dict[str, Resource]) -> dict[str, Any]
         "finding": next(c["code"] for c in codings if c["system"] == NIH),
         "finding_system": codings[0]["system"],
         "finding_code": codings[0]["code"],
-        "calibrated_probability": obs["valueQuantity"]["value"],
-        "band_low": band["low"]["value"],
-        "band_high": band["high"]["value"],
+        "score": obs["valueQuantity"]["value"],
+        "score_kind": next(k for k in SCORE_KINDS if interpretation.startswith(k)),
+        "band_low": band.get("low", {}).get("value"),
+        "band_high": band.get("high", {}).get("value"),
+        "band_kind": band_kind,
         "flag": obs["interpretation"][0]["coding"][0]["code"],
         "threshold": threshold,
         "model_version": devices[obs["device"]["reference"]]["version"][0]["value"],
@@ -144,7 +157,7 @@ def test_readme_example_runs(stack: Stack, posted: Posted) -> None:
     out, names = io.StringIO(), dict[str, Any]()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), names)
-    assert "calibrated_probability" in out.getvalue()
+    assert "score_kind" in out.getvalue()
     assert set(posted.frame["observation"]) <= set(names["df"]["observation"])
     assert set(names["pneumothorax"]["finding"]) == {"Pneumothorax"}
     assert len(names["everything"]) >= len(names["df"])
