@@ -200,58 +200,67 @@ def calibrate(
 
     With --from-feedback: refit each finding's threshold from the radiologists' decisions in
     FHIR (at least --min-positives positive and negative ones per finding)."""
-    import torch
-
     from models.calibration import fit_calibration
 
     settings = Settings()
+    target = None if youden else target_sensitivity
     if from_feedback:
-        from fhir_service.cli.feedback import calibrate_from_feedback
-
         with cli_errors():
-            calibrate_from_feedback(
-                settings,
-                out=out,
-                min_decisions=min_positives,
-                target_sensitivity=None if youden else target_sensitivity,
-            )
+            _from_feedback(settings, out, min_positives, target)
         return
     if labels is None or images is None:
         raise typer.BadParameter("give --labels and --images, or --from-feedback")
     with cli_errors():
         paths, y = _read_labels(labels, images)
         classifier = build_classifier(settings, tta=False, calibrated=False)
-        tensors, kept = [], []
-        for i, path in enumerate(paths):
-            try:
-                tensors.append(classifier.preprocess(path))
-                kept.append(i)
-            except InputError as exc:  # refused by the input gate, or undecodable
-                err_console.print(f"[yellow]skipped[/] {exc.message}")
-        if len(kept) < 2:
-            raise InputError("fewer than 2 usable labelled images")
-        batch = settings.model_batch_size
-        logits = [
-            classifier.logits(torch.stack(tensors[start : start + batch]))
-            for start in range(0, len(tensors), batch)
-        ]
+        logits, kept = _labelled_logits(classifier, paths, settings.model_batch_size)
         calibration = fit_calibration(
-            np.concatenate(logits),
+            logits,
             y[kept],
             weights_name=classifier.loaded.model_version.split("@")[0],
             weights_sha256=classifier.weights_sha256,
             meta={"labels": str(labels), "images": str(images)},
             holdout=holdout,
-            target_sensitivity=None if youden else target_sensitivity,
+            target_sensitivity=target,
             min_positives=min_positives,
             seed=seed,
         )
-        target = out or settings.default_calibration_file
-        calibration.save(target)
+        written = out or settings.default_calibration_file
+        calibration.save(written)
     _print_calibration(calibration, len(kept))
     if classifier.untrained:
         console.print("[bold yellow]fitted on an UNTRAINED model: for testing only.[/]")
-    console.print(f"wrote {target} (for weights sha256 {calibration.weights_sha256})")
+    console.print(f"wrote {written} (for weights sha256 {calibration.weights_sha256})")
+
+
+def _from_feedback(
+    settings: Settings, out: Path | None, min_decisions: int, target_sensitivity: float | None
+) -> None:
+    from fhir_service.cli.feedback import calibrate_from_feedback
+
+    calibrate_from_feedback(
+        settings, out=out, min_decisions=min_decisions, target_sensitivity=target_sensitivity
+    )
+
+
+def _labelled_logits(classifier: Any, paths: list[Path], batch: int) -> tuple[Any, list[int]]:
+    """The logits of every image the model can read, and which of ``paths`` they are."""
+    import torch
+
+    tensors, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            tensors.append(classifier.preprocess(path))
+            kept.append(i)
+        except InputError as exc:  # refused by the input gate, or undecodable
+            err_console.print(f"[yellow]skipped[/] {exc.message}")
+    if len(kept) < 2:
+        raise InputError("fewer than 2 usable labelled images")
+    logits = [
+        classifier.logits(torch.stack(tensors[start : start + batch]))
+        for start in range(0, len(tensors), batch)
+    ]
+    return np.concatenate(logits), kept
 
 
 def _print_calibration(calibration: Any, n: int) -> None:
