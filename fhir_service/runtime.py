@@ -10,6 +10,7 @@ that needs both loads each once.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,8 +32,31 @@ __all__ = [
     "build_classifier",
     "build_clip",
     "build_pipeline",
+    "gate_images",
+    "gate_labels",
     "model_version_for",
 ]
+
+
+def gate_images(settings: Settings) -> list[Path]:
+    """The precision gate's images: the NIH samples unless CXR_PRECISION_GATE_DIR says."""
+    folder = settings.precision_gate_dir or settings.shared_dir / "data" / "nih-sample"
+    return sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def gate_labels(settings: Settings, images: list[Path]) -> dict[str, npt.NDArray[np.bool_]] | None:
+    """finding → [N] truth for the gate's ΔAUROC: trained weights and a manifest.csv only."""
+    from models.types import NIH_FINDINGS
+
+    manifest = (images[0].parent / "manifest.csv") if images else None
+    if settings.model_weights == "untrained" or manifest is None or not manifest.is_file():
+        return None
+    from fhir_service.ingest.nih import read_manifest
+
+    truth = {rec.image_index: set(rec.finding_labels) for rec in read_manifest(manifest)}
+    if not all(p.name in truth for p in images):
+        return None
+    return {f: np.array([f in truth[p.name] for p in images]) for f in NIH_FINDINGS}
 
 
 def build_classifier(
@@ -40,6 +64,8 @@ def build_classifier(
 ) -> Classifier:
     from models.factory import load_classifier
 
+    reduced = settings.model_precision != "fp32"
+    images = gate_images(settings) if reduced else []
     return load_classifier(
         settings.model_weights,
         cache_dir=settings.weights_cache_dir,
@@ -52,6 +78,9 @@ def build_classifier(
         num_threads=settings.model_threads,
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
+        precision=settings.model_precision,
+        gate_images=images,
+        gate_labels=gate_labels(settings, images) if reduced else None,
     )
 
 
