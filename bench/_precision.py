@@ -81,3 +81,52 @@ def precision_table(
             if report is not None:
                 print(f"    {report.summary()}")
     return rates
+
+
+def clip_precision_table(
+    clip: Any, gate_images: list[Path], *, cache: Path, threads: int, reps: int
+) -> None:
+    """The same table for the CLIP image tower (embedding + tag scores), bs16."""
+    import torch
+
+    from models.clip_serving import clip_session
+    from models.onepass import load_or_export, ort_session
+
+    size = clip.preprocess.size
+    source = load_or_export(
+        clip.tower,
+        torch.zeros(1, 3, size, size),
+        ["embedding"],
+        cache_dir=cache,
+        prefix="clip-image",
+        weights_sha256=clip.weights_sha256,
+    )
+    fp32 = ort_session(source, threads)
+    x = clip.prepare(gate_images[:16]).numpy()
+    print(f"reduced precision, CLIP image tower, bs16, {threads} threads; load {load()}")
+    base = None
+    for runtime in ("onnx", "openvino"):
+        for precision in ("fp32", "bf16", "int8"):
+            label = f"CLIP {runtime} {precision}"
+            try:
+                session, report = clip_session(
+                    fp32,
+                    source,
+                    runtime=runtime,  # type: ignore[arg-type]
+                    precision=precision,  # type: ignore[arg-type]
+                    weights_sha256=clip.weights_sha256,
+                    num_threads=threads,
+                    gate_images=lambda: clip.prepare(gate_images).numpy(),
+                    tag_scores=clip._tag_scores,
+                )
+            except Exception as exc:
+                print(f"  {label:<44} not served: {exc}")
+                continue
+            best, med = _best(lambda s=session: s.run(None, {"x": x}), reps)
+            base = base or 16 / best
+            print(
+                f"  {label:<44} {16 / best:6.1f} img/s (median {16 / med:.1f}); "
+                f"{16 / best / base:.2f}x CLIP onnx fp32; load {load()}"
+            )
+            if report is not None:
+                print(f"    {report.summary()}")

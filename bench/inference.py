@@ -57,9 +57,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-clip", action="store_true")
-    parser.add_argument(
-        "--no-precision", action="store_true", help="skip the fp32/bf16/int8 table"
-    )
+    parser.add_argument("--no-precision", action="store_true", help="skip the fp32/bf16/int8 table")
     parser.add_argument("--cache", type=Path, default=_ROOT / ".cxr-data" / "bench-cache")
     args = parser.parse_args()
 
@@ -222,6 +220,12 @@ def main() -> None:
             clip.tags(emb)
 
         measure("onnx: full pass + CLIP embedding + tags", with_clip)
+        if not args.no_precision:
+            from bench._precision import clip_precision_table
+
+            clip_precision_table(
+                clip, sorted(nih.glob("*.png")), cache=args.cache, threads=threads, reps=args.reps
+            )
         measure(
             "onnx: CLIP image tower + tags alone",
             lambda x: clip.tags(clip.embed_batch(c16[: x.shape[0]])),

@@ -9,6 +9,7 @@ that needs both loads each once.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ from subscriptions.pipeline import Analyzer, EmbeddingSink, Pipeline
 if TYPE_CHECKING:
     from models.classifier import Classifier
     from models.clip import ClipEncoder
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LazyModels",
@@ -94,6 +97,8 @@ def build_clip(settings: Settings) -> ClipEncoder:
         weights_sha256=settings.clip_sha256,
         cache_dir=settings.model_cache_path / "clip",
         backend=settings.clip_backend,
+        precision=settings.clip_precision,
+        gate_images=gate_images(settings) if settings.clip_precision != "fp32" else [],
         offline=settings.clip_offline,
         num_threads=settings.model_threads,
         max_image_bytes=settings.max_image_bytes,
@@ -101,9 +106,34 @@ def build_clip(settings: Settings) -> ClipEncoder:
     )
 
 
-def build_analyzer(settings: Settings) -> ModelAnalyzer:
-    """The worker's models (missing weights fail here, never fall back)."""
-    return ModelAnalyzer(build_classifier(settings), build_clip(settings))
+def build_analyzer(settings: Settings, *, lean: bool = True) -> ModelAnalyzer:
+    """The worker's models (missing weights fail here, never fall back).
+
+    ``lean``: once the exported graphs serve, the torch modules are freed (the worker never
+    runs them again, nor embeds text), and freed heap pages go back to the system."""
+    classifier, clip = build_classifier(settings), build_clip(settings)
+    if lean:
+        import gc
+
+        freed = classifier.release_torch() + clip.release_torch()
+        gc.collect()
+        _trim_heap()
+        log.info("lean worker: %.0f MB of torch modules released", freed / 1e6)
+    return ModelAnalyzer(classifier, clip)
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim: hand freed heap pages back (a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        return
 
 
 def build_pipeline(

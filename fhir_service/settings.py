@@ -169,7 +169,11 @@ class Settings(BaseSettings):
         default=None, description="path to CLIP weights, or 'untrained'; default the pretrained tag"
     )
     clip_sha256: str | None = None
-    clip_backend: Literal["onnx", "torch"] = "onnx"
+    clip_backend: Literal["onnx", "openvino", "torch"] = "onnx"
+    clip_precision: Literal["fp32", "bf16", "int8"] = Field(
+        default="fp32",
+        description="arithmetic of the CLIP image tower; bf16/int8 only after the precision gate",
+    )
     clip_offline: bool | None = Field(
         default=None, description="None = probe the model hub once; true skips it (HF_HUB_OFFLINE)"
     )

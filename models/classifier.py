@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cxr_errors import ConfigError, ModelError
 from models.calibration import Calibration, sigmoid
-from models.onepass import OnePassNet, PassBackend, PassOutput, TorchBackend
+from models.onepass import OnePassNet, PassBackend, PassOutput, TorchBackend, release_module
 from models.precision_gate import GateReport, compare
 from models.preprocess import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -128,6 +128,7 @@ class Classifier:
             for f in NIH_FINDINGS
             if (c := calibration.classes.get(f)) is not None and c.calibrated
         )
+        self._gate_labels = gate_labels
         self.backend: PassBackend
         if backend == "torch":
             if precision != "fp32":
@@ -135,7 +136,6 @@ class Classifier:
             self.backend = TorchBackend(self.net)
         elif backend in ("onnx", "openvino"):
             gate = GateData(lambda: self.prepare(list(gate_images)).numpy(), self._judge)
-            self._gate_labels = gate_labels
             self.backend = build_pass_backend(
                 self.net,
                 runtime=backend,
@@ -151,6 +151,14 @@ class Classifier:
                 f"unknown model backend {backend!r}: use 'onnx', 'openvino' or 'torch'"
             )
         self.precision = precision
+
+    def release_torch(self) -> int:
+        """Free the torch DenseNet once a graph serves (the lean worker); bytes freed.
+
+        The torch backend *is* the module: nothing is released there."""
+        if isinstance(self.backend, TorchBackend):
+            return 0
+        return release_module(self.net)
 
     @property
     def gate_report(self) -> GateReport | None:

@@ -30,8 +30,8 @@ from models.clip import (
     hub_reachable,
     set_hub_offline,
 )
-from models.reduced import Precision
 from models.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from models.reduced import Precision
 from models.registry import (
     DEFAULT_WEIGHTS,
     UNTRAINED,
@@ -186,6 +186,8 @@ def load_clip(
     num_threads: int | None = None,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    precision: Precision = "fp32",
+    gate_images: Sequence[Path] = (),
 ) -> ClipEncoder:
     """Load an open_clip model with its preprocessing and prompt vectors.
 
@@ -222,4 +224,6 @@ def load_clip(
         num_threads=num_threads,
         max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels,
+        precision=precision,
+        gate_images=gate_images,
     )

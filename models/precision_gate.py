@@ -8,6 +8,8 @@ Against the fp32 graph of the *same* weights, on the same images (the NIH sample
   (calibrated_probability ≥ threshold) is the same;
 * ``cam_correlation_min`` ≥ 0.98 — the lowest Pearson correlation between the fp32 and the
   candidate CAM of one (image, finding) pair (the mean is reported too);
+* ``feature_correlation_min`` ≥ 0.98 — the same for one image's pooled features (or CLIP
+  embedding): they are what similar-case search compares;
 * ``max_delta_auroc`` ≤ 0.005 — per finding, when labels are given (trained weights: the
   gate is then ``cxr evaluate``'s AUROC on both graphs); findings without both classes among
   the images are skipped and named.
@@ -29,10 +31,10 @@ import numpy.typing as npt
 
 from models.evaluation import roc_auc
 
-__all__ = ["GateLimits", "GateReport", "compare", "GATE_VERSION"]
+__all__ = ["GATE_VERSION", "GateLimits", "GateReport", "compare"]
 
 #: part of the stored report: a report from an older gate is not trusted
-GATE_VERSION = 1
+GATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class GateLimits:
     max_abs_delta_probability: float = 0.02
     min_flag_agreement: float = 0.99
     min_cam_correlation: float = 0.98
+    min_feature_correlation: float = 0.98
     max_delta_auroc: float = 0.005
 
 
@@ -53,8 +56,9 @@ class GateReport:
     images: int
     max_abs_delta_probability: float
     flag_agreement: float
-    cam_correlation_min: float
-    cam_correlation_mean: float
+    cam_correlation_min: float | None
+    """None where the model has no CAMs (the CLIP image tower)"""
+    cam_correlation_mean: float | None
     feature_correlation_min: float
     delta_auroc: dict[str, float] = field(default_factory=dict)
     auroc_skipped: list[str] = field(default_factory=list)
@@ -81,8 +85,12 @@ class GateReport:
             f"precision gate {self.runtime}/{self.precision} on {self.images} images: "
             f"max |Δp| {self.max_abs_delta_probability:.4f}, "
             f"flags identical {self.flag_agreement * 100:.2f}%, "
-            f"CAM r min {self.cam_correlation_min:.4f} (mean {self.cam_correlation_mean:.4f}), "
-            f"feature r min {self.feature_correlation_min:.5f}, {auroc} — {verdict}"
+            + (
+                f"CAM r min {self.cam_correlation_min:.4f} (mean {self.cam_correlation_mean:.4f}), "
+                if self.cam_correlation_min is not None and self.cam_correlation_mean is not None
+                else ""
+            )
+            + f"feature r min {self.feature_correlation_min:.5f}, {auroc} — {verdict}"
         )
 
     def to_json(self) -> str:
@@ -128,15 +136,16 @@ def compare(
     reference_probability: npt.NDArray[Any],
     candidate_probability: npt.NDArray[Any],
     thresholds: npt.NDArray[Any],
-    reference_cams: npt.NDArray[Any],
-    candidate_cams: npt.NDArray[Any],
+    reference_cams: npt.NDArray[Any] | None,
+    candidate_cams: npt.NDArray[Any] | None,
     reference_features: npt.NDArray[Any],
     candidate_features: npt.NDArray[Any],
     findings: Sequence[str],
     labels: Mapping[str, npt.NDArray[np.bool_]] | None = None,
     limits: GateLimits | None = None,
 ) -> GateReport:
-    """Judge a candidate against fp32. Probabilities [N,K]; CAMs [N,K,h,w]; features [N,C];
+    """Judge a candidate against fp32. Probabilities [N,K]; CAMs [N,K,h,w] (None: a model
+    without CAMs); features [N,C];
     ``labels``: finding → [N] ground truth, for ΔAUROC."""
     limits = limits or GateLimits()
     ref_p = np.asarray(reference_probability, np.float64)
@@ -147,9 +156,13 @@ def compare(
     max_dp = float(np.abs(ref_p - cand_p).max())
     thr = np.asarray(thresholds, np.float64)[None, :]
     agreement = float(((ref_p >= thr) == (cand_p >= thr)).mean())
-    cams_r = _row_correlation(
-        np.asarray(reference_cams, np.float64).reshape(n * k, -1),
-        np.asarray(candidate_cams, np.float64).reshape(n * k, -1),
+    cams_r = (
+        None
+        if reference_cams is None or candidate_cams is None
+        else _row_correlation(
+            np.asarray(reference_cams, np.float64).reshape(n * k, -1),
+            np.asarray(candidate_cams, np.float64).reshape(n * k, -1),
+        )
     )
     feats_r = _row_correlation(
         np.asarray(reference_features, np.float64), np.asarray(candidate_features, np.float64)
@@ -169,8 +182,12 @@ def compare(
         failures.append(f"max |Δp| {max_dp:.4f} > {limits.max_abs_delta_probability}")
     if not agreement >= limits.min_flag_agreement:
         failures.append(f"flags identical {agreement:.4f} < {limits.min_flag_agreement}")
-    if not float(cams_r.min()) >= limits.min_cam_correlation:
+    if cams_r is not None and not float(cams_r.min()) >= limits.min_cam_correlation:
         failures.append(f"CAM r min {float(cams_r.min()):.4f} < {limits.min_cam_correlation}")
+    if not float(feats_r.min()) >= limits.min_feature_correlation:
+        failures.append(
+            f"feature r min {float(feats_r.min()):.4f} < {limits.min_feature_correlation}"
+        )
     worst = max(delta_auroc.items(), key=lambda kv: kv[1], default=None)
     if worst is not None and not worst[1] <= limits.max_delta_auroc:
         failures.append(f"ΔAUROC {worst[0]} {worst[1]:.4f} > {limits.max_delta_auroc}")
@@ -181,8 +198,8 @@ def compare(
         images=n,
         max_abs_delta_probability=max_dp,
         flag_agreement=agreement,
-        cam_correlation_min=float(cams_r.min()),
-        cam_correlation_mean=float(cams_r.mean()),
+        cam_correlation_min=None if cams_r is None else float(cams_r.min()),
+        cam_correlation_mean=None if cams_r is None else float(cams_r.mean()),
         feature_correlation_min=float(feats_r.min()),
         delta_auroc=delta_auroc,
         auroc_skipped=skipped,

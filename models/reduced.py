@@ -38,9 +38,9 @@ __all__ = [
     "Runtime",
     "gate_path",
     "graph_stem",
+    "openvino_int8_graph",
     "openvino_session",
     "ort_int8_graph",
-    "openvino_int8_graph",
 ]
 
 log = logging.getLogger(__name__)
@@ -162,14 +162,22 @@ def ort_int8_graph(
     fp32_graph: Path, calibration: Sequence[npt.NDArray[np.float32]], out: Path
 ) -> Path:
     """ONNX Runtime static quantization: QDQ, per-channel int8 weights, uint8 activations."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     path = out.with_suffix(".onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     reader: CalibrationDataReader = _Reader(list(calibration))  # type: ignore[assignment]
+    # the quantizer logs one root WARNING per pre-activation BatchNorm it cannot fold
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
     try:
         quantize_static(
             str(fp32_graph),
@@ -184,6 +192,8 @@ def ort_int8_graph(
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
         raise ModelError(f"ONNX Runtime could not quantize {fp32_graph.name}: {exc}") from exc
+    finally:
+        root.setLevel(level)
     return path
 
 

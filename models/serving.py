@@ -19,8 +19,15 @@ import numpy.typing as npt
 import torch
 
 from cxr_errors import ConfigError, ModelError
-from models.onepass import OnePassNet, OnnxBackend, PassBackend, PassOutput, TorchBackend
-from models.onepass import onnx_cache_path, ort_session
+from models.onepass import (
+    OnePassNet,
+    OnnxBackend,
+    PassBackend,
+    PassOutput,
+    TorchBackend,
+    onnx_cache_path,
+    ort_session,
+)
 from models.precision_gate import GateReport
 from models.reduced import (
     Precision,
@@ -108,9 +115,7 @@ def build_pass_backend(
     if runtime == "onnx" and precision == "fp32":
         return fp32
     if runtime == "openvino" and precision == "fp32":
-        ov = SessionBackend(
-            "openvino-fp32", openvino_session(fp32.source, "fp32", num_threads)
-        )
+        ov = SessionBackend("openvino-fp32", openvino_session(fp32.source, "fp32", num_threads))
         check_against_torch(ov, net, input_size, 1e-4, "OpenVINO fp32 graph")
         return ov
     if runtime == "onnx" and precision == "bf16":
