@@ -69,8 +69,8 @@ def _print(label: str, rows: list[dict[str, float]], overlays: int, kb: float) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=12)
-    parser.add_argument("--runtime", default="openvino", choices=("onnx", "openvino"))
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "int8"))
+    parser.add_argument("--runtime", default="onnx", choices=("onnx", "openvino"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache", type=Path, default=_ROOT / ".cxr-data" / "bench-cache")
     args = parser.parse_args()

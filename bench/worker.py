@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--cache", type=Path, default=_ROOT / ".cxr-data" / "bench-cache")
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "int8"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
     args = parser.parse_args()
     base = {"cache": str(args.cache), "images": args.images}
     print(f"worker footprint, untrained DenseNet + CLIP ViT-B-32; load {load()}")

@@ -36,6 +36,7 @@ __all__ = [
     "OpenVinoSession",
     "Precision",
     "Runtime",
+    "cpu_has_bf16",
     "gate_path",
     "graph_stem",
     "openvino_int8_graph",
@@ -87,11 +88,23 @@ def _ov_core() -> Any:
     return ov.Core()
 
 
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO can run bf16 on this CPU (AVX-512 BF16 or AMX). Without it, the bf16
+    hint is silently ignored and the graph runs f32: that is refused, never passed off."""
+    return "BF16" in _ov_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def openvino_session(
     model: bytes | Path | Any, precision: Precision, num_threads: int | None
 ) -> OpenVinoSession:
     """Compile an ONNX file/bytes or an OpenVINO IR path (``.xml``) or model for the CPU."""
     core = _ov_core()
+    if precision == "bf16" and not cpu_has_bf16():
+        caps = ", ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        raise ConfigError(
+            f"this CPU has no bf16 arithmetic (OpenVINO's CPU capabilities: {caps}); OpenVINO "
+            "would run the bf16 graph as f32. Use fp32 or int8 here"
+        )
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
     # int8 graphs carry their own precision; their remaining float ops run in f32
     config["INFERENCE_PRECISION_HINT"] = _OV_HINT.get(precision, "f32")
