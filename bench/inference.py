@@ -6,6 +6,9 @@ with CLIP; the plain torchxrayvision ``model(x)`` as the reference; the CAM cost
 as a fraction of the forward pass; Grad-CAM for the same 14 classes as the peer;
 preprocessing of a 1024² PNG; load times; peak RSS with both models loaded.
 
+Then the reduced-precision table (bench/_precision.py): fp32, bf16 and int8 on ONNX Runtime
+and OpenVINO, each behind the precision gate, next to the plain ONNX Runtime logits graph.
+
 Torch is timed before any ONNX Runtime session exists: ORT's spinning thread
 pool slows eager torch in the same process.
 
@@ -54,6 +57,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-clip", action="store_true")
+    parser.add_argument("--no-precision", action="store_true", help="skip the fp32/bf16/int8 table")
     parser.add_argument("--cache", type=Path, default=_ROOT / ".cxr-data" / "bench-cache")
     args = parser.parse_args()
 
@@ -180,6 +184,19 @@ def main() -> None:
         f"(bs16); vs our torch backend: {torch16 / ort16:.2f}×"
     )
 
+    if not args.no_precision:
+        from bench._precision import precision_table
+
+        precision_table(
+            fast,
+            x16.numpy(),
+            lambda x: plain.run(None, {"x": x}),
+            gate_images=sorted(nih.glob("*.png")),
+            cache=args.cache,
+            threads=threads,
+            reps=args.reps,
+        )
+
     if not args.no_clip:
         from models.factory import load_clip
 
@@ -203,6 +220,12 @@ def main() -> None:
             clip.tags(emb)
 
         measure("onnx: full pass + CLIP embedding + tags", with_clip)
+        if not args.no_precision:
+            from bench._precision import clip_precision_table
+
+            clip_precision_table(
+                clip, sorted(nih.glob("*.png")), cache=args.cache, threads=threads, reps=args.reps
+            )
         measure(
             "onnx: CLIP image tower + tags alone",
             lambda x: clip.tags(clip.embed_batch(c16[: x.shape[0]])),

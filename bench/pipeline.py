@@ -508,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # queueing jobs nobody runs, a few ms each on HAPI and the service).
         for i in range(2):
             worker_process(settings, i).stop()
-        from subscriptions.analyzer import build_analyzer
+        from fhir_service.runtime import build_analyzer
 
         t0 = time.perf_counter()
         analyzer = build_analyzer(settings)

@@ -9,7 +9,9 @@ that needs both loads each once.
 
 from __future__ import annotations
 
+import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from models.classifier import Classifier
     from models.clip import ClipEncoder
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "LazyModels",
     "ModelQueryEncoder",
@@ -31,8 +35,31 @@ __all__ = [
     "build_classifier",
     "build_clip",
     "build_pipeline",
+    "gate_images",
+    "gate_labels",
     "model_version_for",
 ]
+
+
+def gate_images(settings: Settings) -> list[Path]:
+    """The precision gate's images: the NIH samples unless CXR_PRECISION_GATE_DIR says."""
+    folder = settings.precision_gate_dir or settings.shared_dir / "data" / "nih-sample"
+    return sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+
+
+def gate_labels(settings: Settings, images: list[Path]) -> dict[str, npt.NDArray[np.bool_]] | None:
+    """finding → [N] truth for the gate's ΔAUROC: trained weights and a manifest.csv only."""
+    from models.types import NIH_FINDINGS
+
+    manifest = (images[0].parent / "manifest.csv") if images else None
+    if settings.model_weights == "untrained" or manifest is None or not manifest.is_file():
+        return None
+    from fhir_service.ingest.nih import read_manifest
+
+    truth = {rec.image_index: set(rec.finding_labels) for rec in read_manifest(manifest)}
+    if not all(p.name in truth for p in images):
+        return None
+    return {f: np.array([f in truth[p.name] for p in images]) for f in NIH_FINDINGS}
 
 
 def build_classifier(
@@ -40,6 +67,8 @@ def build_classifier(
 ) -> Classifier:
     from models.factory import load_classifier
 
+    reduced = settings.model_precision != "fp32"
+    images = gate_images(settings) if reduced else []
     return load_classifier(
         settings.model_weights,
         cache_dir=settings.weights_cache_dir,
@@ -52,6 +81,9 @@ def build_classifier(
         num_threads=settings.model_threads,
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
+        precision=settings.model_precision,
+        gate_images=images,
+        gate_labels=gate_labels(settings, images) if reduced else None,
     )
 
 
@@ -65,6 +97,8 @@ def build_clip(settings: Settings) -> ClipEncoder:
         weights_sha256=settings.clip_sha256,
         cache_dir=settings.model_cache_path / "clip",
         backend=settings.clip_backend,
+        precision=settings.clip_precision,
+        gate_images=gate_images(settings) if settings.clip_precision != "fp32" else [],
         offline=settings.clip_offline,
         num_threads=settings.model_threads,
         max_image_bytes=settings.max_image_bytes,
@@ -72,9 +106,34 @@ def build_clip(settings: Settings) -> ClipEncoder:
     )
 
 
-def build_analyzer(settings: Settings) -> ModelAnalyzer:
-    """The worker's models (missing weights fail here, never fall back)."""
-    return ModelAnalyzer(build_classifier(settings), build_clip(settings))
+def build_analyzer(settings: Settings, *, lean: bool = True) -> ModelAnalyzer:
+    """The worker's models (missing weights fail here, never fall back).
+
+    ``lean``: once the exported graphs serve, the torch modules are freed (the worker never
+    runs them again, nor embeds text), and freed heap pages go back to the system."""
+    classifier, clip = build_classifier(settings), build_clip(settings)
+    if lean:
+        import gc
+
+        freed = classifier.release_torch() + clip.release_torch()
+        gc.collect()
+        _trim_heap()
+        log.info("lean worker: %.0f MB of torch modules released", freed / 1e6)
+    return ModelAnalyzer(classifier, clip)
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim: hand freed heap pages back (a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        return
 
 
 def build_pipeline(

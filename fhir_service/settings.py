@@ -193,8 +193,19 @@ class Settings(BaseSettings):
         description="file from `cxr calibrate`; default "
         "{data_dir}/models/calibration-<weights>.json when it exists",
     )
-    model_backend: Literal["onnx", "torch"] = Field(
-        default="onnx", description="onnx = ONNX Runtime (serving); torch = the eager reference"
+    model_backend: Literal["onnx", "openvino", "torch"] = Field(
+        default="onnx",
+        description="onnx = ONNX Runtime (serving); openvino = OpenVINO; "
+        "torch = the eager reference",
+    )
+    model_precision: Literal["fp32", "bf16", "int8"] = Field(
+        default="fp32",
+        description="arithmetic of the serving graph; bf16 (openvino) and int8 serve only "
+        "after the precision gate passed for the loaded weights",
+    )
+    precision_gate_dir: Path | None = Field(
+        default=None,
+        description="images the precision gate compares on; default {shared_dir}/data/nih-sample",
     )
     model_cache_dir: Path | None = Field(
         default=None,
@@ -208,7 +219,11 @@ class Settings(BaseSettings):
         default=None, description="path to CLIP weights, or 'untrained'; default the pretrained tag"
     )
     clip_sha256: str | None = None
-    clip_backend: Literal["onnx", "torch"] = "onnx"
+    clip_backend: Literal["onnx", "openvino", "torch"] = "onnx"
+    clip_precision: Literal["fp32", "bf16", "int8"] = Field(
+        default="fp32",
+        description="arithmetic of the CLIP image tower; bf16/int8 only after the precision gate",
+    )
     clip_offline: bool | None = Field(
         default=None, description="None = probe the model hub once; true skips it (HF_HUB_OFFLINE)"
     )

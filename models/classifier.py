@@ -18,7 +18,7 @@ The reported logit, scores and CAMs always come from the unaugmented view, so
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from cxr_errors import ConfigError, ModelError
 from models.calibration import Calibration, sigmoid
-from models.onepass import OnePassNet, OnnxBackend, PassBackend, PassOutput, TorchBackend
+from models.onepass import OnePassNet, PassBackend, PassOutput, TorchBackend, release_module
+from models.precision_gate import GateReport, compare
 from models.preprocess import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -36,7 +37,9 @@ from models.preprocess import (
     ImageSource,
     Preprocess,
 )
+from models.reduced import Precision
 from models.registry import BackendName, LoadedWeights
+from models.serving import GateData, build_pass_backend
 from models.types import NIH_FINDINGS, FindingScore, ImageAnalysis
 
 __all__ = ["BAND_Z", "TTA_VIEWS", "Classifier", "tta_views"]
@@ -84,7 +87,12 @@ class Classifier:
         num_threads: int | None = None,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        precision: Precision = "fp32",
+        gate_images: Sequence[Path] = (),
+        gate_labels: Mapping[str, npt.NDArray[np.bool_]] | None = None,
     ) -> None:
+        """``precision`` other than fp32 serves a graph only after the precision gate passed
+        on ``gate_images`` (with ``gate_labels``, finding → [N] truth, ΔAUROC is gated too)."""
         self.loaded = loaded
         self.spec = loaded.spec
         self.model = loaded.model
@@ -97,20 +105,6 @@ class Classifier:
         )
         self.tta = tta
         self.net = OnePassNet(loaded.model).eval()
-        self.backend: PassBackend
-        if backend == "torch":
-            self.backend = TorchBackend(self.net)
-        elif backend == "onnx":
-            self.backend = OnnxBackend(
-                self.net,
-                input_size=self.spec.input_size,
-                weights_sha256=loaded.sha256,
-                cache_dir=onnx_cache_dir,
-                num_threads=num_threads,
-            )
-        else:
-            raise ConfigError(f"unknown model backend {backend!r}: use 'onnx' or 'torch'")
-
         calibration = calibration or Calibration.identity()
         if calibration.weights_sha256 and calibration.weights_sha256 != loaded.sha256:
             raise ConfigError(
@@ -133,6 +127,65 @@ class Classifier:
             f
             for f in NIH_FINDINGS
             if (c := calibration.classes.get(f)) is not None and c.calibrated
+        )
+        self._gate_labels = gate_labels
+        self.backend: PassBackend
+        if backend == "torch":
+            if precision != "fp32":
+                raise ConfigError("the torch backend is the fp32 reference: use onnx or openvino")
+            self.backend = TorchBackend(self.net)
+        elif backend in ("onnx", "openvino"):
+            gate = GateData(lambda: self.prepare(list(gate_images)).numpy(), self._judge)
+            self.backend = build_pass_backend(
+                self.net,
+                runtime=backend,
+                precision=precision,
+                input_size=self.spec.input_size,
+                weights_sha256=loaded.sha256,
+                cache_dir=onnx_cache_dir,
+                num_threads=num_threads,
+                gate=gate if gate_images else None,
+            )
+        else:
+            raise ConfigError(
+                f"unknown model backend {backend!r}: use 'onnx', 'openvino' or 'torch'"
+            )
+        self.precision = precision
+
+    def release_torch(self) -> int:
+        """Free the torch DenseNet once a graph serves (the lean worker); bytes freed.
+
+        The torch backend *is* the module: nothing is released there."""
+        if isinstance(self.backend, TorchBackend):
+            return 0
+        return release_module(self.net)
+
+    @property
+    def gate_report(self) -> GateReport | None:
+        """The precision gate's report for the serving graph (None for fp32)."""
+        report = getattr(self.backend, "gate", None)
+        return report if isinstance(report, GateReport) else None
+
+    def _judge(
+        self, runtime: str, precision: str, reference: PassOutput, candidate: PassOutput
+    ) -> GateReport:
+        def probability(out: PassOutput) -> npt.NDArray[np.float64]:
+            z, _ = self.calibration.apply(out.logits[:, self._index].astype(np.float64))
+            return sigmoid(z)
+
+        return compare(
+            runtime=runtime,
+            precision=precision,
+            weights_sha256=self.weights_sha256,
+            reference_probability=probability(reference),
+            candidate_probability=probability(candidate),
+            thresholds=self.thresholds,
+            reference_cams=reference.cams[:, self._index],
+            candidate_cams=candidate.cams[:, self._index],
+            reference_features=reference.features,
+            candidate_features=candidate.features,
+            findings=NIH_FINDINGS,
+            labels=self._gate_labels,
         )
 
     # ------------------------------------------------------------ identity

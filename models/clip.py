@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr_errors import ConfigError, ModelError
-from models.onepass import load_or_export, ort_session
+from models.clip_serving import clip_session
+from models.onepass import load_or_export, ort_session, release_module
+from models.precision_gate import GateReport
 from models.preprocess import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -37,6 +39,7 @@ from models.preprocess import (
     center_square,
     decode_image,
 )
+from models.reduced import Precision
 from models.registry import BackendName
 from models.types import NIH_FINDINGS, ClipAnalysis, ZeroShotTag
 
@@ -120,6 +123,8 @@ class ClipEncoder:
         num_threads: int | None = None,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        precision: Precision = "fp32",
+        gate_images: Sequence[Path] = (),
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -133,7 +138,9 @@ class ClipEncoder:
         self.logit_scale = float(getattr(model, "logit_scale", torch.tensor(0.0)).detach().exp())
         self.tower = _ImageTower(model).eval()
         self._session: Any = None
-        if backend == "onnx":
+        self.gate_report: GateReport | None = None
+        self._finding_vectors, self._negative_vector = self._prompt_vectors()
+        if backend in ("onnx", "openvino"):
             size = preprocess.size
             source = load_or_export(
                 self.tower,
@@ -145,10 +152,37 @@ class ClipEncoder:
             )
             self._session = ort_session(source, num_threads)
             self._check_against_torch(source)
+            self._session, self.gate_report = clip_session(
+                self._session,
+                source,
+                runtime=backend,
+                precision=precision,
+                weights_sha256=weights_sha256,
+                num_threads=num_threads,
+                gate_images=(lambda: self.prepare(list(gate_images)).numpy())
+                if gate_images
+                else None,
+                tag_scores=self._tag_scores,
+            )
+            if backend == "openvino" and precision == "fp32":
+                self._check_against_torch(source)
         elif backend != "torch":
-            raise ConfigError(f"unknown CLIP backend {backend!r}: use 'onnx' or 'torch'")
+            raise ConfigError(
+                f"unknown CLIP backend {backend!r}: use 'onnx', 'openvino' or 'torch'"
+            )
+        elif precision != "fp32":
+            raise ConfigError("the torch CLIP backend is the fp32 reference: use onnx or openvino")
         self.backend = backend
-        self._finding_vectors, self._negative_vector = self._prompt_vectors()
+        self.precision = precision
+
+    def release_torch(self) -> int:
+        """Free the torch model (both towers) once a graph serves the image tower and the
+        prompt vectors are computed: the worker never embeds text. Bytes freed; afterwards
+        ``embed_texts`` raises :class:`~cxr_errors.ModelError`."""
+        if self._session is None:
+            return 0
+        self._released = True
+        return release_module(self.model)
 
     def _check_against_torch(self, source: object, atol: float = 1e-3) -> None:
         """Start-up check, as for the DenseNet graph: a wrong image tower never serves.
@@ -202,6 +236,8 @@ class ClipEncoder:
 
     def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """[N,512] L2-normalised text embeddings."""
+        if getattr(self, "_released", False):
+            raise ModelError("this CLIP encoder released its torch model (lean worker): no text")
         with torch.inference_mode():
             tokens = self.tokenizer(list(texts))
             out = self.model.encode_text(tokens)  # type: ignore[operator]
@@ -238,11 +274,18 @@ class ClipEncoder:
             (negative / norm(negative)).astype(np.float32),
         )
 
-    def tags(self, embeddings: npt.NDArray[np.float32]) -> list[tuple[ZeroShotTag, ...]]:
+    def _tag_scores(self, embeddings: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         sims = embeddings @ self._finding_vectors.T  # [B,14]
         neg = embeddings @ self._negative_vector  # [B]
         # two-way softmax at CLIP's own temperature: finding prompts vs normal prompts
-        scores = 1.0 / (1.0 + np.exp(-self.logit_scale * (sims - neg[:, None])))
+        scores: npt.NDArray[np.float64] = 1.0 / (
+            1.0 + np.exp(-self.logit_scale * (sims - neg[:, None]).astype(np.float64))
+        )
+        return scores
+
+    def tags(self, embeddings: npt.NDArray[np.float32]) -> list[tuple[ZeroShotTag, ...]]:
+        sims = embeddings @ self._finding_vectors.T  # [B,14]
+        scores = self._tag_scores(embeddings)
         out = []
         for i in range(embeddings.shape[0]):
             tags = [

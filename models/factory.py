@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from cxr_errors import ConfigError, ModelError
@@ -29,6 +31,7 @@ from models.clip import (
     set_hub_offline,
 )
 from models.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from models.reduced import Precision
 from models.registry import (
     DEFAULT_WEIGHTS,
     UNTRAINED,
@@ -55,13 +58,17 @@ def load_classifier(
     num_threads: int | None = None,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    precision: Precision = "fp32",
+    gate_images: Sequence[Path] = (),
+    gate_labels: Mapping[str, npt.NDArray[np.bool_]] | None = None,
 ) -> Classifier:
     """Weights + preprocessing + calibration + backend, ready for ``analyze``.
 
     ``weights``: a registry name, a file path or ``untrained``. ``calibration_file``:
     a file written by ``cxr calibrate`` (identity calibration when None).
     ``onnx_cache_dir``: where the exported graph is cached (exported in memory
-    at every start when None).
+    at every start when None). ``precision`` bf16/int8: the graph serves only after the
+    precision gate passed on ``gate_images`` (see :mod:`models.precision_gate`).
     """
     loaded = resolve_weights(
         weights, cache_dir=cache_dir, sha256=weights_sha256, allow_download=allow_download
@@ -76,6 +83,9 @@ def load_classifier(
         num_threads=num_threads,
         max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels,
+        precision=precision,
+        gate_images=gate_images,
+        gate_labels=gate_labels,
     )
 
 
@@ -176,6 +186,8 @@ def load_clip(
     num_threads: int | None = None,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    precision: Precision = "fp32",
+    gate_images: Sequence[Path] = (),
 ) -> ClipEncoder:
     """Load an open_clip model with its preprocessing and prompt vectors.
 
@@ -212,4 +224,6 @@ def load_clip(
         num_threads=num_threads,
         max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels,
+        precision=precision,
+        gate_images=gate_images,
     )

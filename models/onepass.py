@@ -42,6 +42,7 @@ __all__ = [
     "TorchBackend",
     "export_onnx",
     "onnx_cache_path",
+    "release_module",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,18 @@ class OnePassNet(nn.Module):
         pooled = a.mean(dim=(2, 3))
         logits = F.linear(pooled, w, self.classifier.bias)
         return logits, cams, pooled
+
+
+def release_module(module: nn.Module) -> int:
+    """Free a module's parameters and buffers in place (each becomes an empty tensor) and
+    return the bytes released. For a process that serves from an exported graph and never
+    runs the torch module again: any later call fails on the shapes, it cannot run stale."""
+    freed = 0
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            freed += tensor.numel() * tensor.element_size()
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+    return freed
 
 
 class PassBackend(Protocol):

@@ -414,4 +414,4 @@ def build_untrained_densenet(spec: WeightsSpec, seed: int = UNTRAINED_SEED) -> n
     return model.eval()
 
 
-BackendName = Literal["onnx", "torch"]
+BackendName = Literal["onnx", "openvino", "torch"]

@@ -8,6 +8,7 @@ or reads settings.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -15,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cxr_errors import InputError
-from models.heatmap import overlay_png
+from models.heatmap import overlay_pngs
 from models.preprocess import DecodedImage, decode_image
 from models.types import ImageAnalysis
 from subscriptions.pipeline import AnalyzedImage
@@ -64,6 +65,8 @@ class ModelAnalyzer:
     def __init__(self, classifier: ScoringModel, clip: EmbeddingModel | None) -> None:
         self.classifier = classifier
         self.clip = clip
+        self.last_timings: dict[str, float] = {}
+        """seconds per stage of the last ``analyze_many`` (decode, densenet, clip, overlays)"""
 
     @property
     def model_version(self) -> str:
@@ -90,27 +93,38 @@ class ModelAnalyzer:
     def analyze_many(self, images: Sequence[tuple[bytes, str]]) -> list[AnalyzedImage | InputError]:
         """Decode each image (a bad one gets its error in its place), then one batched
         DenseNet pass and one batched CLIP pass over the decodable ones."""
+        clock = time.perf_counter
+        t0 = clock()
         decoded = [self._decode(data, name) for data, name in images]
         good = [d for d in decoded if isinstance(d, DecodedImage)]
         if not good:
             return [d for d in decoded if isinstance(d, InputError)]
         batch = len(good)
+        t1 = clock()
         analyses = iter(self.classifier.analyze(good, batch_size=batch))
+        t2 = clock()
         embeddings = (
             iter(self.clip.embed_images(good, batch_size=batch)) if self.clip is not None else None
         )
+        t3 = clock()
         out: list[AnalyzedImage | InputError] = []
         for item in decoded:
             if isinstance(item, InputError):
                 out.append(item)
                 continue
             analysis = next(analyses)
+            published = [k for k, f in enumerate(analysis.findings) if f.positive]
+            pngs = overlay_pngs(item, analysis.cams[published]) if published else []
             heatmaps = {
-                f.finding: overlay_png(item, analysis.cams[k])
-                for k, f in enumerate(analysis.findings)
-                if f.positive
+                analysis.findings[k].finding: png for k, png in zip(published, pngs, strict=True)
             }
             embedding = next(embeddings) if embeddings is not None else None
             clip_version = self.clip.model_version if self.clip is not None else None
             out.append(AnalyzedImage(analysis, heatmaps, embedding, clip_version))
+        self.last_timings = {
+            "decode": t1 - t0,
+            "densenet": t2 - t1,
+            "clip": t3 - t2,
+            "overlays": clock() - t3,
+        }
         return out

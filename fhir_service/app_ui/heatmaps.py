@@ -28,7 +28,7 @@ class HeatmapRenderer:
 
     def render(self, image: bytes, finding: str) -> bytes:
         """The overlay PNG of ``finding`` on ``image`` (blocking: call it in a thread)."""
-        from models.heatmap import overlay_png
+        from models.heatmap import overlay_pngs
         from models.preprocess import decode_image
 
         key = (hashlib.sha256(image).hexdigest(), finding)
@@ -47,8 +47,8 @@ class HeatmapRenderer:
             if finding not in labels:
                 raise NotFoundError(f"the model has no finding {finding!r}")
             # One pass gives every finding's CAM: cache them all for the next clicks.
-            for k, label in enumerate(labels):
-                self._cache[(key[0], label)] = overlay_png(decoded, analysis.cams[k])
+            for label, png in zip(labels, overlay_pngs(decoded, analysis.cams), strict=True):
+                self._cache[(key[0], label)] = png
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
             return self._cache[key]

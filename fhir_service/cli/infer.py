@@ -36,7 +36,7 @@ def infer(
     clip: bool = typer.Option(False, "--clip", help="Add CLIP zero-shot tags."),
 ) -> None:
     """Score chest X-rays: score, band and flag per finding; write CAM overlays."""
-    from models.heatmap import overlay_png
+    from models.heatmap import overlay_pngs
 
     settings = Settings()
     with cli_errors():
@@ -56,8 +56,9 @@ def infer(
             chosen = [
                 k for k in ranked if all_overlays or analysis.findings[k].positive or k == ranked[0]
             ]
+            pngs = overlay_pngs(decoded, analysis.cams[chosen])
             rendered = {
-                analysis.findings[k].finding: overlay_png(decoded, analysis.cams[k]) for k in chosen
+                analysis.findings[k].finding: png for k, png in zip(chosen, pngs, strict=True)
             }
         except CxrError as exc:
             failed += 1

@@ -49,3 +49,32 @@ def test_overlay_png_small_and_sized(torch_classifier: Classifier, nih_images: l
     assert len(data) <= 100_000
     img = Image.open(io.BytesIO(data))
     assert img.format == "PNG" and img.size == (512, 512)
+
+
+def test_overlay_pngs_draw_what_overlay_png_draws(
+    torch_classifier: Classifier, nih_images: list[Path]
+) -> None:
+    """The serving renderer (one resize, a fixed palette, one encode per PNG) shows the same
+    picture as the reference renderer: the same hot region, the radiograph where the map
+    is transparent, and PNGs small enough for FHIR."""
+    import numpy as np
+
+    from models.heatmap import overlay_png, overlay_pngs
+
+    decoded = decode_image(nih_images[0])
+    (analysis,) = torch_classifier.analyze([decoded])
+    fast = overlay_pngs(decoded, analysis.cams[:3], size=512)
+    assert len(fast) == 3
+    for k, data in enumerate(fast):
+        assert len(data) <= 100_000
+        img = Image.open(io.BytesIO(data))
+        assert img.format == "PNG" and img.size == (512, 512) and img.mode == "P"
+        a = np.asarray(img.convert("RGB"), dtype=np.float64)
+        ref = Image.open(io.BytesIO(overlay_png(decoded, analysis.cams[k], size=512)))
+        b = np.asarray(ref.convert("RGB"), dtype=np.float64)
+        # colour where the map shows: red minus blue, same sign pattern in both
+        ha, hb = a[..., 0] - a[..., 2], b[..., 0] - b[..., 2]
+        assert np.corrcoef(ha.ravel(), hb.ravel())[0, 1] > 0.8
+        assert float(np.abs(a - b).mean()) < 12.0  # of 255: palette steps, not another picture
+    assert overlay_pngs(decoded, analysis.cams[:0]) == []
+    assert overlay_pngs(decoded, analysis.cams[:1], size=256)[0] != fast[0]
