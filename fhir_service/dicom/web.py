@@ -119,8 +119,12 @@ class DicomwebPacs:
         return data
 
     def store(self, datasets: Sequence[pydicom.Dataset]) -> None:
-        """STOW-RS the datasets (one request)."""
-        self._call("STOW-RS", lambda: self._client.store_instances(list(datasets)))
+        """STOW-RS the datasets (one request); an instance the PACS refused is an error."""
+        response = self._call("STOW-RS", lambda: self._client.store_instances(list(datasets)))
+        failed = response.get("FailedSOPSequence") if response is not None else None
+        if failed:
+            uids = ", ".join(str(item.get("ReferencedSOPInstanceUID", "?")) for item in failed)
+            raise PacsError(f"the PACS at {self.base_url} refused instances {uids} (STOW-RS)")
 
     def study_uids(self, **search: str) -> list[str]:
         """QIDO-RS: Study Instance UIDs matching ``search`` (e.g. ``PatientID``)."""

@@ -102,8 +102,9 @@ def test_a_frontal_and_a_lateral_report_on_the_frontal(
     stack: Stack, pacs: DicomwebPacs, shared_dir: Path, tmp_path: Path
 ) -> None:
     png = nih_png(shared_dir, 3)
-    frontal = wrapped(png, view="AP", tag="fl-" + tmp_path.name[-8:])
-    lateral = wrapped(png, view="LL", study=str(frontal.StudyInstanceUID), series=2)
+    tag = "fl-" + tmp_path.name[-8:]
+    frontal = wrapped(png, view="AP", tag=tag)
+    lateral = wrapped(png, view="LL", tag=tag, study=str(frontal.StudyInstanceUID), series=2)
     study_id = _study_id(_ingest(stack, pacs, tmp_path, lateral, frontal))
     assert stack.fhir.read("ImagingStudy", study_id)["numberOfSeries"] == 2
     reports = wait_for("a report", lambda: stack.reports(study_id))
@@ -111,7 +112,13 @@ def test_a_frontal_and_a_lateral_report_on_the_frontal(
     assert str(frontal.SOPInstanceUID) in derived["description"]
 
 
-@pytest.mark.parametrize("name", ["RG1_J2KI.dcm", "RG1_UNCR.dcm"])
+#: JPEG 2000 (MONOCHROME1, 15-bit) and JPEG baseline: two compressed transfer syntaxes, two
+#: studies (RG1_UNCR is RG1_J2KI uncompressed with the same SOP Instance UID, and the
+#: txv file the SIIM one as MONOCHROME1, also with the same UIDs).
+REAL_FILES = ["RG1_J2KI.dcm", "siim_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"]
+
+
+@pytest.mark.parametrize("name", REAL_FILES)
 def test_real_dicom_files_are_read_over_wado_rs(
     stack: Stack, pacs: DicomwebPacs, shared_dir: Path, name: str
 ) -> None:
@@ -120,4 +127,6 @@ def test_real_dicom_files_are_read_over_wado_rs(
     study_id = _study_id(result)
     reports = wait_for(f"a report for {name}", lambda: stack.reports(study_id))
     assert len(reports) == 1
-    assert stack.task(study_id)["status"] == "completed"  # type: ignore[index]
+    derived = stack.fhir.read_reference(reports[0]["imagingStudy"][1]["reference"])
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    assert str(source.SOPInstanceUID) in derived["description"]
