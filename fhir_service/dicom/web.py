@@ -59,6 +59,22 @@ def _no_bulk_data(tag: str, vr: str, uri: str) -> bytes:
     return b""
 
 
+def _dataset(item: dict[str, Any]) -> pydicom.Dataset:
+    """A DICOM JSON object as a Dataset, leaving out an element whose value its VR does not
+    allow (real archives hold e.g. PatientAge "62" where AS wants "062Y"): one bad header
+    field must not make a study unreadable."""
+    try:
+        return pydicom.Dataset.from_json(item, _no_bulk_data)
+    except ValueError:
+        ds = pydicom.Dataset()
+        for tag, element in item.items():
+            try:
+                ds.update(pydicom.Dataset.from_json({tag: element}, _no_bulk_data))
+            except ValueError:
+                continue
+        return ds
+
+
 class DicomwebPacs:
     """One PACS at a DICOMweb base URL."""
 
@@ -102,7 +118,7 @@ class DicomwebPacs:
             raise MissingImageError(
                 f"the PACS at {self.base_url} holds no instances of {study_uid}"
             )
-        return [pydicom.Dataset.from_json(item, _no_bulk_data) for item in items]
+        return [_dataset(item) for item in items]
 
     def instance(self, study_uid: str, series_uid: str, sop_uid: str, *, max_bytes: int) -> bytes:
         """One instance as a Part 10 file, in the transfer syntax the PACS stored."""
@@ -131,4 +147,4 @@ class DicomwebPacs:
         found = self._call(
             "QIDO-RS", lambda: self._client.search_for_studies(search_filters=dict(search))
         )
-        return [str(pydicom.Dataset.from_json(f).StudyInstanceUID) for f in found]
+        return [str(_dataset(f).StudyInstanceUID) for f in found]

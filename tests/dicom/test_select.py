@@ -61,3 +61,16 @@ def test_study_uid_reads_the_dicom_identifier() -> None:
     study = {"identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.840.1"}]}
     assert study_uid(study) == "1.2.840.1"
     assert study_uid({"identifier": [{"system": "x", "value": "y"}]}) is None
+
+
+def test_a_header_field_with_an_invalid_value_is_left_out_not_fatal() -> None:
+    from fhir_service.dicom.web import _dataset
+
+    item = {
+        "0020000D": {"vr": "UI", "Value": ["1.2.3"]},
+        "00101010": {"vr": "AS", "Value": [62]},
+        "00080060": {"vr": "CS", "Value": ["CR"]},
+    }
+    ds = _dataset(item)
+    assert ds.StudyInstanceUID == "1.2.3"
+    assert ds.Modality == "CR"
