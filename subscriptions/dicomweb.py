@@ -100,8 +100,8 @@ def wado_endpoint(fhir: FhirClient, study: dict[str, Any], pacs: DicomSource | N
         address = str(endpoint.get("address") or "").rstrip("/")
         if address != pacs.base_url.rstrip("/"):
             raise ImageError(
-                f"{where}: Endpoint/{endpoint.get('id')} address {address!r} is not the "
-                f"configured PACS ({pacs.base_url}; CXR_DICOMWEB_URL)"
+                f"{where}: the DICOMweb Endpoint/{endpoint.get('id')} address {address!r} is "
+                f"not the configured PACS ({pacs.base_url}; CXR_DICOMWEB_URL)"
             )
     return True
 

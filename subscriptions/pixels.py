@@ -76,9 +76,10 @@ def fetch_pixels(
         if pacs is not None and uid:
             try:
                 return fetch_dicomweb(study, pacs, max_bytes)
-            except PacsUnavailableError as exc:
-                # No Endpoint says the pixels are in the PACS: a PACS that is down is one
-                # more place the image is not yet, and the study waits for it (or a Media).
+            except (PacsUnavailableError, MissingImageError) as exc:
+                # No Endpoint says the pixels are in the PACS: a PACS that is down or does not
+                # hold the study is one more place the image is not yet, and the study waits
+                # for it (or a Media).
                 raise MissingImageError(
                     f"no pixels: no Media with partOf ImagingStudy/{study_id}, and {exc.message}"
                 ) from exc
