@@ -89,6 +89,9 @@ class DicomwebPacs:
         elif auth.username is not None:
             session.auth = (auth.username, auth.password or "")
         self._client = DICOMwebClient(url=self.base_url, session=session)
+        # No retries inside a request: the job queue retries transient failures with its own
+        # backoff (subscriptions.failures), and a worker must not sit in a hidden loop.
+        self._client.set_http_retry_params(retry=False)
 
     def _call(self, what: str, fn: Callable[[], T], *, missing: str | None = None) -> T:
         try:
