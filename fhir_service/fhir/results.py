@@ -135,6 +135,14 @@ def build_result_transaction(
     observations = [_observation_entry(f, r) for f in analysis.findings]
     media = _heatmap_entries(analysis, heatmaps, r)
     report = _report_entry(analysis, observations, media, r)
+    # The order the study was done for (set by `cxr ingest dicom` from the accession number).
+    based_on = [
+        {"reference": str(b["reference"])}
+        for b in study.get("basedOn") or []
+        if str(b.get("reference", "")).startswith("ServiceRequest/")
+    ]
+    for entry in [*observations, report] if based_on else []:
+        entry["resource"]["basedOn"] = based_on
     if derived is not None:
         endpoint = pacs_endpoint_entry(derived.endpoint, terminology=terminology)
         study_entry = derived_study_entry(
