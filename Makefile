@@ -9,7 +9,7 @@ HAPI_SOURCES := hapi-fhir/pom.xml $(shell find hapi-fhir/src -type f 2>/dev/null
 # No model hub is reachable here: fail fast instead of retrying for ~46 s.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install jar browser demo stop test test-unit test-integration lint format bench clean
+.PHONY: help install jar browser pacs demo stop test test-unit test-integration lint format bench clean
 
 help:
 	@echo "make demo   - set up, start HAPI + PostgreSQL + service + worker, run the demo"
@@ -32,7 +32,7 @@ $(JAR): $(HAPI_SOURCES)
 
 jar: $(JAR)
 
-demo: install jar
+demo: install jar pacs
 	$(CXR) demo
 
 stop: install
@@ -44,14 +44,20 @@ browser: /usr/bin/chromium
 /usr/bin/chromium:
 	apt-get update && apt-get install -y chromium
 
-test: install jar browser
+test: install jar browser pacs
 	$(PY) -m pytest
 
 test-unit: install
 	$(PY) -m pytest -m "not integration"
 
-test-integration: install jar
+test-integration: install jar pacs
 	$(PY) -m pytest -m integration
+
+# Debian's Orthanc and its DICOMweb plugin: the embedded PACS (`cxr pacs start`).
+pacs: /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+
+/usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so:
+	apt-get update && apt-get install -y --no-install-recommends orthanc orthanc-dicomweb
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -20,6 +20,8 @@ with the right status). Each class's docstring is its default message.
     ├── ModelError           the model cannot produce a result (weights, shapes)
     ├── FhirError            the FHIR server refused or failed a request
     │   └── FhirUnavailableError   transient: timeouts, 5xx; retried
+    ├── PacsError            the PACS refused or failed a DICOMweb request
+    │   └── PacsUnavailableError   transient: unreachable, timeouts, 5xx; retried
     ├── StoreError           the vector store / database failed
     └── ServiceError         a managed process (HAPI, PostgreSQL, worker) failed to start or stop
 """
@@ -39,6 +41,8 @@ __all__ = [
     "ModelError",
     "NotARadiographError",
     "NotFoundError",
+    "PacsError",
+    "PacsUnavailableError",
     "PayloadTooLargeError",
     "ServiceError",
     "StoreError",
@@ -137,6 +141,14 @@ class FhirUnavailableError(FhirError):
 
     http_status = 503
     issue_code = "transient"
+
+
+class PacsError(CxrError):
+    """The PACS refused or failed a DICOMweb request."""
+
+
+class PacsUnavailableError(PacsError):
+    """The PACS is unreachable, timed out or answered 5xx; the request may be retried."""
 
 
 class StoreError(CxrError):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from fhir_service.dicom.web import DicomwebAuth, DicomwebPacs
 from fhir_service.fhir.client import FhirClient
 from fhir_service.settings import Settings
 from subscriptions.analyzer import ModelAnalyzer
@@ -147,7 +148,19 @@ def build_pipeline(
         max_image_bytes=settings.max_image_bytes,
         image_hosts=frozenset(settings.image_hosts),
         image_wait=settings.image_wait,
+        pacs=build_pacs(settings),
+        pacs_results=settings.pacs_results,
     )
+
+
+def build_pacs(settings: Settings) -> DicomwebPacs:
+    """The PACS the worker reads DICOMweb studies from (the embedded Orthanc by default)."""
+    auth = DicomwebAuth(
+        token=settings.dicomweb_token,
+        username=settings.dicomweb_username,
+        password=settings.dicomweb_password,
+    )
+    return DicomwebPacs(settings.dicomweb_base_url, auth, timeout_s=settings.dicomweb_timeout_s)
 
 
 def model_version_for(settings: Settings) -> str:

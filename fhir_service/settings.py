@@ -135,6 +135,28 @@ class Settings(BaseSettings):
         "raise it (200+) for millions",
     )
 
+    # --- PACS (DICOMweb): the embedded Orthanc, or an external one ---
+    dicomweb_url: str | None = Field(
+        default=None,
+        description="DICOMweb base of an external PACS (QIDO/WADO/STOW-RS); unset = the "
+        "embedded Orthanc at http://127.0.0.1:{orthanc_http_port}/dicom-web",
+    )
+    dicomweb_token: str | None = Field(
+        default=None, description="bearer token for the external PACS (Authorization: Bearer)"
+    )
+    dicomweb_username: str | None = Field(default=None, description="basic auth user (PACS)")
+    dicomweb_password: str | None = Field(default=None, description="basic auth password")
+    dicomweb_timeout_s: float = Field(default=30.0, gt=0)
+    orthanc_http_port: int = 8042
+    orthanc_dicom_port: int = 4242
+    orthanc_binary: Path = Path("/usr/sbin/Orthanc")
+    orthanc_plugin: Path = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    pacs_results: bool = Field(
+        default=True,
+        description="STOW a DICOM SR (TID 1500) and heatmap objects back to the PACS for "
+        "studies read over DICOMweb",
+    )
+
     # --- cxr serve ---
     service_host: str = "127.0.0.1"
     service_port: int = 10001
@@ -432,6 +454,19 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def orthanc_dir(self) -> Path:
+        return self.data_dir / "orthanc"
+
+    @property
+    def embedded_pacs(self) -> bool:
+        return self.dicomweb_url is None
+
+    @property
+    def dicomweb_base_url(self) -> str:
+        url = self.dicomweb_url or f"http://127.0.0.1:{self.orthanc_http_port}/dicom-web"
+        return url.rstrip("/")
 
 
 @lru_cache(maxsize=1)

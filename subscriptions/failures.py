@@ -39,6 +39,7 @@ from cxr_errors import (
     ImageTooLargeError,
     InputError,
     MissingImageError,
+    PacsUnavailableError,
     StoreError,
 )
 from fhir_service.fhir.inbound import MalformedResource
@@ -59,9 +60,10 @@ class Kind(StrEnum):
     INTERNAL = "internal"
 
 
-#: Transient failures: HAPI 5xx / timeouts, network and database hiccups.
+#: Transient failures: HAPI or PACS 5xx / timeouts, network and database hiccups.
 TRANSIENT: tuple[type[BaseException], ...] = (
     FhirUnavailableError,
+    PacsUnavailableError,
     StoreError,
     ConnectionError,
     TimeoutError,

@@ -44,10 +44,12 @@ from fhir_service.fhir.inbound import check_resource
 from fhir_service.fhir.results import build_result_transaction
 from fhir_service.fhir.studies import study_age_and_view
 from models.types import ImageAnalysis
+from subscriptions.dicomweb import DicomSource
 from subscriptions.failures import DEFAULT_RETRY, Kind, RetryPolicy, classify, new_correlation_id
 from subscriptions.lifecycle import WITHDRAWN_STATUSES, StudyTasks, last_updated
 from subscriptions.logcontext import job_context
 from subscriptions.metrics import JobMetrics
+from subscriptions.pacs_results import store_dicom_results
 from subscriptions.pixels import Pixels, fetch_pixels
 from vector_store.records import EmbeddingRecord
 
@@ -103,6 +105,10 @@ class Pipeline:
     image_wait: timedelta = timedelta(0)
     """how long an available study without an image waits for one (CXR_IMAGE_WAIT)"""
     retry: RetryPolicy = DEFAULT_RETRY
+    pacs: DicomSource | None = None
+    """the PACS studies with a DICOMweb Endpoint (or a Study Instance UID) are read from"""
+    pacs_results: bool = False
+    """STOW the SR and heatmap Segmentation of a study read over DICOMweb (CXR_PACS_RESULTS)"""
     metrics: JobMetrics = field(default_factory=JobMetrics)
 
     def __post_init__(self) -> None:
@@ -268,7 +274,11 @@ class Pipeline:
         """The study's pixels and report key, or "already reported"."""
         check_resource(study, "ImagingStudy", what=f"ImagingStudy/{study.get('id')}")
         pixels = fetch_pixels(
-            self.fhir, study, max_bytes=self.max_image_bytes, allowed_hosts=self.image_hosts
+            self.fhir,
+            study,
+            max_bytes=self.max_image_bytes,
+            allowed_hosts=self.image_hosts,
+            pacs=self.pacs,
         )
         sha = hashlib.sha256(pixels.data).hexdigest()
         identifier = report_identifier(study["id"], self.analyzer.model_version, sha)
@@ -283,6 +293,11 @@ class Pipeline:
             raise result
         study, sha = job.study, job.sha256
         previous = self._current_reports(study["id"], self.analyzer.model_version)
+        derived = None
+        if self.pacs is not None and self.pacs_results and job.pixels.instance is not None:
+            derived = store_dicom_results(
+                self.pacs, job.pixels.data, result.analysis, job.identifier[1]
+            )
         bundle = build_result_transaction(
             study=study,
             analysis=result.analysis,
@@ -290,6 +305,7 @@ class Pipeline:
             image_sha256=sha,
             recorded=datetime.now(UTC),
             supersedes=previous,
+            derived=derived,
         )
         try:
             response = self.fhir.transaction(bundle)

@@ -1,9 +1,11 @@
 """Find and fetch the pixels of an ImagingStudy, as shared/docs/FHIR_PROFILE.md describes.
 
-Order: a ``Media`` whose ``partOf`` is the study (inline ``content.data`` or ``content.url``
-→ ``Binary`` on the same FHIR server, or a URL on an allow-listed image host); a DICOMweb
-``Endpoint`` is recognised and refused clearly (a later issue). Any other URL is refused:
-fetching what a resource points at is an SSRF hole.
+Order: a DICOMweb ``Endpoint`` (connectionType ``dicom-wado-rs``, on the study or a series,
+at the configured PACS) → the frontal instance over WADO-RS (:mod:`subscriptions.dicomweb`);
+else a ``Media`` whose ``partOf`` is the study (inline ``content.data`` or ``content.url`` →
+``Binary`` on the same FHIR server, or a URL on an allow-listed image host); else, when a PACS
+is configured and the study carries a Study Instance UID, that study in the PACS. Any other
+URL is refused: fetching what a resource points at is an SSRF hole.
 """
 
 from __future__ import annotations
@@ -17,10 +19,22 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
 
-from cxr_errors import ImageError, ImageTooLargeError, MissingImageError
+from cxr_errors import (
+    ImageError,
+    ImageTooLargeError,
+    MissingImageError,
+    PacsUnavailableError,
+)
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.inbound import check_resource
 from fhir_service.fhir.results import is_cxr_overlay
+from subscriptions.dicomweb import (
+    DicomInstance,
+    DicomSource,
+    pick_frontal,
+    study_uid,
+    wado_endpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,8 @@ class Pixels:
     source: str
     """where they came from, for messages: 'Media/12 (Binary/13)'"""
     content_type: str | None
+    instance: DicomInstance | None = None
+    """the DICOM instance read over DICOMweb (None for the Media path)"""
 
 
 def input_media(fhir: FhirClient, study_id: str) -> list[dict[str, Any]]:
@@ -48,19 +64,47 @@ def fetch_pixels(
     *,
     max_bytes: int,
     allowed_hosts: frozenset[str] = frozenset(),
+    pacs: DicomSource | None = None,
 ) -> Pixels:
     study_id = study["id"]
+    if wado_endpoint(fhir, study, pacs):
+        assert pacs is not None  # wado_endpoint refuses an Endpoint without a PACS
+        return fetch_dicomweb(study, pacs, max_bytes)
     media = input_media(fhir, study_id)
     if not media:
-        if study.get("endpoint"):
-            raise ImageError(
-                f"ImagingStudy/{study_id} points at an Endpoint (DICOMweb); fetching pixels "
-                "by DICOMweb is not supported yet — attach a Media with partOf this study"
-            )
+        uid = study_uid(study)
+        if pacs is not None and uid:
+            try:
+                return fetch_dicomweb(study, pacs, max_bytes)
+            except (PacsUnavailableError, MissingImageError) as exc:
+                # No Endpoint says the pixels are in the PACS: a PACS that is down or does not
+                # hold the study is one more place the image is not yet, and the study waits
+                # for it (or a Media).
+                raise MissingImageError(
+                    f"no pixels: no Media with partOf ImagingStudy/{study_id}, and {exc.message}"
+                ) from exc
         raise MissingImageError(
             f"no pixels: no Media with partOf ImagingStudy/{study_id} holds an image"
         )
-    m = media[0]
+    return _from_media(fhir, media[0], max_bytes, allowed_hosts)
+
+
+def fetch_dicomweb(study: dict[str, Any], pacs: DicomSource, max_bytes: int) -> Pixels:
+    """The study's frontal chest instance from the PACS, as a Part 10 file."""
+    uid = study_uid(study)
+    where = f"ImagingStudy/{study.get('id')}"
+    if not uid:
+        raise ImageError(f"{where} names a DICOMweb Endpoint but no Study Instance UID identifier")
+    chosen = pick_frontal(pacs.study_instances(uid), f"{where} (study {uid})")
+    data = pacs.instance(chosen.study_uid, chosen.series_uid, chosen.sop_uid, max_bytes=max_bytes)
+    return Pixels(
+        data, f"{where} (DICOMweb instance {chosen.sop_uid})", "application/dicom", chosen
+    )
+
+
+def _from_media(
+    fhir: FhirClient, m: dict[str, Any], max_bytes: int, allowed_hosts: frozenset[str]
+) -> Pixels:
     content = m.get("content") or {}
     where = f"Media/{m['id']}"
     size = content.get("size")

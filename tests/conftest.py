@@ -19,7 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_service.ops import hapi_server
+from fhir_service.dicom.web import DicomwebPacs
+from fhir_service.ops import hapi_server, orthanc
 from fhir_service.ops.stack import start_service, start_workers, stop_all
 from fhir_service.settings import Settings, TrustedIssuer
 from models.types import ImageAnalysis
@@ -49,6 +50,8 @@ def test_settings(test_data_dir: Path) -> Settings:
         hapi_port=18080 + offset,
         pg_port=15433 + offset,
         service_port=18001 + offset,
+        orthanc_http_port=18042 + offset,
+        orthanc_dicom_port=14242 + offset,
         model_weights="untrained",
         clip_weights="untrained",
         # The dev EHRs the integration tests start (each module its own port).
@@ -167,8 +170,29 @@ def hapi(test_settings: Settings) -> Iterator[HapiServer]:
 
 
 @pytest.fixture(scope="session")
-def stack(hapi: HapiServer, database: str, test_settings: Settings) -> Iterator[Stack]:
-    """HAPI + PostgreSQL + one ``cxr serve`` + one ``cxr worker`` (untrained), per session."""
+def pacs(test_settings: Settings) -> Iterator[DicomwebPacs]:
+    """The embedded PACS (Debian's Orthanc + DICOMweb plugin) on an empty archive, per session."""
+    settings = test_settings
+    orthanc.stop(settings)  # one left behind by an interrupted run
+    orthanc.wipe(settings)
+    (settings.log_dir / "orthanc.log").unlink(missing_ok=True)
+    try:
+        orthanc.start(settings)
+    except BaseException:
+        orthanc.stop(settings)
+        raise
+    try:
+        yield DicomwebPacs(settings.dicomweb_base_url)
+    finally:
+        orthanc.stop(settings)
+
+
+@pytest.fixture(scope="session")
+def stack(
+    hapi: HapiServer, database: str, pacs: DicomwebPacs, test_settings: Settings
+) -> Iterator[Stack]:
+    """HAPI + PostgreSQL + the embedded PACS + one ``cxr serve`` + one ``cxr worker``
+    (untrained), per session."""
     stop_all(test_settings)
     try:
         start_service(test_settings)

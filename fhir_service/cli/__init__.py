@@ -14,6 +14,7 @@ from fhir_service.cli import (
     hapi,
     infer,
     ingest,
+    pacs,
     service,
     similar,
     status,
@@ -26,6 +27,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(hapi.app, name="hapi", help="Run the HAPI FHIR server (hapi-fhir/).")
+app.add_typer(pacs.app, name="pacs", help="Run the embedded PACS (Orthanc + DICOMweb).")
 app.add_typer(db.app, name="db", help="Run the embedded PostgreSQL + pgvector server.")
 app.add_typer(demo.app, name="demo", help="Run the whole stack on embedded defaults.")
 app.add_typer(ingest.app, name="ingest", help="Bulk-load an archive (NIH ChestX-ray14) into FHIR.")

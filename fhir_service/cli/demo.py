@@ -1,7 +1,10 @@
 """``cxr demo``: the whole stack on embedded defaults, shown working; ``cxr demo stop`` ends it.
 
-Starts PostgreSQL, HAPI, ``cxr serve`` and one ``cxr worker``; posts five real NIH studies
-(Patient, ImagingStudy and the PNG as Media, one transaction each); waits for the reports;
+Starts PostgreSQL, HAPI, the embedded PACS (Orthanc), ``cxr serve`` and one ``cxr worker``;
+runs five real NIH studies (the PNGs wrapped as DICOM) and the real DICOM files of
+``shared/data/dicom`` through PACS → FHIR → inference → PACS (``cxr ingest dicom``: STOW,
+then Patient + ImagingStudy with its Endpoint; the worker reads them over WADO-RS and STOWs
+its SR and heatmaps back); waits for the reports;
 prints a triage table and the FHIR URLs; starts ``cxr dev-ehr`` and prints a SMART launch
 URL for the app; leaves the stack running.
 """
@@ -19,12 +22,13 @@ from cxr_errors import ConfigError, CxrError
 from fhir_service.cli._common import cli_errors, console
 from fhir_service.fhir import identifiers, terminology
 from fhir_service.fhir.client import FhirClient
+from fhir_service.ingest.demo_dicom import demo_dicom_files
+from fhir_service.ingest.dicom_files import ingest_dicom
 from fhir_service.ingest.nih import read_manifest
-from fhir_service.ingest.transaction import created_id, study_bundle
-from fhir_service.ops import hapi_server
+from fhir_service.ops import hapi_server, orthanc
 from fhir_service.ops.database import start_database, stop_database
 from fhir_service.ops.stack import start_dev_ehr, start_service, start_workers, stop_all
-from fhir_service.runtime import build_clip, model_version_for
+from fhir_service.runtime import build_clip, build_pacs, model_version_for
 from fhir_service.settings import Settings, get_settings
 
 app = typer.Typer(invoke_without_command=True)
@@ -52,6 +56,7 @@ def stop() -> None:
         for name in stop_all(settings):
             console.print(f"{name} stopped")
         console.print("HAPI stopped" if hapi_server.stop(settings) else "HAPI was not running")
+        console.print("PACS stopped" if orthanc.stop(settings) else "PACS was not running")
         console.print("PostgreSQL stopped" if stop_database(settings) else "PostgreSQL not running")
 
 
@@ -96,23 +101,18 @@ def _run(base_settings: Settings) -> None:
     console.print("Starting HAPI FHIR (the first run builds hapi-fhir/ with Maven) ...")
     took = hapi_server.start(settings, progress=console.print)
     console.print(f"HAPI FHIR ready at {settings.fhir_base_url} ({took:.1f} s)")
+    took = orthanc.start(settings, progress=console.print)
+    console.print(f"PACS (DICOMweb) ready at {settings.dicomweb_base_url} ({took:.1f} s)")
     start_service(settings)
     console.print(f"cxr serve ready at {settings.service_url} (rest-hook Subscription active)")
     start_workers(settings, 1)
     console.print("cxr worker started (loads the models, then takes jobs)")
 
     model_version = model_version_for(settings)
-    manifest = settings.shared_dir / "data" / "nih-sample" / "manifest.csv"
-    records = list(read_manifest(manifest))[:DEMO_STUDIES]
-    studies: dict[str, Any] = {}
     with FhirClient(settings.fhir_base_url, timeout=120) as fhir:
-        for rec in records:
-            png = (manifest.parent / rec.image_index).read_bytes()
-            study_id = created_id(fhir.transaction(study_bundle(rec, png)), "ImagingStudy")
-            studies[study_id] = rec
-            console.print(f"posted ImagingStudy/{study_id} ({rec.image_index}, {len(png)} bytes)")
+        studies = _ingest_demo_studies(settings, fhir)
         reports = _wait_for_reports(fhir, list(studies), model_version)
-        rows = [_triage_row(fhir, sid, studies[sid].image_index, reports[sid]) for sid in studies]
+        rows = [_triage_row(fhir, sid, studies[sid], reports[sid]) for sid in studies]
         patient = fhir.read("ImagingStudy", rows[0]["study"])["subject"]["reference"]
     _print_triage(rows, settings, model_version)
     start_dev_ehr(settings)
@@ -123,6 +123,21 @@ def _run(base_settings: Settings) -> None:
         f"{settings.dev_ehr_url}; all launches: {settings.dev_ehr_url}/launch)"
     )
     console.print("Stop with:        [bold]make stop[/]  (or: .venv/bin/cxr demo stop)")
+
+
+def _ingest_demo_studies(settings: Settings, fhir: FhirClient) -> dict[str, str]:
+    """STOW the demo's DICOM (NIH PNGs wrapped, and shared/data/dicom) and register them."""
+    manifest = settings.shared_dir / "data" / "nih-sample" / "manifest.csv"
+    files = demo_dicom_files(settings, list(read_manifest(manifest))[:DEMO_STUDIES])
+    report = ingest_dicom(files, fhir, build_pacs(settings), max_bytes=settings.max_image_bytes)
+    studies: dict[str, str] = {}
+    for s in report.studies:
+        sid = s.imaging_study.split("/")[1]
+        studies[sid] = f"study {s.study_uid[-20:]}"
+        console.print(f"PACS → FHIR: {s.imaging_study} {s.outcome} ({s.files} DICOM files)")
+    for path, why in report.skipped:
+        console.print(f"[yellow]skipped[/] {path}: {why}")
+    return studies
 
 
 def _wait_for_reports(
@@ -193,7 +208,7 @@ def _print_triage(rows: list[dict[str, Any]], settings: Settings, model_version:
     table = Table(title=f"Triage (model {model_version})")
     # The value is a probability only where a calibration was fitted (its interpretation text
     # says which); the band is whichever the Observation carries (95 % band or TTA spread).
-    for col in ("ImagingStudy", "NIH image", "top findings: score [band, where computed]"):
+    for col in ("ImagingStudy", "source", "top findings: score [band, where computed]"):
         table.add_column(col)
     for row in rows:
         top = []

@@ -225,3 +225,24 @@ def _print_summary(r: IngestReport) -> None:
             f"[yellow]box not attached[/] {r.bbox} line {box.line} ({box.image_index}): "
             f"{box.reason}"
         )
+
+
+@app.command()
+def dicom(
+    paths: list[Path] = typer.Argument(..., help="DICOM files, or directories to walk."),
+) -> None:
+    """STOW DICOM files to the PACS and register their studies in FHIR (idempotent by Study
+    Instance UID): Patient, ServiceRequest (accession number), Endpoint, ImagingStudy."""
+    from fhir_service.ingest.dicom_files import ingest_dicom
+    from fhir_service.runtime import build_pacs
+
+    settings = get_settings()
+    with cli_errors(), FhirClient(settings.fhir_base_url, timeout=120) as fhir:
+        report = ingest_dicom(paths, fhir, build_pacs(settings), max_bytes=settings.max_image_bytes)
+    for s in report.studies:
+        console.print(f"{s.outcome:9} {s.imaging_study}  study {s.study_uid} ({s.files} files)")
+    for path, why in report.skipped:
+        console.print(f"[yellow]skipped[/] {path}: {why}")
+    if not report.studies:
+        console.print("[red]no DICOM study found[/]")
+        raise typer.Exit(2)

@@ -28,6 +28,7 @@ from fhir_service.fhir.datatypes import (
     ref,
     urn,
 )
+from fhir_service.fhir.derived import DerivedObjects, derived_study_entry, pacs_endpoint_entry
 from fhir_service.fhir.identifiers import report_identifier, study_model_identifier
 from fhir_service.fhir.studies import StudyRef
 from fhir_service.fhir.supersede import supersede
@@ -90,6 +91,7 @@ def build_result_transaction(
     image_sha256: str,
     recorded: datetime,
     supersedes: Sequence[Mapping[str, Any] | str] = (),
+    derived: DerivedObjects | None = None,
     terminology: Terminology = TERMINOLOGY,
 ) -> Resource:
     """The one transaction Bundle that records ``analysis`` of ``study``.
@@ -106,6 +108,10 @@ def build_result_transaction(
     plain ``"DiagnosticReport/{id}[/_history/{v}]"`` string is only named, and the caller
     withdraws it. Either way each old report becomes a Provenance entity with role
     ``revision``.
+
+    ``derived`` names the SR and heatmap Segmentation stored in the PACS for this result: an
+    ImagingStudy listing them (with the PACS Endpoint) joins the transaction and the report's
+    ``imagingStudy``.
     """
     _check_analysis(analysis)
     study_ref = StudyRef.from_resource(study)
@@ -129,6 +135,26 @@ def build_result_transaction(
     observations = [_observation_entry(f, r) for f in analysis.findings]
     media = _heatmap_entries(analysis, heatmaps, r)
     report = _report_entry(analysis, observations, media, r)
+    # The order the study was done for (set by `cxr ingest dicom` from the accession number).
+    based_on = [
+        {"reference": str(b["reference"])}
+        for b in study.get("basedOn") or []
+        if str(b.get("reference", "")).startswith("ServiceRequest/")
+    ]
+    for entry in [*observations, report] if based_on else []:
+        entry["resource"]["basedOn"] = based_on
+    if derived is not None:
+        endpoint = pacs_endpoint_entry(derived.endpoint, terminology=terminology)
+        study_entry = derived_study_entry(
+            derived,
+            key=report_key,
+            subject=r.study.subject,
+            source_study=r.study.reference,
+            endpoint_url=endpoint["fullUrl"],
+            terminology=terminology,
+        )
+        report["resource"]["imagingStudy"].append(ref(study_entry["fullUrl"]))
+        entries += [endpoint, study_entry]
     old_reports, withdrawn = _withdrawals(supersedes, r)
     entries += [*observations, *media, report]
     entries.append(_provenance_entry(report, [*observations, *media], old_reports, r))

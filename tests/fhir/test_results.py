@@ -520,3 +520,14 @@ def test_weights_sha256_on_device_and_provenance() -> None:
             "display": "sha256 of the loaded weights file",
         }
     ]
+
+
+def test_observations_and_report_are_based_on_the_studys_service_request() -> None:
+    from tests.factories import make_study, one_of, resources_of, result_bundle
+
+    study = {**make_study(), "basedOn": [{"reference": "ServiceRequest/sr1"}]}
+    bundle = result_bundle(study=study)
+    assert one_of(bundle, "DiagnosticReport")["basedOn"] == [{"reference": "ServiceRequest/sr1"}]
+    for obs in resources_of(bundle, "Observation"):
+        assert obs["basedOn"] == [{"reference": "ServiceRequest/sr1"}]
+    assert "basedOn" not in one_of(result_bundle(), "DiagnosticReport")

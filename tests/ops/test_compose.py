@@ -16,11 +16,11 @@ def _compose() -> dict[str, Any]:
     return dict(yaml.safe_load((REPO / "docker-compose.yml").read_text()))
 
 
-def test_compose_has_the_four_services_and_their_files() -> None:
+def test_compose_has_the_five_services_and_their_files() -> None:
     services = _compose()["services"]
-    assert set(services) == {"hapi", "postgres", "service", "worker"}
+    assert set(services) == {"hapi", "postgres", "orthanc", "service", "worker"}
     assert services["postgres"]["image"].startswith("pgvector/pgvector")
-    for name in ("hapi", "service", "worker"):
+    for name in ("hapi", "orthanc", "service", "worker"):
         build = services[name]["build"]
         assert (REPO / build["context"] / build["dockerfile"]).is_file(), name
     for volume in services["postgres"]["volumes"]:
