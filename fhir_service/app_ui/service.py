@@ -13,6 +13,9 @@ launch) the user's ``user/`` scopes decide which types are read, and the worklis
 ``RECENT_STUDIES`` most recently updated studies of every patient, with their patients,
 reports, Observations and failed Tasks read for exactly those studies: a fixed number of
 requests per refresh, whatever the size of the archive.
+
+One concept (a little over 500 lines): every FHIR read the app makes with the user's token,
+so the patient checks that guard them are all in one module.
 """
 
 from __future__ import annotations

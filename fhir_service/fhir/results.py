@@ -8,6 +8,9 @@ an identifier derived from :func:`~fhir_service.fhir.identifiers.report_identifi
 ``urn:uuid`` is derived from that key too, so the same inputs give the same bundle byte for
 byte (timestamps aside) and posting it again creates nothing: HAPI resolves the placeholders
 of matched conditional creates to the resources that already exist.
+
+One concept, one module (over 500 lines on purpose): every entry of that one Bundle is built
+here, so the keys and references that tie them together are read in one place.
 """
 
 from __future__ import annotations
@@ -135,31 +138,42 @@ def build_result_transaction(
     observations = [_observation_entry(f, r) for f in analysis.findings]
     media = _heatmap_entries(analysis, heatmaps, r)
     report = _report_entry(analysis, observations, media, r)
-    # The order the study was done for (set by `cxr ingest dicom` from the accession number).
-    based_on = [
-        {"reference": str(b["reference"])}
-        for b in study.get("basedOn") or []
-        if str(b.get("reference", "")).startswith("ServiceRequest/")
-    ]
-    for entry in [*observations, report] if based_on else []:
-        entry["resource"]["basedOn"] = based_on
+    _link_order(study, [*observations, report])
     if derived is not None:
-        endpoint = pacs_endpoint_entry(derived.endpoint, terminology=terminology)
-        study_entry = derived_study_entry(
-            derived,
-            key=report_key,
-            subject=r.study.subject,
-            source_study=r.study.reference,
-            endpoint_url=endpoint["fullUrl"],
-            terminology=terminology,
-        )
-        report["resource"]["imagingStudy"].append(ref(study_entry["fullUrl"]))
-        entries += [endpoint, study_entry]
+        entries += _derived_entries(derived, report, r)
     old_reports, withdrawn = _withdrawals(supersedes, r)
     entries += [*observations, *media, report]
     entries.append(_provenance_entry(report, [*observations, *media], old_reports, r))
     entries.extend(withdrawn)
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _link_order(study: Mapping[str, Any], entries: Sequence[Resource]) -> None:
+    """``basedOn`` the order the study was done for (set by `cxr ingest dicom` from the
+    accession number), on each entry's resource."""
+    based_on = [
+        {"reference": str(b["reference"])}
+        for b in study.get("basedOn") or []
+        if str(b.get("reference", "")).startswith("ServiceRequest/")
+    ]
+    for entry in entries if based_on else []:
+        entry["resource"]["basedOn"] = based_on
+
+
+def _derived_entries(derived: DerivedObjects, report: Resource, r: _Result) -> list[Resource]:
+    """The PACS Endpoint and an ImagingStudy listing the SR and Segmentation stored there,
+    which the report names in ``imagingStudy``."""
+    endpoint = pacs_endpoint_entry(derived.endpoint, terminology=r.t)
+    study_entry = derived_study_entry(
+        derived,
+        key=r.report_key,
+        subject=r.study.subject,
+        source_study=r.study.reference,
+        endpoint_url=endpoint["fullUrl"],
+        terminology=r.t,
+    )
+    report["resource"]["imagingStudy"].append(ref(study_entry["fullUrl"]))
+    return [endpoint, study_entry]
 
 
 def is_cxr_overlay(media: Mapping[str, Any], *, terminology: Terminology = TERMINOLOGY) -> bool:
