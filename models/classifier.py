@@ -105,14 +105,7 @@ class Classifier:
         )
         self.tta = tta
         self.net = OnePassNet(loaded.model).eval()
-        calibration = calibration or Calibration.identity()
-        if calibration.weights_sha256 and calibration.weights_sha256 != loaded.sha256:
-            raise ConfigError(
-                f"calibration {calibration.version} was fitted for weights "
-                f"{calibration.weights_name}@{calibration.weights_sha256[:12]}, "
-                f"not the loaded {loaded.model_version}; re-run `cxr calibrate`"
-            )
-        self.calibration = calibration
+        self.calibration = calibration = _pinned(calibration, loaded)
         self._index = np.array(self.spec.finding_index())
         self._extra = self.spec.extra_index()
         bias = self.net.classifier.bias
@@ -129,28 +122,34 @@ class Classifier:
             if (c := calibration.classes.get(f)) is not None and c.calibrated
         )
         self._gate_labels = gate_labels
-        self.backend: PassBackend
+        self.backend = self._backend(backend, precision, onnx_cache_dir, num_threads, gate_images)
+        self.precision = precision
+
+    def _backend(
+        self,
+        backend: BackendName,
+        precision: Precision,
+        cache_dir: Path | None,
+        num_threads: int | None,
+        gate_images: Sequence[Path],
+    ) -> PassBackend:
         if backend == "torch":
             if precision != "fp32":
                 raise ConfigError("the torch backend is the fp32 reference: use onnx or openvino")
-            self.backend = TorchBackend(self.net)
-        elif backend in ("onnx", "openvino"):
+            return TorchBackend(self.net)
+        if backend in ("onnx", "openvino"):
             gate = GateData(lambda: self.prepare(list(gate_images)).numpy(), self._judge)
-            self.backend = build_pass_backend(
+            return build_pass_backend(
                 self.net,
                 runtime=backend,
                 precision=precision,
                 input_size=self.spec.input_size,
-                weights_sha256=loaded.sha256,
-                cache_dir=onnx_cache_dir,
+                weights_sha256=self.weights_sha256,
+                cache_dir=cache_dir,
                 num_threads=num_threads,
                 gate=gate if gate_images else None,
             )
-        else:
-            raise ConfigError(
-                f"unknown model backend {backend!r}: use 'onnx', 'openvino' or 'torch'"
-            )
-        self.precision = precision
+        raise ConfigError(f"unknown model backend {backend!r}: use 'onnx', 'openvino' or 'torch'")
 
     def release_torch(self) -> int:
         """Free the torch DenseNet once a graph serves (the lean worker); bytes freed.
@@ -305,3 +304,15 @@ class Classifier:
                 )
             )
         return results
+
+
+def _pinned(calibration: Calibration | None, loaded: LoadedWeights) -> Calibration:
+    """``calibration`` (identity when None), refused when fitted for other weights."""
+    calibration = calibration or Calibration.identity()
+    if calibration.weights_sha256 and calibration.weights_sha256 != loaded.sha256:
+        raise ConfigError(
+            f"calibration {calibration.version} was fitted for weights "
+            f"{calibration.weights_name}@{calibration.weights_sha256[:12]}, "
+            f"not the loaded {loaded.model_version}; re-run `cxr calibrate`"
+        )
+    return calibration
