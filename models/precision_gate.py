@@ -128,6 +128,52 @@ def _row_correlation(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> 
     return np.where(both_flat, 1.0, np.nan_to_num(r, nan=0.0))
 
 
+def _delta_auroc(
+    ref_p: npt.NDArray[np.float64],
+    cand_p: npt.NDArray[np.float64],
+    findings: Sequence[str],
+    labels: Mapping[str, npt.NDArray[np.bool_]] | None,
+) -> tuple[dict[str, float], list[str]]:
+    """|ΔAUROC| per labelled finding, and the findings whose labels are all one class."""
+    delta_auroc: dict[str, float] = {}
+    skipped: list[str] = []
+    for j, finding in enumerate(findings):
+        y = None if labels is None else labels.get(finding)
+        if y is None:
+            continue
+        if y.all() or not y.any():
+            skipped.append(finding)
+            continue
+        delta_auroc[finding] = abs(roc_auc(y, ref_p[:, j]) - roc_auc(y, cand_p[:, j]))
+    return delta_auroc, skipped
+
+
+def _failures(
+    limits: GateLimits,
+    max_dp: float,
+    agreement: float,
+    cams_r: npt.NDArray[np.float64] | None,
+    feats_r: npt.NDArray[np.float64],
+    delta_auroc: Mapping[str, float],
+) -> list[str]:
+    """Each criterion the candidate misses, with its number and the limit."""
+    failures = []
+    if not max_dp <= limits.max_abs_delta_probability:
+        failures.append(f"max |Δp| {max_dp:.4f} > {limits.max_abs_delta_probability}")
+    if not agreement >= limits.min_flag_agreement:
+        failures.append(f"flags identical {agreement:.4f} < {limits.min_flag_agreement}")
+    if cams_r is not None and not float(cams_r.min()) >= limits.min_cam_correlation:
+        failures.append(f"CAM r min {float(cams_r.min()):.4f} < {limits.min_cam_correlation}")
+    if not float(feats_r.min()) >= limits.min_feature_correlation:
+        failures.append(
+            f"feature r min {float(feats_r.min()):.4f} < {limits.min_feature_correlation}"
+        )
+    worst = max(delta_auroc.items(), key=lambda kv: kv[1], default=None)
+    if worst is not None and not worst[1] <= limits.max_delta_auroc:
+        failures.append(f"ΔAUROC {worst[0]} {worst[1]:.4f} > {limits.max_delta_auroc}")
+    return failures
+
+
 def compare(
     *,
     runtime: str,
@@ -167,30 +213,8 @@ def compare(
     feats_r = _row_correlation(
         np.asarray(reference_features, np.float64), np.asarray(candidate_features, np.float64)
     )
-    delta_auroc: dict[str, float] = {}
-    skipped: list[str] = []
-    for j, finding in enumerate(findings):
-        y = None if labels is None else labels.get(finding)
-        if y is None:
-            continue
-        if y.all() or not y.any():
-            skipped.append(finding)
-            continue
-        delta_auroc[finding] = abs(roc_auc(y, ref_p[:, j]) - roc_auc(y, cand_p[:, j]))
-    failures = []
-    if not max_dp <= limits.max_abs_delta_probability:
-        failures.append(f"max |Δp| {max_dp:.4f} > {limits.max_abs_delta_probability}")
-    if not agreement >= limits.min_flag_agreement:
-        failures.append(f"flags identical {agreement:.4f} < {limits.min_flag_agreement}")
-    if cams_r is not None and not float(cams_r.min()) >= limits.min_cam_correlation:
-        failures.append(f"CAM r min {float(cams_r.min()):.4f} < {limits.min_cam_correlation}")
-    if not float(feats_r.min()) >= limits.min_feature_correlation:
-        failures.append(
-            f"feature r min {float(feats_r.min()):.4f} < {limits.min_feature_correlation}"
-        )
-    worst = max(delta_auroc.items(), key=lambda kv: kv[1], default=None)
-    if worst is not None and not worst[1] <= limits.max_delta_auroc:
-        failures.append(f"ΔAUROC {worst[0]} {worst[1]:.4f} > {limits.max_delta_auroc}")
+    delta_auroc, skipped = _delta_auroc(ref_p, cand_p, findings, labels)
+    failures = _failures(limits, max_dp, agreement, cams_r, feats_r, delta_auroc)
     return GateReport(
         runtime=runtime,
         precision=precision,
