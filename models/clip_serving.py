@@ -10,6 +10,7 @@ and there are no CAMs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,45 +68,74 @@ def clip_session(
         raise ConfigError(
             f"CLIP {runtime}/{precision} needs the precision gate's images (CXR_PRECISION_GATE_DIR)"
         )
-    stem = graph_stem(source, runtime, precision)
-    cached: list[npt.NDArray[np.float32]] = []
+    graph = _ReducedClip(
+        fp32, source, runtime, precision, weights_sha256, num_threads, gate_images, tag_scores
+    )
+    return gated(
+        source,
+        runtime,
+        precision,
+        build=graph.build,
+        ready=graph.ready,
+        judge=graph.judge,
+        weights_sha256=weights_sha256,
+    )
 
-    def images() -> npt.NDArray[np.float32]:
-        if not cached:
-            cached.append(np.ascontiguousarray(gate_images(), np.float32))
-        return cached[0]
 
-    def calibration() -> list[npt.NDArray[np.float32]]:
-        x = images()[::2]
+@dataclass
+class _ReducedClip:
+    """A bf16/int8 image tower: how to build it, whether it is built, and its gate."""
+
+    fp32: Any
+    source: Path
+    runtime: Runtime
+    precision: Precision
+    weights_sha256: str
+    num_threads: int | None
+    gate_images: Callable[[], npt.NDArray[np.float32]]
+    tag_scores: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]]
+    _images: npt.NDArray[np.float32] | None = None
+
+    @property
+    def stem(self) -> Path:
+        return graph_stem(self.source, self.runtime, self.precision)
+
+    def images(self) -> npt.NDArray[np.float32]:
+        if self._images is None:
+            self._images = np.ascontiguousarray(self.gate_images(), np.float32)
+        return self._images
+
+    def calibration(self) -> list[npt.NDArray[np.float32]]:
+        x = self.images()[::2]
         return [x[i : i + 8] for i in range(0, len(x), 8)]
 
-    def build() -> Any:
-        if precision == "bf16":
-            return openvino_session(source, "bf16", num_threads)
-        if runtime == "openvino":
-            xml = stem.with_suffix(".xml")
+    def build(self) -> Any:
+        if self.precision == "bf16":
+            return openvino_session(self.source, "bf16", self.num_threads)
+        if self.runtime == "openvino":
+            xml = self.stem.with_suffix(".xml")
             if not xml.is_file():
-                openvino_int8_graph(source, calibration(), stem)
-            return openvino_session(xml, "int8", num_threads)
-        onnx = stem.with_suffix(".onnx")
+                openvino_int8_graph(self.source, self.calibration(), self.stem)
+            return openvino_session(xml, "int8", self.num_threads)
+        onnx = self.stem.with_suffix(".onnx")
         if not onnx.is_file():
-            ort_int8_graph(source, calibration(), stem)
-        return ort_session(onnx, num_threads)
+            ort_int8_graph(self.source, self.calibration(), self.stem)
+        return ort_session(onnx, self.num_threads)
 
-    def ready() -> bool:
-        if precision == "bf16":
-            return source.is_file()
-        return stem.with_suffix(".xml" if runtime == "openvino" else ".onnx").is_file()
+    def ready(self) -> bool:
+        if self.precision == "bf16":
+            return self.source.is_file()
+        return self.stem.with_suffix(".xml" if self.runtime == "openvino" else ".onnx").is_file()
 
-    def judge(session: Any) -> GateReport:
-        x = images()
-        ref, cand = _embed(fp32, x), _embed(session, x)
+    def judge(self, session: Any) -> GateReport:
+        x = self.images()
+        ref, cand = _embed(self.fp32, x), _embed(session, x)
         return compare(
-            runtime=runtime,
-            precision=precision,
-            weights_sha256=weights_sha256,
-            reference_probability=tag_scores(ref),
-            candidate_probability=tag_scores(cand),
+            runtime=self.runtime,
+            precision=self.precision,
+            weights_sha256=self.weights_sha256,
+            reference_probability=self.tag_scores(ref),
+            candidate_probability=self.tag_scores(cand),
             thresholds=np.full(len(NIH_FINDINGS), 0.5),
             reference_cams=None,
             candidate_cams=None,
@@ -113,13 +143,3 @@ def clip_session(
             candidate_features=cand,
             findings=NIH_FINDINGS,
         )
-
-    return gated(
-        source,
-        runtime,
-        precision,
-        build=build,
-        ready=ready,
-        judge=judge,
-        weights_sha256=weights_sha256,
-    )
