@@ -39,7 +39,7 @@ from models.preprocess import (
     center_square,
     decode_image,
 )
-from models.reduced import Precision
+from models.reduced import Precision, Runtime
 from models.registry import BackendName
 from models.types import NIH_FINDINGS, ClipAnalysis, ZeroShotTag
 
@@ -141,31 +141,7 @@ class ClipEncoder:
         self.gate_report: GateReport | None = None
         self._finding_vectors, self._negative_vector = self._prompt_vectors()
         if backend in ("onnx", "openvino"):
-            size = preprocess.size
-            source = load_or_export(
-                self.tower,
-                torch.zeros(1, 3, size, size),
-                ["embedding"],
-                cache_dir=cache_dir,
-                prefix="clip-image",
-                weights_sha256=weights_sha256,
-            )
-            self._session = ort_session(source, num_threads)
-            self._check_against_torch(source)
-            self._session, self.gate_report = clip_session(
-                self._session,
-                source,
-                runtime=backend,
-                precision=precision,
-                weights_sha256=weights_sha256,
-                num_threads=num_threads,
-                gate_images=(lambda: self.prepare(list(gate_images)).numpy())
-                if gate_images
-                else None,
-                tag_scores=self._tag_scores,
-            )
-            if backend == "openvino" and precision == "fp32":
-                self._check_against_torch(source)
+            self._serve_graph(backend, precision, num_threads, gate_images)
         elif backend != "torch":
             raise ConfigError(
                 f"unknown CLIP backend {backend!r}: use 'onnx', 'openvino' or 'torch'"
@@ -174,6 +150,39 @@ class ClipEncoder:
             raise ConfigError("the torch CLIP backend is the fp32 reference: use onnx or openvino")
         self.backend = backend
         self.precision = precision
+
+    def _serve_graph(
+        self,
+        backend: Runtime,
+        precision: Precision,
+        num_threads: int | None,
+        gate_images: Sequence[Path],
+    ) -> None:
+        """The image tower as an exported graph (checked against torch at start-up), in
+        ``precision`` once the precision gate passed."""
+        size = self.preprocess.size
+        source = load_or_export(
+            self.tower,
+            torch.zeros(1, 3, size, size),
+            ["embedding"],
+            cache_dir=self.cache_dir,
+            prefix="clip-image",
+            weights_sha256=self.weights_sha256,
+        )
+        self._session = ort_session(source, num_threads)
+        self._check_against_torch(source)
+        self._session, self.gate_report = clip_session(
+            self._session,
+            source,
+            runtime=backend,
+            precision=precision,
+            weights_sha256=self.weights_sha256,
+            num_threads=num_threads,
+            gate_images=(lambda: self.prepare(list(gate_images)).numpy()) if gate_images else None,
+            tag_scores=self._tag_scores,
+        )
+        if backend == "openvino" and precision == "fp32":
+            self._check_against_torch(source)
 
     def release_torch(self) -> int:
         """Free the torch model (both towers) once a graph serves the image tower and the
