@@ -23,7 +23,14 @@ from fhir_service.runtime import build_analyzer, build_pipeline, model_version_f
 from fhir_service.settings import Settings
 from subscriptions.census import Census, requeue_stuck, take_census
 from subscriptions.metrics import JobMetrics, SnapshotPublisher
-from subscriptions.queue import QUEUE, apply_schema, enqueue_study_sync, make_app, register_tasks
+from subscriptions.queue import (
+    QUEUE,
+    apply_schema,
+    enqueue_study_sync,
+    make_app,
+    register_tasks,
+    study_queued,
+)
 from subscriptions.reconcile import SweepResult, sweep
 from vector_store.migrate import migrate
 from vector_store.store import VectorStore
@@ -83,7 +90,14 @@ def run_worker(settings: Settings, *, concurrency: int = 1) -> None:
         if census.stuck:
             log.warning("%d stuck studies, %d queued again", len(census.stuck), queued)
 
-    register_tasks(app, process, reconcile, requeue_stuck=stuck, stuck_cron=_stuck_cron(settings))
+    register_tasks(
+        app,
+        process,
+        reconcile,
+        requeue_stuck=stuck,
+        stuck_cron=_stuck_cron(settings),
+        queued_again=lambda study_id: study_queued(dsn, study_id),
+    )
     publisher.start()
     try:
         asyncio.run(_serve(app, concurrency))

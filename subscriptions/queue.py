@@ -73,6 +73,18 @@ def study_queueing_lock(study_id: str) -> str:
     return f"queued:study:{study_id}"
 
 
+def study_queued(dsn: str, study_id: str) -> bool:
+    """Whether a job for the study waits in the queue (its queueing lock is taken)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM procrastinate_jobs WHERE queueing_lock = %s AND status = 'todo'",
+            (study_queueing_lock(study_id),),
+        ).fetchone()
+    return row is not None
+
+
 def study_lock(study_id: str) -> str:
     return f"study:{study_id}"
 
@@ -85,6 +97,7 @@ def register_tasks(
     reconcile_cron: str = "* * * * * */30",
     requeue_stuck: Callable[[Enqueue], Any] | None = None,
     stuck_cron: str = "*/2 * * * * 0",
+    queued_again: Callable[[str], bool] | None = None,
 ) -> None:
     """Register the worker-side implementations on ``app``.
 
@@ -94,11 +107,30 @@ def register_tasks(
     ``enqueue(study_id, version_id)`` queues through the worker's own (async) connection,
     since a sync defer is not allowed inside a worker. Crons have a sixth field for seconds
     (croniter puts it last).
+
+    With ``queued_again(study_id)`` (:func:`study_queued`), a job that fails in a way the
+    policy would retry is not retried when the study has been queued again meanwhile:
+    procrastinate's retry would put a second waiting job under the study's queueing lock,
+    the database refuses that, and the job was left 'doing' for ever, holding the study
+    lock that its duplicate waits for (found by the HAPI-restart fault drill). The queued
+    job redoes the work, with its own retries.
     """
 
     def _process(context: procrastinate.JobContext, study_id: str, version_id: str) -> Any:
-        attempts = context.job.attempts if context.job else 0
-        return process(attempts, study_id, version_id)
+        job = context.job
+        attempts = job.attempts if job else 0
+        try:
+            return process(attempts, study_id, version_id)
+        except Exception as exc:
+            retried = job is not None and RETRY.get_retry_decision(exception=exc, job=job)
+            if retried and queued_again is not None and queued_again(study_id):
+                log.warning(
+                    "ImagingStudy/%s: not retried (%s): it is queued again, that job redoes it",
+                    study_id,
+                    exc,
+                )
+                return "superseded by a queued duplicate"
+            raise
 
     app.task(name=PROCESS_TASK, queue=QUEUE, retry=RETRY, pass_context=True)(_process)
     for name, fn, cron, periodic_id in (

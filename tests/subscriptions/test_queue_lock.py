@@ -9,10 +9,14 @@ covers them all.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
 import procrastinate
+import pytest
 from procrastinate.testing import InMemoryConnector
 
+from cxr_errors import FhirUnavailableError, InputError
 from subscriptions.queue import PROCESS_TASK, enqueue_study, register_tasks
 
 
@@ -57,3 +61,34 @@ def test_other_studies_queue_their_own_job_and_a_started_job_lets_the_next_queue
 
     assert asyncio.run(run()) == [True, True, True]
     assert len(_queued(connector, "s1")) == 2
+
+
+def _process_task(queued: bool, error: Exception) -> tuple[Any, list[str]]:
+    asked: list[str] = []
+
+    def process(attempts: int, study_id: str, version_id: str) -> str:
+        raise error
+
+    def queued_again(study_id: str) -> bool:
+        asked.append(study_id)
+        return queued
+
+    app = procrastinate.App(connector=InMemoryConnector())
+    register_tasks(app, process, queued_again=queued_again)
+    return app.tasks[PROCESS_TASK].func, asked
+
+
+def test_a_failed_job_is_not_retried_when_its_study_is_queued_again() -> None:
+    """The HAPI-restart drill: a transient failure whose retry would collide with the
+    study's queued duplicate (unique queueing lock) left the job 'doing' for ever."""
+    context = SimpleNamespace(job=SimpleNamespace(attempts=0))
+    run, asked = _process_task(True, FhirUnavailableError("HAPI restarting"))
+    assert run(context, "s1", "1") == "superseded by a queued duplicate"
+    assert asked == ["s1"]
+    run, _ = _process_task(False, FhirUnavailableError("HAPI restarting"))
+    with pytest.raises(FhirUnavailableError):  # nothing queued: procrastinate retries it
+        run(context, "s1", "1")
+    run, asked = _process_task(True, InputError("not an image"))
+    with pytest.raises(InputError):  # never retried anyway: failed Task, no question asked
+        run(context, "s1", "1")
+    assert asked == []
