@@ -17,6 +17,7 @@ from fhir_service.api.openapi import NOTIFICATION_BODY, OPERATION_OUTCOME, respo
 from fhir_service.api.responses import fhir_response
 from fhir_service.deps import MetricsDep, QueueDep, SettingsDep
 from fhir_service.fhir.outcome import operation_outcome
+from fhir_service.settings import Settings
 from subscriptions.bootstrap import SECRET_HEADER
 from subscriptions.queue import enqueue_study
 from subscriptions.receiver import QUEUED_STATUSES, check_secret, parse_notification
@@ -31,6 +32,16 @@ _DOC: dict[str, Any] = {
 }
 
 
+async def authenticated_body(request: Request, settings: Settings, secret: str | None) -> Any:
+    """A notification's JSON body once its secret header matched (every rest-hook)."""
+    check_secret(secret, settings.subscription_secret)
+    return parse_json(await request.body(), "the rest-hook body")
+
+
+def info(text: str) -> JSONResponse:
+    return fhir_response(operation_outcome(text, severity="information", code="informational"))
+
+
 @router.put("/ImagingStudy/{study_id}", **_DOC)
 @router.post("/ImagingStudy/{study_id}", **_DOC)
 async def imaging_study_notification(
@@ -42,13 +53,11 @@ async def imaging_study_notification(
     secret: str | None = Header(default=None, alias=SECRET_HEADER),
 ) -> JSONResponse:
     with metrics.rejections("ImagingStudy"):
-        check_secret(secret, settings.subscription_secret)
-        body = parse_json(await request.body(), "the rest-hook body")
-        note = parse_notification(study_id, body)
+        note = parse_notification(study_id, await authenticated_body(request, settings, secret))
     if note.status not in QUEUED_STATUSES:
         metrics.notified("ImagingStudy", "ignored")
         text = f"ImagingStudy/{study_id} is {note.status!r}; nothing queued until it is available"
-        return fhir_response(operation_outcome(text, severity="information", code="informational"))
+        return info(text)
     queued = await enqueue_study(queue, note.study_id, note.version_id)
     metrics.notified("ImagingStudy", "queued" if queued else "duplicate")
     text = (
@@ -57,4 +66,4 @@ async def imaging_study_notification(
         else f"ImagingStudy/{study_id} is already queued (the job reads its current version)"
     )
     log.info(text)
-    return fhir_response(operation_outcome(text, severity="information", code="informational"))
+    return info(text)

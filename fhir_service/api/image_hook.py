@@ -14,21 +14,15 @@ import logging
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
-from fhir_service.api.limits import parse_json
+from fhir_service.api.hook import authenticated_body, info
 from fhir_service.api.openapi import OPERATION_OUTCOME, responses
-from fhir_service.api.responses import fhir_response
 from fhir_service.deps import MetricsDep, QueueDep, SettingsDep
-from fhir_service.fhir.outcome import operation_outcome
 from subscriptions.bootstrap import SECRET_HEADER
 from subscriptions.queue import enqueue_study
-from subscriptions.receiver import check_secret, parse_media_notification
+from subscriptions.receiver import parse_media_notification
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/hook", tags=["rest-hook"])
-
-
-def _info(text: str) -> JSONResponse:
-    return fhir_response(operation_outcome(text, severity="information", code="informational"))
 
 
 _RESPONSES = responses(OPERATION_OUTCOME, 400, 401, 413)
@@ -45,13 +39,12 @@ async def media_notification(
     secret: str | None = Header(default=None, alias=SECRET_HEADER),
 ) -> JSONResponse:
     with metrics.rejections("Media"):
-        check_secret(secret, settings.subscription_secret)
-        body = parse_json(await request.body(), "the rest-hook body")
+        body = await authenticated_body(request, settings, secret)
         note = parse_media_notification(media_id, body)
     if note.ours or not note.study_ids:
         metrics.notified("Media", "ignored")
         why = "a heatmap written by cxr-fhir" if note.ours else "not partOf an ImagingStudy"
-        return _info(f"Media/{media_id} is {why}; nothing queued")
+        return info(f"Media/{media_id} is {why}; nothing queued")
     # The job reads the study (and finds this image) as it is when it runs; the Media's
     # version only keeps its queueing key apart from the study's own notifications.
     trigger = f"Media/{media_id}/_history/{note.version_id}"
@@ -60,4 +53,4 @@ async def media_notification(
     studies = ", ".join(f"ImagingStudy/{sid}" for sid in note.study_ids)
     text = f"Media/{media_id}: queued {studies}" if queued else f"{studies} already queued"
     log.info(text)
-    return _info(text)
+    return info(text)

@@ -11,13 +11,11 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import httpx
-
-from cxr_errors import FhirError, ImageError, InputError
+from cxr_errors import ImageError, InputError
 from fhir_service.app_ui import clinical
 from fhir_service.app_ui.access import PATIENT_SEARCH_PARAM
-from fhir_service.app_ui.review import outcome_text
-from fhir_service.app_ui.service import FHIR_JSON, AppUi, FhirAnswer, NotSignedIn, _similar_rows
+from fhir_service.app_ui.review import outcome_text, post_as_user
+from fhir_service.app_ui.service import AppUi, FhirAnswer, _similar_rows
 from fhir_service.app_ui.session import AppSession
 
 #: What a dropped file may be (the pipeline's decoders: PNG, JPEG, DICOM).
@@ -58,28 +56,8 @@ def check_image(ui: AppUi, image: bytes, content_type: str) -> None:
 
 
 async def post_similar(ui: AppUi, session: AppSession, body: dict[str, Any]) -> FhirAnswer:
-    if session.iss is None:
-        raise NotSignedIn("not signed in")
-    token = await ui.access_token(session)
-    try:
-        resp = await ui.http.post(
-            f"{session.iss}/ImagingStudy/$similar",
-            json=body,
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Accept": FHIR_JSON,
-                "Content-Type": FHIR_JSON,
-            },
-        )
-    except httpx.HTTPError as exc:
-        raise FhirError(f"the FHIR server is unavailable: {exc}") from exc
-    if resp.status_code == 401:
-        raise NotSignedIn("the FHIR server refused the token")
-    try:
-        answer = resp.json()
-    except ValueError:
-        answer = {}
-    return FhirAnswer(resp.status_code, answer if isinstance(answer, dict) else {})
+    status, answer = await post_as_user(ui, session, "/ImagingStudy/$similar", body)
+    return FhirAnswer(status, answer)
 
 
 async def similar_by_image(

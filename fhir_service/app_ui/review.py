@@ -69,13 +69,21 @@ async def post_transaction(
     ui: AppUi, session: AppSession, bundle: dict[str, Any]
 ) -> tuple[int, dict[str, Any]]:
     """POST ``bundle`` to the EHR's FHIR base with the user's token."""
+    return await post_as_user(ui, session, "", bundle)
+
+
+async def post_as_user(
+    ui: AppUi, session: AppSession, path: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` to ``{the EHR's FHIR base}{path}`` with the user's token: (status,
+    JSON answer, ``{}`` when there is none)."""
     if session.iss is None:
         raise NotSignedIn("not signed in")
     token = await ui.access_token(session)
     try:
         resp = await ui.http.post(
-            session.iss,
-            json=bundle,
+            f"{session.iss}{path}",
+            json=body,
             headers={
                 "Authorization": f"Bearer {token}",
                 "Accept": FHIR_JSON,
@@ -87,10 +95,10 @@ async def post_transaction(
     if resp.status_code == 401:
         raise NotSignedIn("the FHIR server refused the token")
     try:
-        body = resp.json()
+        answer = resp.json()
     except ValueError:
-        body = {}
-    return resp.status_code, body if isinstance(body, dict) else {}
+        answer = {}
+    return resp.status_code, answer if isinstance(answer, dict) else {}
 
 
 def outcome_text(body: dict[str, Any]) -> str:
