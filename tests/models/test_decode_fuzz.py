@@ -21,7 +21,6 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,9 +29,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cxr_errors import ImageError
+from fhir_service.settings import Settings
 from models.preprocess import DecodedImage, decode_image
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+#: ``../shared`` beside the repository, or ``CXR_SHARED_DIR`` (the settings resolve both).
+SHARED = Settings().shared_dir / "data"
 NIH_PNG = "nih-sample/00000001_000.png"
 SIIM = "dicom/siim_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 DICOMS = sorted(p.name for p in (SHARED / "dicom").glob("*.dcm"))
