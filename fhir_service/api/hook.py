@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from fhir_service.api.limits import parse_json
-from fhir_service.api.openapi import NOTIFICATION_BODY, OPERATION_OUTCOME, responses
+from fhir_service.api.openapi import notification_route
 from fhir_service.api.responses import fhir_response
 from fhir_service.deps import MetricsDep, QueueDep, SettingsDep
 from fhir_service.fhir.outcome import operation_outcome
@@ -26,10 +26,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/hook", tags=["rest-hook"])
 
 
-_DOC: dict[str, Any] = {
-    "responses": responses(OPERATION_OUTCOME, 400, 401, 413),
-    "openapi_extra": {"requestBody": NOTIFICATION_BODY},
-}
+_DOC = notification_route("ImagingStudy")
 
 
 async def authenticated_body(request: Request, settings: Settings, secret: str | None) -> Any:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 from fhir_service.api.hook import authenticated_body, info
-from fhir_service.api.openapi import OPERATION_OUTCOME, responses
+from fhir_service.api.openapi import notification_route
 from fhir_service.deps import MetricsDep, QueueDep, SettingsDep
 from subscriptions.bootstrap import SECRET_HEADER
 from subscriptions.queue import enqueue_study
@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/hook", tags=["rest-hook"])
 
 
-_RESPONSES = responses(OPERATION_OUTCOME, 400, 401, 413)
+_DOC = notification_route("Media")
 
 
-@router.put("/Media/{media_id}", responses=_RESPONSES)
-@router.post("/Media/{media_id}", responses=_RESPONSES)
+@router.put("/Media/{media_id}", **_DOC)
+@router.post("/Media/{media_id}", **_DOC)
 async def media_notification(
     media_id: str,
     request: Request,

@@ -140,26 +140,38 @@ PARAMETERS_BODY: dict[str, Any] = {
     },
 }
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
-NOTIFICATION_BODY: dict[str, Any] = {
-    "required": True,
-    "content": {
-        FHIR_JSON: {
-            "schema": {
-                "type": "object",
-                "required": ["resourceType", "meta"],
-                "properties": {
-                    "resourceType": {"const": "ImagingStudy"},
-                    "id": {"type": "string"},
-                    "status": {"type": "string"},
-                    "meta": {
-                        "type": "object",
-                        "properties": {"versionId": {"type": "string"}},
+
+
+def notification_body(resource_type: str) -> dict[str, Any]:
+    """The body HAPI's rest-hook PUTs: the resource that matched the Subscription."""
+    return {
+        "required": True,
+        "content": {
+            FHIR_JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["resourceType", "meta"],
+                    "properties": {
+                        "resourceType": {"const": resource_type},
+                        "id": {"type": "string"},
+                        "status": {"type": "string"},
+                        "meta": {
+                            "type": "object",
+                            "properties": {"versionId": {"type": "string"}},
+                        },
                     },
-                },
+                }
             }
-        }
-    },
-}
+        },
+    }
+
+
+def notification_route(resource_type: str) -> dict[str, Any]:
+    """Route keywords of a rest-hook endpoint: its body and every answer it gives."""
+    return {
+        "responses": responses(OPERATION_OUTCOME, 400, 401, 413),
+        "openapi_extra": {"requestBody": notification_body(resource_type)},
+    }
 
 
 def similar_openapi(*, text: bool, body: bool) -> dict[str, Any]:
