@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -51,9 +52,33 @@ class Corpus:
 
 
 @pytest.fixture(scope="module")
-def corpus(stack: Stack) -> Corpus:
+def corpus(stack: Stack) -> Iterator[Corpus]:
     AUTH["Authorization"] = f"Bearer {stack.settings.service_api_key}"
-    return Corpus(stack)
+    built = Corpus(stack)
+    with only_the_corpus_embedded(stack.dsn, built.ids):
+        yield built
+
+
+@contextmanager
+def only_the_corpus_embedded(dsn: str, ids: list[str]) -> Iterator[None]:
+    """These tests expect every corpus study in a ``count=100`` answer, and the session's
+    store holds the studies of every earlier test (hundreds in a full run, many of them the
+    same NIH images, which tie at score 1.0). The other rows are set aside, in a temporary
+    table of a connection held for the module, and put back after it, so that the answers
+    are about the corpus alone."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TEMP TABLE set_aside AS SELECT * FROM study_embeddings"
+            " WHERE NOT (study_id = ANY(%s))",
+            (ids,),
+        )
+        conn.execute("DELETE FROM study_embeddings WHERE NOT (study_id = ANY(%s))", (ids,))
+        try:
+            yield
+        finally:
+            conn.execute(
+                "INSERT INTO study_embeddings SELECT * FROM set_aside ON CONFLICT DO NOTHING"
+            )
 
 
 def service(stack: Stack) -> str:
