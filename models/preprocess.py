@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cxr_errors import ImageError, ImageTooLargeError
 from models.dicom_display import dicom_display
-from models.gate import check_chroma, check_dicom_header, check_pixels
+from models.gate import check_chroma, check_dicom_header, check_pixels, refuse
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_BYTES",
@@ -247,9 +247,22 @@ def _decode_raster(name: str, data: bytes, max_pixels: int, gate: bool) -> Decod
     # 8-bit data is 8-bit; a 16-bit PNG is scaled by its sBIT chunk when it has one, else by
     # 16 bits — never by the image's own maximum, which would make brightness depend on
     # what the image happens to contain.
-    bits = 8 if arr.dtype == np.uint8 else _png_significant_bits(data) or 16
+    declared = None if arr.dtype == np.uint8 else _png_significant_bits(data)
+    bits = 8 if arr.dtype == np.uint8 else declared or 16
+    if gate and bits == 16 and declared is None and arr.size and int(arr.max()) < 2**TWELVE_BITS:
+        # Scaled by 16 bits this is near-black, which the gate would call near-constant;
+        # the likely cause, 12-bit data without its sBIT chunk, is the useful reason.
+        raise refuse(
+            name,
+            f"16-bit PNG whose values all lie below {2**TWELVE_BITS} and that has no sBIT "
+            f"chunk: {TWELVE_BITS}-bit data? Declare its depth with an sBIT chunk",
+        )
     pixels = (arr.astype(np.float32) / float(2**bits - 1)).clip(0.0, 1.0)
     return DecodedImage(pixels=pixels, source_format=source_format, bit_depth=bits, name=name)
+
+
+#: The stored depth most 16-bit radiograph exports really hold.
+TWELVE_BITS = 12
 
 
 def _to_gray_array(name: str, img: Image.Image, gate: bool) -> npt.NDArray[np.generic]:

@@ -86,8 +86,16 @@ def _decide(page: Page, finding: str, verdict: str, comment: str = "") -> float:
         item.locator(".review-comment").fill(comment)
     t0 = time.perf_counter()
     item.locator(f"button[data-verdict='{verdict}']").click()
-    page.wait_for_selector(f"#findings li[data-finding='{finding}'][data-reviews='{before + 1}']")
-    return time.perf_counter() - t0
+    saved = f"#findings li[data-finding='{finding}'][data-reviews='{before + 1}']"
+    refused = f"#findings li[data-finding='{finding}'] .review-status:has-text('Not saved')"
+    page.wait_for_selector(f"{saved}, {refused}")
+    elapsed = time.perf_counter() - t0
+    if not page.locator(saved).count():
+        page.screenshot(path=str(SHOTS / f"review-refused-{finding}.png"))
+        raise AssertionError(
+            f"{verdict} on {finding}: {item.locator('.review-status').inner_text()}"
+        )
+    return elapsed
 
 
 def _verifier_provenance(stack: Stack, target: str) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxr_errors import ImageError, ImageTooLargeError
+from cxr_errors import ImageError, ImageTooLargeError, NotARadiographError
 from models.preprocess import Preprocess, PreprocessSpec, decode_image
 
 PRE = Preprocess(PreprocessSpec())
@@ -90,6 +90,18 @@ def test_16bit_png_without_sbit_is_scaled_by_16_bits(tmp_path: Path) -> None:
     decoded = decode_image(path, gate=False)
     assert decoded.bit_depth == 16
     assert float(decoded.pixels.max()) == pytest.approx(4095 / 65535)
+
+
+def test_12bit_data_in_a_16bit_png_without_sbit_is_refused_with_the_likely_cause(
+    tmp_path: Path,
+) -> None:
+    ramp = (np.linspace(0, 4095, 256 * 256).reshape(256, 256)).astype(np.uint16)
+    path = tmp_path / "no_sbit.png"
+    Image.fromarray(ramp).save(path)
+    with pytest.raises(NotARadiographError, match="below 4096 and that has no sBIT chunk"):
+        decode_image(path)
+    path.write_bytes(_with_sbit(path.read_bytes(), 12))
+    assert decode_image(path).bit_depth == 12
 
 
 def test_non_square_is_center_cropped(tmp_path: Path) -> None:
