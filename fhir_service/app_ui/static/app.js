@@ -297,12 +297,7 @@ async function submitReview(f, verdict, comment, status, buttons) {
   // One id per submission: resending it (a retry) records nothing twice.
   const body = { review_id: reviewId(), decisions: [{ observation: f.observation, verdict, comment: comment.value.trim() || null }] };
   try {
-    const resp = await fetch(`/app/api/review/${encodeURIComponent(viewer.study)}`, {
-      method: "POST", credentials: "same-origin",
-      headers: { "Content-Type": "application/json", Accept: "application/json", "X-Cxr-Csrf": app.csrf },
-      body: JSON.stringify(body) });
-    const answer = await resp.json().catch(() => ({}));
-    if (!resp.ok) throw new ApiError(resp.status, answer.error || `HTTP ${resp.status}`);
+    const answer = await postJson(`/app/api/review/${encodeURIComponent(viewer.study)}`, body);
     status.textContent = `Saved (${Math.round(answer.transaction_ms)} ms).`;
     document.getElementById("findings").dataset.lastReviewMs = String(answer.transaction_ms);
     renderStudy(await api(`/app/api/study/${encodeURIComponent(viewer.study)}`));
