@@ -306,6 +306,7 @@ class Pipeline:
             recorded=datetime.now(UTC),
             supersedes=previous,
             derived=derived,
+            source=job.pixels.source_image,
         )
         try:
             response = self.fhir.transaction(bundle)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
@@ -27,6 +27,7 @@ from cxr_errors import (
 )
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.inbound import check_resource
+from fhir_service.fhir.observation_links import SourceImage
 from fhir_service.fhir.results import is_cxr_overlay
 from subscriptions.dicomweb import (
     DicomInstance,
@@ -45,6 +46,14 @@ class Pixels:
     content_type: str | None
     instance: DicomInstance | None = None
     """the DICOM instance read over DICOMweb (None for the Media path)"""
+    media: str | None = None
+    """``Media/{id}`` whose pixels these are (None for the DICOMweb path)"""
+
+    @property
+    def source_image(self) -> SourceImage:
+        """What each Observation names as the image it was read from."""
+        sop = self.instance.sop_uid if self.instance is not None else None
+        return SourceImage(media=self.media, sop_instance_uid=sop)
 
 
 def input_media(fhir: FhirClient, study_id: str) -> list[dict[str, Any]]:
@@ -123,11 +132,12 @@ def _from_media(
             data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"{where} content.data is not valid base64: {exc}") from exc
-        return Pixels(data, where, content.get("contentType"))
+        return Pixels(data, where, content.get("contentType"), media=where)
     url = content.get("url")
     if not url:
         raise ImageError(f"{where} has neither content.data nor content.url")
-    return _fetch_url(fhir, str(url), where, max_bytes, allowed_hosts, content.get("contentType"))
+    ctype = content.get("contentType")
+    return replace(_fetch_url(fhir, str(url), where, max_bytes, allowed_hosts, ctype), media=where)
 
 
 #: A Binary id (FHIR R4 id), the only thing a same-server image URL may name.

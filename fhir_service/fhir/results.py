@@ -33,6 +33,12 @@ from fhir_service.fhir.datatypes import (
 )
 from fhir_service.fhir.derived import DerivedObjects, derived_study_entry, pacs_endpoint_entry
 from fhir_service.fhir.identifiers import report_identifier, study_model_identifier
+from fhir_service.fhir.observation_links import (
+    SourceImage,
+    score_extension,
+    source_derived_from,
+    source_extensions,
+)
 from fhir_service.fhir.studies import StudyRef
 from fhir_service.fhir.supersede import supersede
 from fhir_service.fhir.terminology import TERMINOLOGY, Resource, Terminology, finding_code
@@ -42,6 +48,7 @@ __all__ = [
     "UNCALIBRATED_NOTE",
     "UNTRAINED_CONCLUSION",
     "UNTRAINED_NOTE",
+    "SourceImage",
     "band_text",
     "build_result_transaction",
     "is_cxr_overlay",
@@ -80,6 +87,7 @@ class _Result:
     issued: str
     untrained: bool
     t: Terminology
+    source: SourceImage | None = None
 
     @property
     def security(self) -> list[dict[str, str]]:
@@ -95,6 +103,7 @@ def build_result_transaction(
     recorded: datetime,
     supersedes: Sequence[Mapping[str, Any] | str] = (),
     derived: DerivedObjects | None = None,
+    source: SourceImage | None = None,
     terminology: Terminology = TERMINOLOGY,
 ) -> Resource:
     """The one transaction Bundle that records ``analysis`` of ``study``.
@@ -114,7 +123,8 @@ def build_result_transaction(
 
     ``derived`` names the SR and heatmap Segmentation stored in the PACS for this result: an
     ImagingStudy listing them (with the PACS Endpoint) joins the transaction and the report's
-    ``imagingStudy``.
+    ``imagingStudy``. ``source`` names the image read (Media or SOP Instance UID), which each
+    Observation identifies (:mod:`~fhir_service.fhir.observation_links`).
     """
     _check_analysis(analysis)
     study_ref = StudyRef.from_resource(study)
@@ -133,6 +143,7 @@ def build_result_transaction(
         untrained=_is_untrained(analysis),
         t=terminology,
         weights_sha256=analysis.weights_sha256,
+        source=source,
     )
     entries = [_device_entry(analysis, device_version, r)]
     observations = [_observation_entry(f, r) for f in analysis.findings]
@@ -307,12 +318,14 @@ def _observation_entry(f: FindingScore, r: _Result) -> Resource:
     interp = t.concept("interpretation_positive" if f.positive else "interpretation_negative")
     relation = "≥" if f.positive else "<"
     obs: Resource = {"resourceType": "Observation", "meta": {"security": r.security}}
+    extensions = [score_extension(f, untrained=r.untrained, t=t)]
     if f.has_band:
         # A Range only where a band was computed; the augmented-view spread is not a
         # confidence interval, so it has its own extension, never AIconfidence.
         name = "tta_spread" if f.band_kind == "tta-spread" else "ai_confidence"
         band = {"low": quantity(f.band_low, t), "high": quantity(f.band_high, t)}
-        obs["extension"] = [{"url": t.extension_url(name), "valueRange": band}]
+        extensions.append({"url": t.extension_url(name), "valueRange": band})
+    obs["extension"] = extensions + source_extensions(r.source, t)
     obs.update(
         {
             "identifier": [{"system": system, "value": value}],
@@ -335,7 +348,7 @@ def _observation_entry(f: FindingScore, r: _Result) -> Resource:
             "interpretation": [cc(interp, interpretation)],
             "bodySite": cc(t.concept("body_site_lung")),
             "device": ref(r.device_urn),
-            "derivedFrom": [ref(r.study.reference)],
+            "derivedFrom": [ref(r.study.reference), *source_derived_from(r.source)],
             # Raw model numbers stay beside the value for audit; as components
             # with their own codes they can never be mistaken for the Observation's value.
             "component": [

@@ -269,7 +269,7 @@ def test_observation_content(analysis: ImageAnalysis) -> None:
             "code": "1",
         }
         assert 0.0 <= value["value"] <= 1.0
-        (confidence,) = obs["extension"]
+        (confidence,) = [e for e in obs["extension"] if "valueRange" in e]
         assert confidence["url"] == (
             "http://hl7.org/fhir/uv/aitransparency/StructureDefinition/AIconfidence"
         )
@@ -477,7 +477,7 @@ def test_without_calibration_nothing_says_calibrated_and_no_range() -> None:
     text = json.dumps(bundle)
     assert _CALIBRATED_WORD.search(text) is None, _CALIBRATED_WORD.findall(text)
     for obs in resources_of(bundle, "Observation"):
-        assert "extension" not in obs  # no band was computed: no Range
+        assert "valueRange" not in json.dumps(obs)  # no band was computed: no Range
         interpretation = obs["interpretation"][0]["text"]
         assert interpretation.startswith("uncalibrated score ")
         assert any("not a probability" in n["text"] for n in obs["note"])
@@ -489,7 +489,7 @@ def test_without_calibration_nothing_says_calibrated_and_no_range() -> None:
 def test_tta_band_is_named_a_spread_not_a_confidence_interval() -> None:
     bundle = result_bundle(make_analysis(calibrated=False, band_kind="tta-spread"))
     for obs in resources_of(bundle, "Observation"):
-        (ext,) = obs["extension"]
+        (ext,) = [e for e in obs["extension"] if "valueRange" in e]
         assert ext["url"].endswith("/StructureDefinition/tta-spread")
         assert "AIconfidence" not in json.dumps(obs)
     conclusion = one_of(bundle, "DiagnosticReport")["conclusion"]
@@ -531,3 +531,49 @@ def test_observations_and_report_are_based_on_the_studys_service_request() -> No
     for obs in resources_of(bundle, "Observation"):
         assert obs["basedOn"] == [{"reference": "ServiceRequest/sr1"}]
     assert "basedOn" not in one_of(result_bundle(), "DiagnosticReport")
+
+
+def _score(obs: Resource) -> dict[str, Any]:
+    (ext,) = [e for e in obs["extension"] if e["url"] == TERMINOLOGY.extension_url("ai_score")]
+    return {
+        part["url"]: next(v for k, v in part.items() if k.startswith("value"))
+        for part in ext["extension"]
+    }
+
+
+def test_each_observation_carries_its_score_in_one_structured_extension() -> None:
+    analysis = make_analysis(calibrated=True, band_kind="calibration", threshold=0.00045666535)
+    for obs, f in zip(
+        resources_of(result_bundle(analysis), "Observation"), analysis.findings, strict=True
+    ):
+        score = _score(obs)
+        assert score["score"] == obs["valueQuantity"]["value"]
+        assert score["scoreKind"] == "calibrated-probability"
+        assert score["threshold"] == 0.000457
+        assert score["atOrAboveThreshold"] is f.positive
+        assert score["band"]["low"]["value"] == round(f.band_low, 4)
+        assert score["bandKind"] == "calibration"
+        assert "untrained" not in score
+    raw = make_analysis(calibrated=False, band_kind="none")
+    score = _score(resources_of(result_bundle(raw), "Observation")[0])
+    assert score["scoreKind"] == "uncalibrated-score"
+    assert "band" not in score and "bandKind" not in score
+
+
+def test_untrained_is_in_the_score_extension(untrained_analysis: ImageAnalysis) -> None:
+    for obs in resources_of(result_bundle(untrained_analysis), "Observation"):
+        assert _score(obs)["untrained"] is True
+
+
+def test_observations_identify_the_image_they_were_read_from() -> None:
+    from fhir_service.fhir.observation_links import SourceImage
+
+    media = result_bundle(source=SourceImage(media="Media/m1"))
+    for obs in resources_of(media, "Observation"):
+        assert obs["derivedFrom"][1:] == [{"reference": "Media/m1"}]
+        assert "source-instance" not in json.dumps(obs)
+    dicom = result_bundle(source=SourceImage(sop_instance_uid="1.2.3.4"))
+    for obs in resources_of(dicom, "Observation"):
+        (ext,) = [e for e in obs["extension"] if e["url"].endswith("/source-instance")]
+        assert ext["valueIdentifier"] == {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4"}
+        assert len(obs["derivedFrom"]) == 1  # the ImagingStudy
