@@ -9,6 +9,7 @@ that needs both loads each once.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from cxr_errors import ConfigError
 from fhir_service.dicom.web import DicomwebAuth, DicomwebPacs
 from fhir_service.fhir.client import FhirClient
+from fhir_service.fhir.model_card import ModelEvaluation
 from fhir_service.settings import Settings
 from subscriptions.analyzer import ModelAnalyzer
 from subscriptions.pipeline import Analyzer, EmbeddingSink, Pipeline
@@ -150,7 +153,19 @@ def build_pipeline(
         image_wait=settings.image_wait,
         pacs=build_pacs(settings),
         pacs_results=settings.pacs_results,
+        evaluation=load_evaluation(settings.model_evaluation),
     )
+
+
+def load_evaluation(path: Path | None) -> ModelEvaluation | None:
+    """The evaluation the model card shows (CXR_MODEL_EVALUATION), refused at start-up when
+    it is not a readable `cxr evaluate --json` result."""
+    if path is None:
+        return None
+    try:
+        return ModelEvaluation.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"CXR_MODEL_EVALUATION={path}: {exc}") from exc
 
 
 def build_pacs(settings: Settings) -> DicomwebPacs:

@@ -215,6 +215,11 @@ class Settings(BaseSettings):
         description="file from `cxr calibrate`; default "
         "{data_dir}/models/calibration-<weights>.json when it exists",
     )
+    model_evaluation: Path | None = Field(
+        default=None,
+        description="`cxr evaluate --images … --json` output shown on the model card "
+        "(only when it evaluated the loaded weights)",
+    )
     model_backend: Literal["onnx", "openvino", "torch"] = Field(
         default="onnx",
         description="onnx = ONNX Runtime (serving); openvino = OpenVINO; "

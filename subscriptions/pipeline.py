@@ -41,6 +41,7 @@ from cxr_errors import (
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.identifiers import report_identifier, study_model_identifier
 from fhir_service.fhir.inbound import check_resource
+from fhir_service.fhir.model_card import ModelEvaluation
 from fhir_service.fhir.results import build_result_transaction
 from fhir_service.fhir.studies import study_age_and_view
 from models.types import ImageAnalysis
@@ -109,6 +110,8 @@ class Pipeline:
     """the PACS studies with a DICOMweb Endpoint (or a Study Instance UID) are read from"""
     pacs_results: bool = False
     """STOW the SR and heatmap Segmentation of a study read over DICOMweb (CXR_PACS_RESULTS)"""
+    evaluation: ModelEvaluation | None = None
+    """what the model card shows of ``cxr evaluate`` (CXR_MODEL_EVALUATION)"""
     metrics: JobMetrics = field(default_factory=JobMetrics)
 
     def __post_init__(self) -> None:
@@ -307,6 +310,7 @@ class Pipeline:
             supersedes=previous,
             derived=derived,
             source=job.pixels.source_image,
+            evaluation=self.evaluation,
         )
         try:
             response = self.fhir.transaction(bundle)

@@ -66,6 +66,9 @@ class Predictions:
     source: str = ""
     calibrated: bool | None = None
     """None: another model's numbers, whose calibration we cannot know"""
+    model_version: str | None = None
+    weights_sha256: str | None = None
+    """of the model that made the numbers (None: another model's, from a CSV)"""
 
 
 @contextmanager
@@ -164,6 +167,7 @@ def predict_images(
     out = Predictions([], list(NIH_FINDINGS), np.zeros((0, len(NIH_FINDINGS))), source=str(folder))
     out.thresholds = {f: float(t) for f, t in zip(NIH_FINDINGS, classifier.thresholds, strict=True)}
     out.calibrated = not classifier.calibration.is_identity
+    out.model_version, out.weights_sha256 = classifier.model_version, classifier.weights_sha256
     rows: list[list[float]] = []
     with _progress("scoring images", len(files), quiet) as advance:
         for path in files:
@@ -326,6 +330,9 @@ def _evaluate(
             if preds.calibrated
             else "uncalibrated score"
         ),
+        # The model card shows an evaluation only of the weights it describes.
+        "model_version": preds.model_version,
+        "weights_sha256": preds.weights_sha256,
         "resamples": resamples,
         "seed": seed,
         "findings": [

@@ -33,6 +33,7 @@ from fhir_service.fhir.datatypes import (
 )
 from fhir_service.fhir.derived import DerivedObjects, derived_study_entry, pacs_endpoint_entry
 from fhir_service.fhir.identifiers import report_identifier, study_model_identifier
+from fhir_service.fhir.model_card import ModelEvaluation, model_card_entry
 from fhir_service.fhir.observation_links import (
     SourceImage,
     score_extension,
@@ -104,6 +105,7 @@ def build_result_transaction(
     supersedes: Sequence[Mapping[str, Any] | str] = (),
     derived: DerivedObjects | None = None,
     source: SourceImage | None = None,
+    evaluation: ModelEvaluation | None = None,
     terminology: Terminology = TERMINOLOGY,
 ) -> Resource:
     """The one transaction Bundle that records ``analysis`` of ``study``.
@@ -124,7 +126,9 @@ def build_result_transaction(
     ``derived`` names the SR and heatmap Segmentation stored in the PACS for this result: an
     ImagingStudy listing them (with the PACS Endpoint) joins the transaction and the report's
     ``imagingStudy``. ``source`` names the image read (Media or SOP Instance UID), which each
-    Observation identifies (:mod:`~fhir_service.fhir.observation_links`).
+    Observation identifies (:mod:`~fhir_service.fhir.observation_links`). The Device's model
+    card (:mod:`~fhir_service.fhir.model_card`, with ``evaluation`` when one is on record)
+    joins the transaction and the Provenance.
     """
     _check_analysis(analysis)
     study_ref = StudyRef.from_resource(study)
@@ -145,7 +149,15 @@ def build_result_transaction(
         weights_sha256=analysis.weights_sha256,
         source=source,
     )
-    entries = [_device_entry(analysis, device_version, r)]
+    card = model_card_entry(
+        analysis,
+        device_version=device_version,
+        device_urn=r.device_urn,
+        device_name=terminology.device_name,
+        evaluation=evaluation,
+        t=terminology,
+    )
+    entries = [_device_entry(analysis, device_version, r), card]
     observations = [_observation_entry(f, r) for f in analysis.findings]
     media = _heatmap_entries(analysis, heatmaps, r)
     report = _report_entry(analysis, observations, media, r)
@@ -154,7 +166,7 @@ def build_result_transaction(
         entries += _derived_entries(derived, report, r)
     old_reports, withdrawn = _withdrawals(supersedes, r)
     entries += [*observations, *media, report]
-    entries.append(_provenance_entry(report, [*observations, *media], old_reports, r))
+    entries.append(_provenance_entry(report, [*observations, *media], old_reports, card, r))
     entries.extend(withdrawn)
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
@@ -515,7 +527,7 @@ def _weights_entity(r: _Result) -> list[Resource]:
 
 
 def _provenance_entry(
-    report: Resource, targets: list[Resource], old_reports: list[str], r: _Result
+    report: Resource, targets: list[Resource], old_reports: list[str], card: Resource, r: _Result
 ) -> Resource:
     t = r.t
     provenance: Resource = {
@@ -529,7 +541,10 @@ def _provenance_entry(
         + _weights_entity(r)
         # R4 DiagnosticReport has no relatesTo; Provenance.entity role "revision" is R4's way
         # to say "the target is a revised version of this": the new report revises the old.
-        + [{"role": "revision", "what": ref(old)} for old in old_reports],
+        + [{"role": "revision", "what": ref(old)} for old in old_reports]
+        # The model card documents the algorithm that made the result (R4 Device has no
+        # element for it; the card's subject is the Device).
+        + [{"role": "source", "what": {**ref(card["fullUrl"]), "display": "model card"}}],
     }
     # Provenance has no identifier in R4: key it on its target. HAPI substitutes the report's
     # placeholder in the condition with the report's real id (new or matched).

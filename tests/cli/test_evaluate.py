@@ -12,7 +12,9 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 from typer.testing import CliRunner
 
+from cxr_errors import ConfigError
 from fhir_service.cli import app
+from fhir_service.runtime import load_evaluation
 from fhir_service.settings import Settings
 from models.types import NIH_FINDINGS
 
@@ -87,3 +89,13 @@ def test_images_run_the_model_with_localisation(env: Path) -> None:
     assert cam["boxes"] == prior["boxes"] >= 1
     assert set(cam["iobb_accuracy"]) == {"0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7"}
     assert 0.0 <= cam["pointing_game"] <= 1.0
+    # The same JSON is what the worker shows on the model card (CXR_MODEL_EVALUATION).
+    assert len(doc["weights_sha256"]) == 64 and doc["model_version"].startswith("untrained-")
+    saved = env / "evaluation.json"
+    saved.write_text(result.stdout)
+    evaluation = load_evaluation(saved)
+    assert evaluation is not None and evaluation.weights_sha256 == doc["weights_sha256"]
+    assert len(evaluation.findings) == len(NIH_FINDINGS)
+    saved.write_text('{"findings": 3}')
+    with pytest.raises(ConfigError, match="not a `cxr evaluate --json` result"):
+        load_evaluation(saved)

@@ -79,7 +79,14 @@ def test_every_resource_of_a_result_transaction_is_valid_r4(untrained: bool) -> 
     )
     _valid(bundle)
     kinds = {e["resource"]["resourceType"] for e in bundle["entry"]}
-    assert kinds == {"Device", "Observation", "Media", "DiagnosticReport", "Provenance"}
+    assert kinds == {
+        "Device",
+        "DocumentReference",
+        "Observation",
+        "Media",
+        "DiagnosticReport",
+        "Provenance",
+    }
     for entry in bundle["entry"]:
         _valid(entry["resource"])
     _valid(supersede(old_report))

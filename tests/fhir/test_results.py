@@ -19,6 +19,7 @@ from fhir_service.fhir.identifiers import (
     study_model_identifier,
     token_search_value,
 )
+from fhir_service.fhir.model_card import ModelEvaluation
 from fhir_service.fhir.results import UNTRAINED_NOTE, build_result_transaction, is_cxr_overlay
 from fhir_service.fhir.terminology import TERMINOLOGY
 from models.types import NIH_FINDINGS, ImageAnalysis
@@ -87,6 +88,12 @@ R4_ELEMENTS = {
         "target", "occurredDateTime", "recorded", "policy", "location", "reason", "activity",
         "agent", "entity", "signature",
     },
+    "DocumentReference": _COMMON
+    | {
+        "masterIdentifier", "identifier", "status", "docStatus", "type", "category", "subject",
+        "date", "author", "authenticator", "custodian", "relatesTo", "description",
+        "securityLabel", "content", "context",
+    },
     "Task": _COMMON
     | {
         "identifier", "basedOn", "groupIdentifier", "partOf", "status", "statusReason",
@@ -108,6 +115,7 @@ def test_bundle_holds_one_of_each_and_14_observations(analysis: ImageAnalysis) -
     assert positives == ["Effusion", "Pneumothorax"]
     assert kinds == {
         "Device": 1,
+        "DocumentReference": 1,
         "DiagnosticReport": 1,
         "Observation": 14,
         "Media": 2,
@@ -170,8 +178,11 @@ def test_references_point_where_the_profile_says(analysis: ImageAnalysis) -> Non
             "who": {"reference": device_url},
         }
     ]
+    card = one_of(bundle, "DocumentReference")
+    assert card["subject"] == {"reference": device_url}
     assert prov["entity"] == [
-        {"role": "source", "what": {"reference": "ImagingStudy/cxr-1/_history/3"}}
+        {"role": "source", "what": {"reference": "ImagingStudy/cxr-1/_history/3"}},
+        {"role": "source", "what": {"reference": url_of[id(card)], "display": "model card"}},
     ]
     assert prov["reason"] == [{"coding": [AIAST]}]
     assert prov["activity"]["coding"][0]["code"] == "CREATE"
@@ -393,8 +404,8 @@ def test_other_pixels_give_other_keys_and_placeholders(analysis: ImageAnalysis) 
     b = result_bundle(analysis, image_sha256="cd" * 32)
     urls_a = {e["fullUrl"] for e in a["entry"]}
     urls_b = {e["fullUrl"] for e in b["entry"]}
-    # The Device is the same model: same placeholder; everything else is new.
-    assert urls_a & urls_b == {a["entry"][0]["fullUrl"]}
+    # The Device and its model card are the same model's: same placeholders; the rest is new.
+    assert urls_a & urls_b == {a["entry"][0]["fullUrl"], a["entry"][1]["fullUrl"]}
 
 
 # --- input checks ---------------------------------------------------------------------------
@@ -577,3 +588,56 @@ def test_observations_identify_the_image_they_were_read_from() -> None:
         (ext,) = [e for e in obs["extension"] if e["url"].endswith("/source-instance")]
         assert ext["valueIdentifier"] == {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4"}
         assert len(obs["derivedFrom"]) == 1  # the ImagingStudy
+
+
+# --- the model card -------------------------------------------------------------------------
+
+
+def _card(bundle: Resource) -> tuple[Resource, str]:
+    card = one_of(bundle, "DocumentReference")
+    return card, base64.b64decode(card["content"][0]["attachment"]["data"]).decode()
+
+
+def _evaluation(sha: str | None) -> ModelEvaluation:
+    return ModelEvaluation.from_json(
+        {
+            "source": "nih-sample",
+            "images": 58,
+            "weights_sha256": sha,
+            "findings": [
+                {"finding": "Effusion", "n": 58, "positives": 9, "auroc": 0.8123,
+                 "auroc_ci95": [0.7, 0.9]},
+            ],
+        }
+    )  # fmt: skip
+
+
+def test_model_card_says_what_the_model_is_for_and_is_not() -> None:
+    analysis = dataclasses.replace(make_analysis(), weights_sha256="cd" * 32)
+    card, text = _card(result_bundle(analysis))
+    assert card["status"] == "current"
+    assert card["content"][0]["attachment"]["contentType"].startswith("text/markdown")
+    for section in ("## Intended use", "## Training data", "## Evaluation", "## Limitations"):
+        assert section in text
+    assert "cd" * 32 in text
+    assert "No evaluation on record for these weights" in text
+    assert "untrained" not in text.lower()
+
+
+def test_untrained_model_card_says_so_first(untrained_analysis: ImageAnalysis) -> None:
+    card, text = _card(result_bundle(untrained_analysis))
+    assert "UNTRAINED, NOT FOR CLINICAL USE" in card["description"]
+    assert text.splitlines()[2].startswith("**UNTRAINED — NOT FOR CLINICAL USE.**")
+    assert "randomly initialised" in text
+
+
+def test_model_card_shows_an_evaluation_of_these_weights_only() -> None:
+    analysis = dataclasses.replace(make_analysis(), weights_sha256="cd" * 32)
+    plain, _ = _card(result_bundle(analysis))
+    shown, text = _card(result_bundle(analysis, evaluation=_evaluation("cd" * 32)))
+    assert "| Effusion | 58 | 9 | 0.812 [0.700, 0.900] |" in text
+    assert shown["identifier"] != plain["identifier"]  # a new evaluation is a new card
+    _, other = _card(result_bundle(analysis, evaluation=_evaluation("ef" * 32)))
+    assert "not of these weights" in other and "| Effusion" not in other
+    with pytest.raises(ValueError, match="cxr evaluate"):
+        ModelEvaluation.from_json({"findings": [{}]})

