@@ -57,9 +57,25 @@ def test_every_resource_of_the_dicomweb_path_validates(
     resources += [
         stack.fhir.read_reference(m["link"]["reference"]) for m in report.get("media", [])
     ]
-    resources += list(
+    provenances = list(
         stack.fhir.search_all("Provenance", {"target": f"DiagnosticReport/{report['id']}"})
     )
+    resources += provenances
+    # The model card, which the Provenance names.
+    resources += [
+        stack.fhir.read_reference(e["what"]["reference"])
+        for p in provenances
+        for e in p["entity"]
+        if str(e["what"].get("reference", "")).startswith("DocumentReference/")
+    ]
+    # Each Observation names the SOP Instance UID it was read from, and it is the source's.
+    sop = {
+        ext["valueIdentifier"]["value"]
+        for o in observations
+        for ext in o["extension"]
+        if ext["url"].endswith("/source-instance")
+    }
+    assert sop == {f"urn:oid:{source.SOPInstanceUID}"}
     kinds = {r["resourceType"] for r in resources}
     assert {
         "ImagingStudy",
@@ -70,6 +86,7 @@ def test_every_resource_of_the_dicomweb_path_validates(
         "Observation",
         "Device",
         "Provenance",
+        "DocumentReference",
     } <= kinds
     errors = [e for r in resources for e in _errors(stack, r)]
     assert errors == []

@@ -37,12 +37,25 @@ def test_study_gets_exactly_one_complete_report(stack: Stack) -> None:
     for obs in observations:
         assert obs["status"] == "preliminary"
         assert "untrained" in " ".join(n["text"] for n in obs.get("note", [])).lower()
+        # The image read is named beside the study.
+        assert [r["reference"].split("/")[0] for r in obs["derivedFrom"]] == [
+            "ImagingStudy",
+            "Media",
+        ]
     device = stack.fhir.read_reference(observations[0]["device"]["reference"])
     assert "untrained" in str(device.get("version")).lower()
     provenance = list(
         stack.fhir.search_all("Provenance", {"target": f"DiagnosticReport/{report['id']}"})
     )
     assert len(provenance) == 1
+    (card_ref,) = [
+        e["what"]["reference"]
+        for e in provenance[0]["entity"]
+        if e["what"].get("display") == "model card"
+    ]
+    card = stack.fhir.read_reference(card_ref)
+    assert "UNTRAINED" in card["description"]
+    assert card["subject"]["reference"] == observations[0]["device"]["reference"]
     assert len(report.get("media", [])) == sum(
         1 for o in observations if o["interpretation"][0]["coding"][0]["code"] == "POS"
     )
