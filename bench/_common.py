@@ -3,7 +3,9 @@ repository on ``sys.path`` first). Not a benchmark itself: ``make bench`` skips 
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,3 +50,28 @@ def stack_settings(
         service_public_url=None,
         **extra,
     )
+
+
+def add_stack_arguments(
+    parser: argparse.ArgumentParser,
+    data_dir: Path,
+    *,
+    hapi_port: int,
+    pg_port: int,
+    service_port: int,
+    keep_help: str = "leave the stack running at the end",
+) -> None:
+    """``--data-dir``, the stack's ports and ``--keep``: each benchmark has its own defaults,
+    so that two benchmarks (or a benchmark and the tests) never share a server."""
+    parser.add_argument("--data-dir", type=Path, default=data_dir)
+    parser.add_argument("--hapi-port", type=int, default=hapi_port)
+    parser.add_argument("--pg-port", type=int, default=pg_port)
+    parser.add_argument("--service-port", type=int, default=service_port)
+    parser.add_argument("--keep", action="store_true", help=keep_help)
+
+
+def wipe_stack_state(settings: Any) -> None:
+    """Fresh HAPI and PostgreSQL state, logs and pid files; ``{data_dir}/models`` (exported
+    ONNX graphs) is kept."""
+    for sub in (settings.hapi_dir, settings.pg_dir, settings.log_dir, settings.run_dir):
+        shutil.rmtree(sub, ignore_errors=True)

@@ -66,7 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO))
 
-from bench._common import load, stack_settings, wait_for  # noqa: E402
+from bench._common import add_stack_arguments, load, stack_settings, wait_for  # noqa: E402
 from fhir_service.cli.ingest import bulk_pipeline  # noqa: E402
 from fhir_service.fhir.client import FhirClient  # noqa: E402
 from fhir_service.ingest import (  # noqa: E402
@@ -364,11 +364,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=1, help="cxr workers on the subscription path"
     )
     parser.add_argument("--bulk-first", action="store_true", help="run the bulk path first")
-    parser.add_argument("--data-dir", type=Path, default=REPO / ".cxr-data" / "bench-bulk")
-    parser.add_argument("--hapi-port", type=int, default=18680)
-    parser.add_argument("--pg-port", type=int, default=15880)
-    parser.add_argument("--service-port", type=int, default=18601)
-    parser.add_argument("--keep", action="store_true", help="leave the last stack running")
+    add_stack_arguments(
+        parser,
+        REPO / ".cxr-data" / "bench-bulk",
+        hapi_port=18680,
+        pg_port=15880,
+        service_port=18601,
+        keep_help="leave the last stack running",
+    )
     return parser.parse_args(argv)
 
 

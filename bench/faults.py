@@ -23,7 +23,6 @@ wiped at start except the exported ONNX models.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -34,12 +33,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO))
 
-from bench._common import load, stack_settings, wait_for  # noqa: E402
+from bench._common import add_stack_arguments, load, stack_settings, wait_for, wipe_stack_state  # noqa: E402
 from fhir_service.ops import hapi_server  # noqa: E402
 from fhir_service.ops.database import start_database, stop_database  # noqa: E402
 from fhir_service.ops.faults import Drill, Tally  # noqa: E402
 from fhir_service.ops.stack import start_service, start_workers, stop_all  # noqa: E402
-from fhir_service.settings import Settings  # noqa: E402
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -48,17 +46,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--burst", type=int, default=200, help="studies posted at once")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-matrix", action="store_true", help="the burst only")
-    parser.add_argument("--data-dir", type=Path, default=REPO / ".cxr-data" / "bench-faults")
-    parser.add_argument("--hapi-port", type=int, default=18980)
-    parser.add_argument("--pg-port", type=int, default=15980)
-    parser.add_argument("--service-port", type=int, default=18901)
-    parser.add_argument("--keep", action="store_true", help="leave the stack running at the end")
+    add_stack_arguments(
+        parser,
+        REPO / ".cxr-data" / "bench-faults",
+        hapi_port=18980,
+        pg_port=15980,
+        service_port=18901,
+    )
     return parser.parse_args(argv)
-
-
-def _wipe(settings: Settings) -> None:
-    for sub in (settings.hapi_dir, settings.pg_dir, settings.log_dir, settings.run_dir):
-        shutil.rmtree(sub, ignore_errors=True)
 
 
 def _workers_alive(drill: Drill) -> int:
@@ -104,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     stop_all(settings)
     hapi_server.stop(settings)
     stop_database(settings)
-    _wipe(settings)
+    wipe_stack_state(settings)
     try:
         boot = hapi_server.start(settings, progress=lambda _m: None)
         start_database(settings)

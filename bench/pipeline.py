@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import threading
 import time
@@ -46,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO))
 
-from bench._common import load, stack_settings, wait_for  # noqa: E402
+from bench._common import add_stack_arguments, load, stack_settings, wait_for, wipe_stack_state  # noqa: E402
 from fhir_service.fhir import identifiers, results  # noqa: E402
 from fhir_service.fhir.client import FhirClient  # noqa: E402
 from fhir_service.ingest.nih import NihRecord, read_manifest  # noqa: E402
@@ -438,18 +437,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-studies", type=int, default=20, help="posted one at a time")
     parser.add_argument("--batch", type=int, default=20, help="studies posted at once")
     parser.add_argument("--naive-poll", type=float, default=0.5, help="naive loop poll interval s")
-    parser.add_argument("--data-dir", type=Path, default=REPO / ".cxr-data" / "bench-pipeline")
-    parser.add_argument("--hapi-port", type=int, default=18280)
-    parser.add_argument("--pg-port", type=int, default=15480)
-    parser.add_argument("--service-port", type=int, default=18201)
-    parser.add_argument("--keep", action="store_true", help="leave the stack running at the end")
+    add_stack_arguments(
+        parser,
+        REPO / ".cxr-data" / "bench-pipeline",
+        hapi_port=18280,
+        pg_port=15480,
+        service_port=18201,
+    )
     return parser.parse_args(argv)
-
-
-def _wipe(settings: Settings) -> None:
-    """Fresh HAPI and PostgreSQL state; keep {data_dir}/models (exported ONNX graphs)."""
-    for sub in (settings.hapi_dir, settings.pg_dir, settings.log_dir, settings.run_dir):
-        shutil.rmtree(sub, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -473,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     stop_all(settings)
     hapi_server.stop(settings)
     stop_database(settings)
-    _wipe(settings)
+    wipe_stack_state(settings)
     try:
         boot = hapi_server.start(settings, progress=lambda _m: None)
         db = start_database(settings)
