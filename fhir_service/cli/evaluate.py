@@ -343,49 +343,56 @@ def _evaluate(
     }
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
+def number(x: float | None, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def finding_rows(result: dict[str, Any]) -> list[list[str]]:
+    """One row of :data:`FINDING_COLUMNS` per finding (the terminal table and the report)."""
+    rows = []
+    for f in result["findings"]:
+        op = f["operating_point"] or {}
+        lo, hi = f["auroc_ci95"]
+        rows.append(
+            [
+                f["finding"],
+                str(f["n"]),
+                str(f["positives"]),
+                number(f["prevalence"]),
+                f"{number(f['auroc'])} [{number(lo)}, {number(hi)}]",
+                number(f["auprc"]),
+                number(f["ece"]),
+                number(f["brier"]),
+                f"{op['threshold']:.4g}" if op else "—",
+                number(op.get("sensitivity")),
+                number(op.get("specificity")),
+                number(op.get("ppv")),
+                number(op.get("npv")),
+            ]
+        )
+    return rows
+
+
+FINDING_COLUMNS = ["finding", "n", "positives", "prevalence", "AUROC [95% CI]", "AUPRC",
+                   "ECE (15 bins)", "Brier", "threshold", "sensitivity", "specificity", "PPV",
+                   "NPV"]  # fmt: skip
 
 
 def _print(result: dict[str, Any]) -> None:
     table = Table(
         title=f"{result['images']} images from {result['source']} ({result['probability']})"
     )
-    for col in (
-        "finding",
-        "n+",
-        "prev.",
-        "AUROC [95% CI]",
-        "AUPRC",
-        "ECE",
-        "Brier",
-        "thr",
-        "sens",
-        "spec",
-    ):
+    for col in FINDING_COLUMNS:
         table.add_column(col, justify="left" if col == "finding" else "right")
-    for f in result["findings"]:
-        op = f["operating_point"] or {}
-        lo, hi = f["auroc_ci95"]
-        table.add_row(
-            f["finding"],
-            str(f["positives"]),
-            _fmt(f["prevalence"]),
-            f"{_fmt(f['auroc'])} [{_fmt(lo)}, {_fmt(hi)}]",
-            _fmt(f["auprc"]),
-            _fmt(f["ece"]),
-            _fmt(f["brier"]),
-            f"{op['threshold']:.4g}" if op else "—",
-            _fmt(op.get("sensitivity")),
-            _fmt(op.get("specificity")),
-        )
+    for row in finding_rows(result):
+        table.add_row(*row)
     console.print(table)
     for f in result["findings"]:
         loc = f.get("localisation") or {}
         if loc:
             cam, prior = loc["cam"], loc["centre_prior"]
-            hit, hit0 = _fmt(cam["pointing_game"], 2), _fmt(prior["pointing_game"], 2)
-            acc, acc0 = (_fmt(x["iobb_accuracy"]["0.1"], 2) for x in (cam, prior))
+            hit, hit0 = number(cam["pointing_game"], 2), number(prior["pointing_game"], 2)
+            acc, acc0 = (number(x["iobb_accuracy"]["0.1"], 2) for x in (cam, prior))
             console.print(
                 f"{f['finding']}: {cam['boxes']} boxes, pointing game CAM {hit} vs centre prior "
                 f"{hit0}; IoBB≥0.1 accuracy {acc} vs {acc0}"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import html as html_lib
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cxr_errors import InputError
+from fhir_service.cli.evaluate import FINDING_COLUMNS, finding_rows, number
 from models.evaluation import reliability_curve, roc_curve
 
 if TYPE_CHECKING:
@@ -17,10 +17,6 @@ if TYPE_CHECKING:
     from fhir_service.ingest.nih import NihRecord
 
 __all__ = ["write_report"]
-
-
-def _n(x: Any, digits: int = 3) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def _plots(folder: Path, finding: str, y: np.ndarray, p: np.ndarray) -> tuple[str, str]:
@@ -51,35 +47,6 @@ def _plots(folder: Path, finding: str, y: np.ndarray, p: np.ndarray) -> tuple[st
     return roc_name, rel_name
 
 
-def _rows(result: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for f in result["findings"]:
-        op = f["operating_point"] or {}
-        lo, hi = f["auroc_ci95"]
-        rows.append(
-            [
-                f["finding"],
-                str(f["n"]),
-                str(f["positives"]),
-                _n(f["prevalence"]),
-                f"{_n(f['auroc'])} [{_n(lo)}, {_n(hi)}]",
-                _n(f["auprc"]),
-                _n(f["ece"]),
-                _n(f["brier"]),
-                f"{op['threshold']:.4g}" if op else "—",
-                _n(op.get("sensitivity")),
-                _n(op.get("specificity")),
-                _n(op.get("ppv")),
-                _n(op.get("npv")),
-            ]
-        )
-    return rows
-
-
-_HEAD = ["finding", "n", "positives", "prevalence", "AUROC [95% CI]", "AUPRC", "ECE (15 bins)",
-         "Brier", "threshold", "sensitivity", "specificity", "PPV", "NPV"]  # fmt: skip
-
-
 def _subgroup_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     for f in result["findings"]:
@@ -87,7 +54,7 @@ def _subgroup_lines(result: dict[str, Any]) -> list[str]:
         for attribute, groups in f["subgroups"].items():
             for group, m in groups.items():
                 parts.append(
-                    f"{attribute} {group}: {_n(m['auroc'])} (n {m['n']}, +{m['positives']})"
+                    f"{attribute} {group}: {number(m['auroc'])} (n {m['n']}, +{m['positives']})"
                 )
         lines.append(f"{f['finding']}: " + "; ".join(parts))
     return lines
@@ -101,12 +68,13 @@ def _localisation_lines(result: dict[str, Any]) -> list[str]:
             continue
         cam, prior = loc["cam"], loc["centre_prior"]
         iobb = ", ".join(
-            f"T={t}: {_n(cam['iobb_accuracy'][t], 2)} vs {_n(prior['iobb_accuracy'][t], 2)}"
+            f"T={t}: {number(cam['iobb_accuracy'][t], 2)} vs {number(prior['iobb_accuracy'][t], 2)}"
             for t in cam["iobb_accuracy"]
         )
+        hit, hit0 = number(cam["pointing_game"], 2), number(prior["pointing_game"], 2)
         lines.append(
-            f"{f['finding']} ({cam['boxes']} boxes): pointing game {_n(cam['pointing_game'], 2)} "
-            f"vs centre prior {_n(prior['pointing_game'], 2)}; IoBB accuracy (CAM vs prior) {iobb}"
+            f"{f['finding']} ({cam['boxes']} boxes): pointing game {hit} vs centre prior {hit0}; "
+            f"IoBB accuracy (CAM vs prior) {iobb}"
         )
     return lines
 
@@ -137,9 +105,9 @@ def write_report(
     )
     if html:
         return _write_html(folder, title, intro, result, figures)
-    lines = [f"# {title}", "", intro, "", "| " + " | ".join(_HEAD) + " |"]
-    lines.append("|" + "---|" * len(_HEAD))
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
+    lines = [f"# {title}", "", intro, "", "| " + " | ".join(FINDING_COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(FINDING_COLUMNS))
+    lines += ["| " + " | ".join(row) + " |" for row in finding_rows(result)]
     lines += ["", "## Subgroup AUROC", ""] + [f"- {x}" for x in _subgroup_lines(result)]
     loc = _localisation_lines(result)
     if loc:
@@ -160,9 +128,9 @@ def _write_html(
     figures: list[tuple[str, str, str]],
 ) -> Path:
     e = html_lib.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in _HEAD)
+    head = "".join(f"<th>{e(h)}</th>" for h in FINDING_COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in _rows(result)
+        "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in finding_rows(result)
     )
     parts = [
         f"<!doctype html><meta charset='utf-8'><title>{e(title)}</title><h1>{e(title)}</h1>",
