@@ -15,7 +15,8 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 
 from cxr_errors import CxrError
-from fhir_service.api import health, hook, image_hook, metadata, metrics, similar
+from fhir_service.analyze import AdhocAnalysis
+from fhir_service.api import analyze, health, hook, image_hook, metadata, metrics, similar
 from fhir_service.api.auth import SimilarAuth
 from fhir_service.api.headers import SecurityHeaders
 from fhir_service.api.limits import BodyLimit
@@ -75,6 +76,7 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
             model_version=await asyncio.to_thread(model_version_for, settings),
             encoder=ModelQueryEncoder(app.state.models),
         )
+        app.state.analyze = AdhocAnalysis(app.state.models)
         async with queue.open_async():
             if bootstrap_subscription:
                 await asyncio.to_thread(_bootstrap_subscriptions, settings)
@@ -94,6 +96,7 @@ def create_app(settings: Settings, *, bootstrap_subscription: bool = True) -> Fa
     app.include_router(metrics.router)
     app.include_router(health.router)
     app.include_router(similar.router)
+    app.include_router(analyze.router)
     app.include_router(metadata.router)
     app.include_router(app_ui_router)
 

@@ -7,6 +7,7 @@ from typing import Annotated
 import procrastinate
 from fastapi import Depends, Request
 
+from fhir_service.analyze import AdhocAnalysis
 from fhir_service.api.auth import SimilarAuth
 from fhir_service.fhir.client import FhirClient
 from fhir_service.settings import Settings
@@ -34,6 +35,11 @@ def _similar(request: Request) -> SimilarService:
     return service
 
 
+def _analyze(request: Request) -> AdhocAnalysis:
+    analysis: AdhocAnalysis = request.app.state.analyze
+    return analysis
+
+
 def _auth(request: Request) -> SimilarAuth:
     auth: SimilarAuth = request.app.state.similar_auth
     return auth
@@ -48,5 +54,6 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 FhirDep = Annotated[FhirClient, Depends(_fhir)]
 QueueDep = Annotated[procrastinate.App, Depends(_queue)]
 SimilarDep = Annotated[SimilarService, Depends(_similar)]
+AnalyzeDep = Annotated[AdhocAnalysis, Depends(_analyze)]
 AuthDep = Annotated[SimilarAuth, Depends(_auth)]
 MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]

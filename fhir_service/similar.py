@@ -88,7 +88,7 @@ _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _PATIENT_ID = re.compile(r"(?:Patient/)?(?P<id>[A-Za-z0-9\-.]{1,64})")
 
 
-def _patient_id(raw: str | None) -> str | None:
+def patient_id(raw: str | None) -> str | None:
     """``patient``: a Patient id, or ``Patient/{id}`` (a reference, as FHIR searches take)."""
     if raw is None or raw == "":
         return None
@@ -134,6 +134,12 @@ def params_from_resource(body: Any) -> tuple[dict[str, str], bytes | None, str]:
     return flat, image, image_type
 
 
+def check_image_type(image_type: str) -> None:
+    """An image parameter's contentType, when given, must be one the model reads."""
+    if image_type and not image_type.startswith(_IMAGE_TYPES):
+        raise InputError(f"image contentType {image_type!r} is not one of {_IMAGE_TYPES}")
+
+
 def _image_parameter(p: Mapping[str, Any]) -> tuple[bytes, str]:
     att = p.get("valueAttachment")
     if not isinstance(att, dict) or not isinstance(att.get("data"), str) or not att["data"]:
@@ -172,8 +178,8 @@ def parse_query(
             raise InputError(f"text is {len(text)} characters; the limit is {MAX_TEXT}")
         if space != "clip":
             raise InputError("a text query needs space=clip (DenseNet features have no text)")
-    if image is not None and image_type and not image_type.startswith(_IMAGE_TYPES):
-        raise InputError(f"image contentType {image_type!r} is not one of {_IMAGE_TYPES}")
+    if image is not None:
+        check_image_type(image_type)
     if study_id is not None and (not _FHIR_ID.fullmatch(study_id) or not study_id.strip(".")):
         raise InputError(f"{study_id!r} is not a FHIR resource id")
     given = sum(x is not None for x in (study_id, text, image))
@@ -197,7 +203,7 @@ def parse_query(
         count=count,
         space=space,  # type: ignore[arg-type]
         exclude_same_patient=_bool("exclude-same-patient", params.get("exclude-same-patient")),
-        patient=_patient_id(params.get("patient")),
+        patient=patient_id(params.get("patient")),
         gender=gender,
         view_position=view.upper() if view else None,
         age_min=age_min,

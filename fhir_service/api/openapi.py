@@ -62,6 +62,22 @@ SEARCHSET: dict[str, Any] = {
         },
     },
 }
+COLLECTION: dict[str, Any] = {
+    "type": "object",
+    "required": ["resourceType", "type", "entry"],
+    "properties": {
+        "resourceType": {"const": "Bundle"},
+        "type": {"const": "collection"},
+        "entry": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["fullUrl", "resource"],
+                "properties": {"resource": {"type": "object", "required": ["resourceType"]}},
+            },
+        },
+    },
+}
 _REASONS = {
     400: "bad input",
     401: "no or invalid credentials",

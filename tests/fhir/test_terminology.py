@@ -168,5 +168,5 @@ def test_local_code_systems_list_every_local_code() -> None:
     assert [c["code"] for c in nih["concept"]] == list(NIH_FINDINGS)
     assert nih["content"] == "complete" and nih["count"] == 14
     out = systems[TERMINOLOGY.code_system_url("model_output")]
-    expected = {"logit", "sigmoid-score", "operating-threshold", "untrained"}
+    expected = {"logit", "sigmoid-score", "operating-threshold", "untrained", "not-saved"}
     assert {c["code"] for c in out["concept"]} == expected
