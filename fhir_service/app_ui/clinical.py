@@ -271,3 +271,25 @@ def study_patients(
         if pid is not None:
             out[str(study.get("id"))] = {"id": pid, "name": patient_label(patients.get(pid), pid)}
     return out
+
+
+def adhoc_view(bundle: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """What the page shows of an ``$analyze`` answer: the findings as for a stored study,
+    the conclusion, and each positive finding's heatmap (a PNG data URL)."""
+    resources = entries(bundle)
+    observations = [r for r in resources if r["resourceType"] == "Observation"]
+    findings = [f for f in map(finding_of, observations) if f is not None]
+    report = next((r for r in resources if r["resourceType"] == "DiagnosticReport"), {})
+    heatmaps = {}
+    for media in (r for r in resources if r["resourceType"] == "Media"):
+        label = finding_label({"code": (media.get("reasonCode") or [{}])[0]})
+        if label is not None:
+            heatmaps[label] = f"data:image/png;base64,{media['content']['data']}"
+    return {
+        "name": name,
+        "saved": False,
+        "untrained": is_untrained(report, observations),
+        "conclusion": report.get("conclusion", ""),
+        "findings": sorted(findings, key=lambda f: -float(f["score"])),
+        "heatmaps": heatmaps,
+    }

@@ -7,6 +7,9 @@ token (:func:`fhir_service.app_ui.routes.same_origin_with_token`) and the user's
                                        + Media for the launch's patient (write scopes)
     POST /app/api/similar-image       {"image" (base64), "content_type", "params"} → $similar
                                        by image (reads only; a POST for the body's size)
+    POST /app/api/analyze             {"image" (base64), "content_type", "name"} → the
+                                       service's $analyze: findings NOT saved to the record
+                                       (a launch without the write scopes)
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 
 from cxr_errors import ImageError, InputError
+from fhir_service.analyze import AdhocAnalysis, AnalyzeRequest
 from fhir_service.api.limits import parse_json
 from fhir_service.app_ui import image_search, review, uploads
+from fhir_service.app_ui.clinical import adhoc_view
 from fhir_service.app_ui.routes import UiDep, _api_error, _guard, _json, _session
 from fhir_service.app_ui.routes import same_origin_with_token as csrf_ok
 from fhir_service.fhir.review import MAX_COMMENT_CHARS, ReviewDecision, ReviewError
@@ -151,6 +157,37 @@ async def upload(request: Request, ui: UiDep) -> Response:
         except InputError as exc:
             return _api_error(400, str(exc))
         return _json(await uploads.upload(ui, session, image, body.content_type, body.name))
+
+    result: Response = await _guard(run())
+    return result
+
+
+@router.post("/analyze")
+async def analyze(request: Request, ui: UiDep) -> Response:
+    """An uploaded image read by this service's own ``$analyze`` (in process: the app is part
+    of the service), for the launch's patient in a patient launch; nothing is written."""
+
+    async def run() -> Response:
+        session = _session(request, ui)
+        if not csrf_ok(request, ui, session):
+            return _api_error(403, "missing or wrong CSRF token")
+        try:
+            body = UploadIn.model_validate(await _body(request))
+            image = _decode(body.image)
+            image_search.check_image(ui, image, body.content_type)
+        except (ValidationError, _BadRequest) as exc:
+            return _api_error(400, f"not an image: {exc}")
+        except ImageError:
+            raise
+        except InputError as exc:
+            return _api_error(400, str(exc))
+        tokens = session.tokens
+        patient = tokens.patient if tokens is not None and ui.mode(session) == "patient" else None
+        analysis: AdhocAnalysis = request.app.state.analyze
+        bundle = await run_in_threadpool(
+            analysis.run, AnalyzeRequest(image, patient=patient), bound_patient=patient
+        )
+        return _json(adhoc_view(bundle, body.name))
 
     result: Response = await _guard(run())
     return result

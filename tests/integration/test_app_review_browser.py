@@ -286,3 +286,38 @@ def test_upload_and_read_in_chromium(
         page.screenshot(path=str(SHOTS / "uploaded-study-1280x800.png"), full_page=True)
     with (SHOTS / "review-timings.txt").open("a") as fh:
         fh.write(f"upload→report shown {upload_to_report_s:.2f} s\n")
+
+
+def test_adhoc_analysis_without_write_scopes_in_chromium(
+    review_stack: ReviewStack, stack: Stack, chromium: Browser
+) -> None:
+    """A user-level launch may not write: the dropped image goes to ``$analyze`` and its
+    findings are shown under a NOT SAVED banner; nothing is uploaded."""
+    rs = review_stack
+    image = (
+        stack.settings.shared_dir / "data" / "nih-sample" / stack.records[UPLOAD_ROW].image_index
+    )
+    with browsing(chromium) as page:
+        posted: list[str] = []
+        page.on("request", lambda r: posted.append(r.url) if r.method == "POST" else None)
+        page.goto(f"{rs.settings.dev_ehr_url}/launch")
+        page.locator("#user-launch").click()
+        page.wait_for_selector("#upload[data-saves='false']:not([hidden])")
+        assert "not saved" in page.locator("#upload-label").inner_text()
+        t0 = time.perf_counter()
+        with page.expect_response(lambda r: "/app/api/analyze" in r.url) as answered:
+            page.set_input_files("#upload-image", str(image))
+        assert answered.value.status == 200, answered.value.text()
+        page.wait_for_selector("#adhoc[data-count='14']:not([hidden])")
+        analysis_s = time.perf_counter() - t0
+        assert "NOT SAVED TO THE RECORD" in page.locator("#adhoc-banner").inner_text()
+        assert page.locator("#adhoc-conclusion").inner_text().startswith("NOT SAVED")
+        assert page.locator("#banner").is_visible()  # untrained weights: said at the top
+        positives = page.locator("#adhoc-findings li[data-positive='true']")
+        assert page.locator("#adhoc-findings li[data-positive='true'] img").count() == (
+            positives.count()
+        )
+        assert not [u for u in posted if "/app/api/upload" in u]
+        page.screenshot(path=str(SHOTS / "adhoc-analysis-1280x800.png"), full_page=True)
+    with (SHOTS / "review-timings.txt").open("a") as fh:
+        fh.write(f"ad-hoc analysis shown {analysis_s:.2f} s\n")

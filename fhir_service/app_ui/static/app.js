@@ -124,7 +124,7 @@ function renderWorklist(rows) {
   });
   body.replaceChildren(...trs);
   if (!rows.length) body.append(el("tr", {}, el("td", { colspan: user ? 9 : 8, text: user ? "No recent studies." : "No studies for this patient." })));
-  setBanner(rows.some((r) => r.untrained));
+  setBanner(rows.some((r) => r.untrained) || Boolean(app.adhocUntrained));
   const table = document.getElementById("worklist");
   table.dataset.rendered = String(rows.length);
   table.dataset.polls = String(Number(table.dataset.polls || 0) + 1);
@@ -159,18 +159,59 @@ async function uploadImage(file) {
   }
 }
 
+// A launch that may write saves the image to the patient's record (and the pipeline reads
+// it); any other launch gets an ad-hoc analysis that is shown here and saved nowhere.
+async function analyzeImage(file) {
+  const status = document.getElementById("upload-status");
+  const type = imageType(file);
+  if (!["image/png", "image/jpeg", "application/dicom"].includes(type)) {
+    status.textContent = `${file.name} is not a PNG, JPEG or DICOM image.`;
+    return;
+  }
+  status.textContent = `Analysing ${file.name} (not saved)…`;
+  try {
+    const body = { image: await fileBase64(file), content_type: type, name: file.name };
+    renderAdhoc(await postJson("/app/api/analyze", body));
+    status.textContent = `${file.name} analysed; not saved to the record.`;
+  } catch (err) {
+    status.textContent = `Analysis failed: ${err.message}`;
+  }
+}
+
+function renderAdhoc(result) {
+  const section = document.getElementById("adhoc");
+  document.getElementById("adhoc-title").textContent = `Ad-hoc analysis of ${result.name}`;
+  document.getElementById("adhoc-conclusion").textContent = result.conclusion;
+  const items = result.findings.map((f) => el("li", { "data-finding": f.finding, "data-positive": String(f.positive) },
+    el("span", { class: "fname", text: f.text + (f.positive ? " ▲" : "") }),
+    el("span", { class: "fval", text: ` ${f.score_kind} ${fmt(f.score)}, threshold ${fmtThreshold(f.threshold)}` }),
+    result.heatmaps[f.finding]
+      ? el("img", { src: result.heatmaps[f.finding], alt: `Heatmap: where the model looked for ${f.text}`, width: 256, height: 256 }) : null));
+  document.getElementById("adhoc-findings").replaceChildren(...items);
+  app.adhocUntrained = result.untrained;
+  setBanner(result.untrained || document.getElementById("banner").hidden === false);
+  section.dataset.count = String(items.length);
+  section.hidden = false;
+}
+
 function wireUpload(ctx) {
   const zone = document.getElementById("upload");
-  document.getElementById("upload-note").hidden = !(ctx.mode === "patient" && !ctx.can_upload);
-  if (ctx.mode !== "patient" || !ctx.can_upload) return;
+  const saves = ctx.mode === "patient" && ctx.can_upload;
+  document.getElementById("upload-note").hidden = saves;
+  if (!saves) {
+    document.getElementById("upload-label").textContent = "Analyse an X-ray (not saved to the record)";
+    document.getElementById("upload-hint").textContent = "or drop a PNG, JPEG or DICOM here: the AI reads it; nothing is written to the record.";
+  }
+  zone.dataset.saves = String(saves);
   zone.hidden = false;
+  const send = saves ? uploadImage : analyzeImage;
   const input = document.getElementById("upload-image");
-  input.addEventListener("change", () => { if (input.files.length) uploadImage(input.files[0]); });
+  input.addEventListener("change", () => { if (input.files.length) send(input.files[0]); });
   zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
   zone.addEventListener("dragleave", () => zone.classList.remove("over"));
   zone.addEventListener("drop", (ev) => {
     ev.preventDefault(); zone.classList.remove("over");
-    if (ev.dataTransfer.files.length) uploadImage(ev.dataTransfer.files[0]);
+    if (ev.dataTransfer.files.length) send(ev.dataTransfer.files[0]);
   });
 }
 
