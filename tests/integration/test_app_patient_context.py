@@ -31,15 +31,17 @@ from fhir_service.settings import Settings
 from tests.dev_ehr.smart_client import SmartClient
 from tests.factories import unique_suffix
 from tests.integration.stack import Stack, wait_for
+from tests.integration.test_app_browser import CHROMIUM, chromium
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, Response
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser)"),
 ]
+
+__all__ = ["chromium"]  # the module-scoped browser fixture, shared
 
 SHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "app-patient-context"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
@@ -88,22 +90,6 @@ def mixed(stack: Stack, test_settings: Settings, test_data_dir: Path) -> Iterato
         yield Mixed(settings, patient, mine, others)
     finally:
         stop_dev_ehr(settings)
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Browser]:
-    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"]
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @dataclass
