@@ -208,6 +208,9 @@ class VectorStore:
                     min_size=1,
                     max_size=max_connections,
                     configure=register_vector,
+                    # A connection PostgreSQL dropped (restart, pg_terminate_backend, idle
+                    # timeout) is found on checkout and replaced, not handed to a query.
+                    check=ConnectionPool.check_connection,
                     open=True,
                     name="vector_store",
                 )

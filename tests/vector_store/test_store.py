@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 
 from cxr_errors import InputError, StoreError
@@ -365,6 +366,25 @@ def test_search_settings_do_not_leak_and_nothing_is_prepared(url: str) -> None:
         assert not pool.closed
     assert settings == ("on", "40", "off")
     assert prepared == (0,)
+
+
+def test_a_connection_the_server_dropped_is_replaced_not_used(
+    url: str, loaded: VectorStore
+) -> None:
+    """After PostgreSQL terminates the pool's idle connections (a restart, an administrator),
+    the next read gets a fresh connection instead of failing with the dead one."""
+    name = "cxr_test_dropped"
+    with VectorStore(make_conninfo(url, application_name=name), max_connections=1) as store:
+        assert store.count(MODEL) >= 0
+        with psycopg.connect(url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND application_name = %s",
+                (name,),
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        assert store.get("study-00001", MODEL) is not None
 
 
 def test_other_model_versions_are_not_searched(loaded: VectorStore) -> None:
