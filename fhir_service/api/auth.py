@@ -134,6 +134,8 @@ class SimilarAuth:
         self._http = httpx.AsyncClient(timeout=10.0, transport=transport)
         self._clock = clock
         self._keys: dict[str, tuple[KeySet, float]] = {}
+        #: When an unknown ``kid`` last made us fetch an issuer's keys.
+        self._unknown_kid_fetched: dict[str, float] = {}
         self._lock = asyncio.Lock()
 
     async def aclose(self) -> None:
@@ -185,16 +187,22 @@ class SimilarAuth:
 
     async def _keyset(self, trusted: TrustedIssuer, kid: str) -> KeySet:
         """The issuer's keys, fetched again when stale or when ``kid`` is new (a key
-        rotation) — but not more often than every ``_JWKS_MIN_REFETCH_S``, so tokens with
-        made-up kids cannot make us hammer the issuer."""
+        rotation, or the issuer restarted with a new key): the first unknown kid fetches at
+        once, later ones at most every ``_JWKS_MIN_REFETCH_S``, so tokens with made-up kids
+        cannot make us hammer the issuer."""
         async with self._lock:
             now = self._clock()
             cached = self._keys.get(trusted.issuer)
             if cached is not None:
                 keys, fetched = cached
                 known = not kid or any(k.kid == kid for k in keys.keys)
-                if (now - fetched < JWKS_TTL_S and known) or now - fetched < _JWKS_MIN_REFETCH_S:
+                if known and now - fetched < JWKS_TTL_S:
                     return keys
+                missed = self._unknown_kid_fetched.get(trusted.issuer)
+                if not known and missed is not None and now - missed < _JWKS_MIN_REFETCH_S:
+                    return keys
+                if not known:
+                    self._unknown_kid_fetched[trusted.issuer] = now
             keys = await self._fetch_keys(trusted)
             self._keys[trusted.issuer] = (keys, now)
             return keys

@@ -160,6 +160,28 @@ def test_keys_are_fetched_once_and_again_for_a_new_kid(key: RSAKey) -> None:
     assert len([r for r in issuer.requests if r.url.path == "/jwks"]) == 1
 
 
+def test_a_new_key_right_after_a_fetch_is_fetched_but_made_up_kids_are_rate_limited(
+    key: RSAKey, other_key: RSAKey
+) -> None:
+    """An issuer that restarts with a new key (or rotates) seconds after we cached its old
+    one: the first token with the new kid fetches the keys again at once; a stream of
+    made-up kids fetches at most once per ``_JWKS_MIN_REFETCH_S``."""
+    issuer = Issuer(key)
+    rotated = RSAKey.import_key(other_key.as_dict(private=True) | {"kid": "k2"})
+
+    async def rotate(auth: SimilarAuth) -> None:
+        await auth.caller(f"Bearer {_sign(key, _claims())}")
+        issuer.key = rotated
+        await auth.caller(f"Bearer {_sign(rotated, _claims(), kid='k2')}")
+        for i in range(5):
+            with pytest.raises(UnauthorizedError):
+                await auth.caller(f"Bearer {_sign(rotated, _claims(), kid=f'made-up-{i}')}")
+
+    run(issuer, rotate)
+    # The first fetch, the one for k2; the made-up kids within 30 s of it fetch nothing.
+    assert len([r for r in issuer.requests if r.url.path == "/jwks"]) == 2
+
+
 def test_an_active_introspected_token(key: RSAKey) -> None:
     issuer = Issuer(key)
     issuer.active["opaque-1"] = {
