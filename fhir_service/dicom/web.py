@@ -55,6 +55,17 @@ def dataset_bytes(ds: pydicom.Dataset) -> bytes:
     return buf.getvalue()
 
 
+def _as_part10(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` as dicomweb-client will write it: a Part 10 file with preamble and ``DICM``.
+    pydicom writes a dataset built in memory (highdicom's SR and SEG, a wrapped PNG) without
+    them, and the PACS then stores and serves a file that no reader opens by default."""
+    if getattr(ds, "preamble", None) is not None and "TransferSyntaxUID" in getattr(
+        ds, "file_meta", {}
+    ):
+        return ds
+    return pydicom.dcmread(io.BytesIO(dataset_bytes(ds)))
+
+
 def _no_bulk_data(tag: str, vr: str, uri: str) -> bytes:
     return b""
 
@@ -108,6 +119,11 @@ class DicomwebPacs:
                 ) from exc
             if status == 404 and missing is not None:
                 raise MissingImageError(missing) from exc
+            if status in (401, 403):
+                raise PacsError(
+                    f"the PACS at {self.base_url} refused {what} ({status}): check "
+                    "CXR_DICOMWEB_TOKEN, or CXR_DICOMWEB_USERNAME and CXR_DICOMWEB_PASSWORD"
+                ) from exc
             raise PacsError(f"the PACS at {self.base_url} answered {status} to {what}") from exc
 
     def study_instances(self, study_uid: str) -> list[pydicom.Dataset]:
@@ -139,7 +155,8 @@ class DicomwebPacs:
 
     def store(self, datasets: Sequence[pydicom.Dataset]) -> None:
         """STOW-RS the datasets (one request); an instance the PACS refused is an error."""
-        response = self._call("STOW-RS", lambda: self._client.store_instances(list(datasets)))
+        files = [_as_part10(ds) for ds in datasets]
+        response = self._call("STOW-RS", lambda: self._client.store_instances(files))
         failed = response.get("FailedSOPSequence") if response is not None else None
         if failed:
             uids = ", ".join(str(item.get("ReferencedSOPInstanceUID", "?")) for item in failed)

@@ -39,8 +39,11 @@ def _process(settings: Settings) -> ManagedProcess:
 
 
 def config(settings: Settings) -> dict[str, Any]:
-    """The ``orthanc.json`` we generate: storage in the data dir, localhost only, DICOMweb on."""
+    """The ``orthanc.json`` we generate: storage in the data dir, localhost only, DICOMweb on;
+    with ``CXR_DICOMWEB_USERNAME``/``PASSWORD`` set, HTTP basic auth for that one user (the
+    worker and ``cxr ingest dicom`` send them; nothing else gets in)."""
     storage = str(settings.orthanc_dir.resolve() / "storage")
+    users = _users(settings)
     return {
         "Name": "cxr-fhir embedded PACS",
         "StorageDirectory": storage,
@@ -49,7 +52,8 @@ def config(settings: Settings) -> dict[str, Any]:
         "HttpServerEnabled": True,
         "HttpPort": settings.orthanc_http_port,
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": bool(users),
+        **({"RegisteredUsers": users} if users else {}),
         "OrthancExplorerEnabled": False,
         "DicomServerEnabled": False,
         "DicomPort": settings.orthanc_dicom_port,
@@ -72,11 +76,23 @@ def config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _users(settings: Settings) -> dict[str, str]:
+    if settings.dicomweb_username is None:
+        return {}
+    if not settings.dicomweb_password:
+        raise ConfigError(
+            "CXR_DICOMWEB_USERNAME is set without CXR_DICOMWEB_PASSWORD: the embedded Orthanc "
+            "needs both to enable basic auth"
+        )
+    return {settings.dicomweb_username: settings.dicomweb_password}
+
+
 def is_answering(settings: Settings, *, timeout_s: float = 5.0) -> bool:
     """True when the embedded Orthanc answers ``/system`` and its DICOMweb plugin QIDO-RS."""
     base = f"http://127.0.0.1:{settings.orthanc_http_port}"
+    auth = next(iter(_users(settings).items()), None)
     try:
-        system = httpx.get(f"{base}/system", timeout=timeout_s)
+        system = httpx.get(f"{base}/system", timeout=timeout_s, auth=auth)
         if system.status_code != 200 or "Version" not in system.json():
             return False
         qido = httpx.get(
@@ -84,6 +100,7 @@ def is_answering(settings: Settings, *, timeout_s: float = 5.0) -> bool:
             params={"limit": "1"},
             headers={"Accept": "application/dicom+json"},
             timeout=timeout_s,
+            auth=auth,
         )
     except (httpx.HTTPError, ValueError):
         return False
