@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from cxr_errors import ImageError, InputError
+from cxr_errors import ImageError, ImageTooLargeError, InputError
 from fhir_service.app_ui import clinical
 from fhir_service.app_ui.access import PATIENT_SEARCH_PARAM
 from fhir_service.app_ui.review import outcome_text, post_as_user
@@ -50,7 +50,7 @@ def check_image(ui: AppUi, image: bytes, content_type: str) -> None:
     if not image:
         raise ImageError("the image is empty")
     if len(image) > ui.settings.max_image_bytes:
-        raise ImageError(
+        raise ImageTooLargeError(
             f"the image has {len(image)} bytes, more than the {ui.settings.max_image_bytes} allowed"
         )
 
@@ -63,8 +63,8 @@ async def post_similar(ui: AppUi, session: AppSession, body: dict[str, Any]) -> 
 async def similar_by_image(
     ui: AppUi, session: AppSession, image: bytes, content_type: str, params: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """The matches of ``image``, as :meth:`AppUi.similar` shows those of a text query."""
-    check_image(ui, image, content_type)
+    """The matches of ``image`` (already through :func:`check_image`), as
+    :meth:`AppUi.similar` shows those of a text query."""
     access = ui.access(session)
     if access.mode == "user":
         answer = await post_similar(ui, session, parameters(image, content_type, params))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -31,6 +31,7 @@ from fhir_service.app_ui import image_search, review, uploads
 from fhir_service.app_ui.clinical import adhoc_view
 from fhir_service.app_ui.routes import UiDep, _api_error, _guard, _json, _session
 from fhir_service.app_ui.routes import same_origin_with_token as csrf_ok
+from fhir_service.app_ui.service import AppUi
 from fhir_service.fhir.review import MAX_COMMENT_CHARS, ReviewDecision, ReviewError
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,32 @@ def _decode(data: str) -> bytes:
         raise _BadRequest(f"the image is not valid base64: {exc}") from exc
 
 
+class UploadIn(BaseModel):
+    image: Annotated[str, Field(min_length=1)]
+    content_type: Annotated[str, Field(max_length=100)]
+    name: Annotated[str, Field(max_length=200)] = "upload"
+
+
+_ImageBody = TypeVar("_ImageBody", ImageQueryIn, UploadIn)
+
+
+async def _image_in(
+    request: Request, ui: AppUi, model: type[_ImageBody], what: str
+) -> tuple[_ImageBody, bytes]:
+    """The JSON body of a call carrying an image, and the image decoded and checked (type,
+    size) like the pipeline's input. Malformed → :class:`_BadRequest` prefixed ``what``; an
+    :class:`ImageError` (empty, too large) propagates to :func:`_guard` with its status."""
+    try:
+        body = model.model_validate(await _body(request))
+        image = _decode(body.image)
+        image_search.check_image(ui, image, body.content_type)
+    except ImageError:
+        raise
+    except (ValidationError, _BadRequest, InputError) as exc:
+        raise _BadRequest(f"{what}: {exc}") from exc
+    return body, image
+
+
 @router.post("/similar-image")
 async def similar_image(request: Request, ui: UiDep) -> Response:
     async def run() -> Response:
@@ -108,10 +135,9 @@ async def similar_image(request: Request, ui: UiDep) -> Response:
         if not csrf_ok(request, ui, session):
             return _api_error(403, "missing or wrong CSRF token")
         try:
-            body = ImageQueryIn.model_validate(await _body(request))
-            image = _decode(body.image)
-        except (ValidationError, _BadRequest) as exc:
-            return _api_error(400, f"not an image query: {exc}")
+            body, image = await _image_in(request, ui, ImageQueryIn, "not an image query")
+        except _BadRequest as exc:
+            return _api_error(400, str(exc))
         params = {k: v for k, v in body.params.items() if k in _SIMILAR_PARAMS and v}
         try:
             results = await image_search.similar_by_image(
@@ -127,12 +153,6 @@ async def similar_image(request: Request, ui: UiDep) -> Response:
     return result
 
 
-class UploadIn(BaseModel):
-    image: Annotated[str, Field(min_length=1)]
-    content_type: Annotated[str, Field(max_length=100)]
-    name: Annotated[str, Field(max_length=200)] = "upload"
-
-
 @router.post("/upload")
 async def upload(request: Request, ui: UiDep) -> Response:
     async def run() -> Response:
@@ -146,15 +166,8 @@ async def upload(request: Request, ui: UiDep) -> Response:
                 "(it needs patient/ImagingStudy.c and patient/Media.c)",
             )
         try:
-            body = UploadIn.model_validate(await _body(request))
-            image = _decode(body.image)
-        except (ValidationError, _BadRequest) as exc:
-            return _api_error(400, f"not an upload: {exc}")
-        try:
-            image_search.check_image(ui, image, body.content_type)
-        except ImageError:
-            raise
-        except InputError as exc:
+            body, image = await _image_in(request, ui, UploadIn, "not an upload")
+        except _BadRequest as exc:
             return _api_error(400, str(exc))
         return _json(await uploads.upload(ui, session, image, body.content_type, body.name))
 
@@ -172,14 +185,8 @@ async def analyze(request: Request, ui: UiDep) -> Response:
         if not csrf_ok(request, ui, session):
             return _api_error(403, "missing or wrong CSRF token")
         try:
-            body = UploadIn.model_validate(await _body(request))
-            image = _decode(body.image)
-            image_search.check_image(ui, image, body.content_type)
-        except (ValidationError, _BadRequest) as exc:
-            return _api_error(400, f"not an image: {exc}")
-        except ImageError:
-            raise
-        except InputError as exc:
+            body, image = await _image_in(request, ui, UploadIn, "not an image")
+        except _BadRequest as exc:
             return _api_error(400, str(exc))
         tokens = session.tokens
         patient = tokens.patient if tokens is not None and ui.mode(session) == "patient" else None
