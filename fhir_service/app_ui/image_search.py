@@ -56,7 +56,9 @@ def check_image(ui: AppUi, image: bytes, content_type: str) -> None:
 
 
 async def post_similar(ui: AppUi, session: AppSession, body: dict[str, Any]) -> FhirAnswer:
-    status, answer = await post_as_user(ui, session, "/ImagingStudy/$similar", body)
+    status, answer = await post_as_user(
+        ui, session, "/ImagingStudy/$similar", body, sign_out_on_401=False
+    )
     return FhirAnswer(status, answer)
 
 

@@ -20,7 +20,7 @@ import httpx
 
 from cxr_errors import FhirError, ForbiddenError, NotFoundError
 from fhir_service.app_ui import clinical, smart
-from fhir_service.app_ui.service import FHIR_JSON, AppUi, NotSignedIn
+from fhir_service.app_ui.service import FHIR_JSON, AppUi, NotSignedIn, diagnostics
 from fhir_service.app_ui.session import AppSession
 from fhir_service.fhir.review import (
     REVIEWER_REFERENCE,
@@ -73,10 +73,16 @@ async def post_transaction(
 
 
 async def post_as_user(
-    ui: AppUi, session: AppSession, path: str, body: dict[str, Any]
+    ui: AppUi,
+    session: AppSession,
+    path: str,
+    body: dict[str, Any],
+    *,
+    sign_out_on_401: bool = True,
 ) -> tuple[int, dict[str, Any]]:
     """POST ``body`` to ``{the EHR's FHIR base}{path}`` with the user's token: (status,
-    JSON answer, ``{}`` when there is none)."""
+    JSON answer, ``{}`` when there is none). A 401 is :class:`NotSignedIn`, or with
+    ``sign_out_on_401=False`` (``$similar``, see :meth:`AppUi.fhir`) a :class:`FhirError`."""
     if session.iss is None:
         raise NotSignedIn("not signed in")
     token = await ui.access_token(session)
@@ -93,6 +99,8 @@ async def post_as_user(
     except httpx.HTTPError as exc:
         raise FhirError(f"the FHIR server is unavailable: {exc}") from exc
     if resp.status_code == 401:
+        if not sign_out_on_401:
+            raise FhirError(f"{path} refused this launch's token: {diagnostics(resp)}")
         raise NotSignedIn("the FHIR server refused the token")
     try:
         answer = resp.json()

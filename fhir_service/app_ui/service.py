@@ -154,8 +154,17 @@ class AppUi:
     # --- FHIR with the user's token --------------------------------------------------------
 
     async def fhir(
-        self, session: AppSession, path: str, params: dict[str, str] | None = None
+        self,
+        session: AppSession,
+        path: str,
+        params: dict[str, str] | None = None,
+        *,
+        sign_out_on_401: bool = True,
     ) -> FhirAnswer:
+        """GET with the user's token (refreshed and tried once more on a 401). A second 401
+        signs the session out, except with ``sign_out_on_401=False``: ``$similar`` is answered
+        by the cxr service behind the EHR, whose refusal (e.g. it does not trust this EHR's
+        tokens) says nothing about the launch and must not end it."""
         if session.iss is None:
             raise NotSignedIn("not signed in")
         url = path if path.startswith(("http://", "https://")) else f"{session.iss}/{path}"
@@ -173,9 +182,12 @@ class AppUi:
                 )
             except httpx.HTTPError as exc:
                 raise FhirError(f"the FHIR server is unavailable: {exc}") from exc
-            if resp.status_code != 401:
+            tokens = session.tokens
+            if resp.status_code != 401 or tokens is None or not tokens.refresh_token:
                 break
         if resp.status_code == 401:
+            if not sign_out_on_401:
+                raise FhirError(f"{path} refused this launch's token: {diagnostics(resp)}")
             session.tokens = None
             raise NotSignedIn("the FHIR server refused the token")
         try:
@@ -417,7 +429,7 @@ class AppUi:
         path = f"ImagingStudy/{study_id}/$similar" if study_id else "ImagingStudy/$similar"
         if access.mode == "user":
             answer, query = await asyncio.gather(
-                self.fhir(session, path, params),
+                self.fhir(session, path, params, sign_out_on_401=False),
                 self.read(session, "ImagingStudy", study_id) if study_id else _no_answer(),
             )
             matches = self._matches(access, answer)
@@ -433,7 +445,7 @@ class AppUi:
         bound = {k: v for k, v in params.items() if k != "exclude-same-patient"}
         bound[PATIENT_SEARCH_PARAM] = str(access.patient)
         answer, (_, reports, observations, tasks) = await asyncio.gather(
-            self.fhir(session, path, bound), self.patient_data(session)
+            self.fhir(session, path, bound, sign_out_on_401=False), self.patient_data(session)
         )
         matches = self._matches(access, answer)
         rows = clinical.worklist([m for m, _ in matches], reports, observations, tasks)
@@ -500,6 +512,17 @@ def _split_reports(
     reports = [r for r in resources if r.get("resourceType") == "DiagnosticReport"]
     observations = {str(r["id"]): r for r in resources if r.get("resourceType") == "Observation"}
     return reports, observations
+
+
+def diagnostics(resp: httpx.Response) -> str:
+    """What an error answer says: its OperationOutcome's first diagnostics, else the status."""
+    try:
+        body = resp.json()
+        issue = (body.get("issue") or [{}])[0]
+        said = str(issue.get("diagnostics") or "")
+    except (ValueError, AttributeError, TypeError, IndexError):
+        said = ""
+    return said or f"HTTP {resp.status_code}"
 
 
 async def _no_answer() -> FhirAnswer:

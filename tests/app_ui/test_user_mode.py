@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from cxr_errors import NotFoundError
+from cxr_errors import FhirError, NotFoundError
 from fhir_service.app_ui import clinical, smart
 from fhir_service.app_ui.service import RECENT_STUDIES, AppUi, NotSignedIn
 from fhir_service.app_ui.session import AppSession, Tokens
@@ -34,6 +34,7 @@ T = TypeVar("T")
 Resource = dict[str, Any]
 ISS = "http://ehr.test/fhir"
 T0 = 1_750_000_000.0
+UNTRUSTED = "the token's issuer http://ehr.test/fhir is not trusted here"
 
 
 # --- which mode a token response gives ------------------------------------------------------
@@ -165,6 +166,8 @@ class FakeEhr:
         self.requests: list[httpx.Request] = []
         self.forbidden: set[str] = set()
         self.similar: list[str] = []
+        #: ``$similar`` answers 401, as the cxr service behind an EHR it does not trust does.
+        self.similar_refused = False
         self._ids = itertools.count(1)
         self._stamp = itertools.count(10)
 
@@ -224,6 +227,9 @@ class FakeEhr:
         q = request.url.params
         if path[0] in self.forbidden:
             return httpx.Response(403, json={"resourceType": "OperationOutcome"})
+        if path[-1] == "$similar" and self.similar_refused:
+            outcome = {"resourceType": "OperationOutcome", "issue": [{"diagnostics": UNTRUSTED}]}
+            return httpx.Response(401, json=outcome)
         if path[-1] == "$similar":
             return self.bundle([self.store[("ImagingStudy", s)] for s in self.similar])
         if len(path) == 2:
@@ -414,6 +420,27 @@ def test_patient_mode_similar_keeps_the_launch_patient(tmp_path: Path) -> None:
     results = h.run(lambda ui: ui.similar(h.session, "a", {}))
     assert [(r["same_patient"], r["patient"]) for r in results] == [(True, None)]
     assert h.ehr.searched("Patient") == [], "patient mode names no other patients"
+
+
+@pytest.mark.parametrize("mode", ["user", "patient"])
+def test_a_refused_similar_is_an_error_of_the_panel_not_a_sign_out(
+    tmp_path: Path, mode: smart.Mode
+) -> None:
+    """The cxr service behind the EHR answers ``$similar`` (through it); its 401 (it does not
+    trust this EHR's tokens, or not yet its new key) must not end a launch the EHR accepts."""
+    h = Harness(tmp_path, mode=mode)
+    h.ehr.patient("p1", "Ann Lee")
+    h.ehr.analyse(h.ehr.study("a", "p1"), {"Effusion": 0.4})
+    h.ehr.similar_refused = True
+
+    async def similar_then_worklist(ui: AppUi) -> list[dict[str, Any]]:
+        with pytest.raises(FhirError, match=f"refused this launch's token: {UNTRUSTED}"):
+            await ui.similar(h.session, "a", {})
+        return await ui.worklist(h.session)
+
+    rows = h.run(similar_then_worklist)
+    assert h.session.tokens is not None
+    assert [r["id"] for r in rows] == ["a"]
 
 
 def test_no_mode_is_not_signed_in(h: Harness) -> None:
