@@ -13,6 +13,7 @@ with the right status). Each class's docstring is its default message.
     │   │   ├── ImageTooLargeError
     │   │   ├── NotARadiographError   decodable, but not a frontal chest radiograph (models.gate)
     │   │   └── MissingImageError   no image for the study yet (it may still arrive)
+    │   │       └── NotInPacsYetError   not in the PACS yet (looked for again by the sweep)
     │   ├── NotFoundError    an id that does not exist
     │   ├── ForbiddenError   the caller may not see this (outside its patient or scopes)
     │   ├── UnauthorizedError  no credentials, or ones that are not valid here
@@ -41,6 +42,7 @@ __all__ = [
     "ModelError",
     "NotARadiographError",
     "NotFoundError",
+    "NotInPacsYetError",
     "PacsError",
     "PacsUnavailableError",
     "PayloadTooLargeError",
@@ -96,6 +98,15 @@ class MissingImageError(ImageError):
 
     http_status = 409
     issue_code = "incomplete"
+
+
+class NotInPacsYetError(MissingImageError):
+    """The study's image is not in the PACS (yet); nothing notifies us when it arrives there."""
+
+    def __init__(self, message: str, study_uid: str) -> None:
+        super().__init__(message)
+        #: The Study Instance UID to look for again.
+        self.study_uid = study_uid
 
 
 class NotFoundError(InputError):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cxr_errors import MissingImageError
+from cxr_errors import MissingImageError, NotInPacsYetError
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.identifiers import task_identifier
 from fhir_service.fhir.results import is_cxr_overlay
@@ -120,7 +120,14 @@ class StudyTasks:
                 f"waiting for the image: {exc.message}. The study fails if none arrives by "
                 f"{_fmt(deadline)} ({_span(self.image_wait)} after it was last updated)"
             )
-            task = build_waiting_task(study, reason, deadline, now=now, existing_task=existing)
+            task = build_waiting_task(
+                study,
+                reason,
+                deadline,
+                now=now,
+                existing_task=existing,
+                pacs_study_uid=exc.study_uid if isinstance(exc, NotInPacsYetError) else None,
+            )
             self.put(task)
             log.info("ImagingStudy/%s waits for its image until %s", study["id"], _fmt(deadline))
             return f"waiting for images until {_fmt(deadline)}"

@@ -23,6 +23,7 @@ from cxr_errors import (
     ImageError,
     ImageTooLargeError,
     MissingImageError,
+    NotInPacsYetError,
     PacsUnavailableError,
 )
 from fhir_service.fhir.client import FhirClient
@@ -76,12 +77,16 @@ def fetch_pixels(
     pacs: DicomSource | None = None,
 ) -> Pixels:
     study_id = study["id"]
+    uid = study_uid(study)
     if wado_endpoint(fhir, study, pacs):
         assert pacs is not None  # wado_endpoint refuses an Endpoint without a PACS
-        return fetch_dicomweb(study, pacs, max_bytes)
+        try:
+            return fetch_dicomweb(study, pacs, max_bytes)
+        except MissingImageError as exc:
+            # The study is registered before the modality's STOW reaches the PACS.
+            raise NotInPacsYetError(exc.message, uid or "") from exc
     media = input_media(fhir, study_id)
     if not media:
-        uid = study_uid(study)
         if pacs is not None and uid:
             try:
                 return fetch_dicomweb(study, pacs, max_bytes)
@@ -89,8 +94,9 @@ def fetch_pixels(
                 # No Endpoint says the pixels are in the PACS: a PACS that is down or does not
                 # hold the study is one more place the image is not yet, and the study waits
                 # for it (or a Media).
-                raise MissingImageError(
-                    f"no pixels: no Media with partOf ImagingStudy/{study_id}, and {exc.message}"
+                raise NotInPacsYetError(
+                    f"no pixels: no Media with partOf ImagingStudy/{study_id}, and {exc.message}",
+                    uid,
                 ) from exc
         raise MissingImageError(
             f"no pixels: no Media with partOf ImagingStudy/{study_id} holds an image"

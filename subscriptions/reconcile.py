@@ -9,7 +9,9 @@ promise that every study is processed. The sweep
 * queues the studies whose wait for an image has run out (waiting Tasks past their deadline),
   so they fail with a reason;
 * reads ``Media?_lastUpdated=gt<watermark>`` and queues the waiting or image-less failed
-  studies those images belong to (a late image whose notification was dropped).
+  studies those images belong to (a late image whose notification was dropped);
+* queues, every sweep, the studies waiting for an image in the PACS (a STOW there notifies
+  nobody), so that one that arrived is read within a sweep interval, not at the deadline.
 
 The watermarks live in PostgreSQL and move only past what the sweep has handled.
 """
@@ -27,7 +29,7 @@ import psycopg
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.identifiers import study_model_identifier, task_identifier
 from fhir_service.fhir.results import is_cxr_overlay
-from fhir_service.fhir.tasks import task_business_status, waiting_deadline
+from fhir_service.fhir.tasks import awaited_in_pacs, task_business_status, waiting_deadline
 from fhir_service.fhir.terminology import TERMINOLOGY
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class SweepResult:
     """studies queued because their wait for an image ran out"""
     late_images: int = 0
     """studies queued because an image arrived for them (waiting or failed without one)"""
+    pacs_rechecks: int = 0
+    """waiting studies queued to look for their image in the PACS again"""
 
 
 def sweep(
@@ -121,11 +125,13 @@ def sweep(
     open_tasks = _open_image_tasks(fhir)
     expired = _queue_expired_waits(open_tasks, enqueue, now or datetime.now(UTC))
     late = _queue_late_images(fhir, dsn, open_tasks, enqueue, since)
+    rechecks = queue_pacs_rechecks(open_tasks, enqueue)
     log.info(
-        "sweep: %d seen, %d queued, %d reported, %d failed; %d waits expired, %d late images",
-        seen, queued, reported, failed, expired, late,
+        "sweep: %d seen, %d queued, %d reported, %d failed; %d waits expired, %d late images, "
+        "%d PACS rechecks",
+        seen, queued, reported, failed, expired, late, rechecks,
     )  # fmt: skip
-    return SweepResult(seen, queued, reported, failed, newest or start, expired, late)
+    return SweepResult(seen, queued, reported, failed, newest or start, expired, late, rechecks)
 
 
 def _open_image_tasks(fhir: FhirClient) -> dict[str, dict[str, Any]]:
@@ -152,6 +158,18 @@ def _queue_expired_waits(
         if deadline is not None and deadline <= now and enqueue(study_id, "wait-expired"):
             queued += 1
     return queued
+
+
+def queue_pacs_rechecks(
+    open_tasks: dict[str, dict[str, Any]], enqueue: Callable[[str, str], bool]
+) -> int:
+    """Queue the studies waiting for their image in the PACS: no notification comes from
+    there, so each sweep looks again (the job only writes when the answer changed)."""
+    return sum(
+        1
+        for study_id, task in sorted(open_tasks.items())
+        if awaited_in_pacs(task) and enqueue(study_id, "pacs-recheck")
+    )
 
 
 def _queue_late_images(

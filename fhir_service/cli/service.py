@@ -62,7 +62,8 @@ def reconcile(
     ),
 ) -> None:
     """Queue every available study that has no report for the current model (nor a failed Task),
-    the studies whose wait for an image ran out and those an image arrived for."""
+    the studies whose wait for an image ran out, those an image arrived for, and those waiting
+    for their image in the PACS."""
     from fhir_service.worker import run_sweep
 
     with cli_errors():
@@ -70,5 +71,5 @@ def reconcile(
     console.print(
         f"seen {result.seen}, queued {result.queued}, already reported {result.reported}, "
         f"failed earlier {result.failed}; waits expired {result.expired}, late images "
-        f"{result.late_images}; watermark {result.watermark}"
+        f"{result.late_images}, PACS rechecks {result.pacs_rechecks}; watermark {result.watermark}"
     )

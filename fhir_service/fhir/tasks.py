@@ -80,12 +80,15 @@ def build_waiting_task(
     *,
     now: datetime | None = None,
     existing_task: Mapping[str, Any] | None = None,
+    pacs_study_uid: str | None = None,
     terminology: Terminology = TERMINOLOGY,
 ) -> Resource:
     """The study's Task ``on-hold``, waiting for its image until ``deadline``.
 
     ``restriction.period.end`` ("over what time-period fulfillment is sought") carries the
-    deadline for machines; ``statusReason.text`` says the same for people.
+    deadline for machines; ``statusReason.text`` says the same for people. With
+    ``pacs_study_uid`` the image is awaited in the PACS, which notifies nobody: an ``input``
+    names the Study Instance UID, and the sweep looks for it again (:func:`awaited_in_pacs`).
     """
     task = _study_task(
         study,
@@ -98,6 +101,16 @@ def build_waiting_task(
         terminology=terminology,
     )
     task["restriction"] = {"period": {"end": instant(deadline)}}
+    if pacs_study_uid:
+        task["input"] = [
+            {
+                "type": cc(terminology.concept("task_input_pacs_study")),
+                "valueIdentifier": {
+                    "system": terminology.identifier_system("dicom_uid"),
+                    "value": f"urn:oid:{pacs_study_uid}",
+                },
+            }
+        ]
     return task
 
 
@@ -165,6 +178,7 @@ def build_completed_task(
     out.pop("meta", None)
     out.pop("statusReason", None)
     out.pop("restriction", None)
+    out.pop("input", None)  # what a waiting Task awaited
     if reason:
         out["statusReason"] = {"text": reason}
     out["status"] = "completed"
@@ -194,6 +208,7 @@ def build_cancelled_task(
     out = copy.deepcopy(dict(task))
     out.pop("meta", None)
     out.pop("restriction", None)
+    out.pop("input", None)  # what a waiting Task awaited
     out["status"] = "cancelled"
     out["statusReason"] = {"text": reason}
     out["businessStatus"] = {
@@ -211,6 +226,18 @@ def task_business_status(task: Mapping[str, Any]) -> str | None:
     codings = (task.get("businessStatus") or {}).get("coding") or [{}]
     code = codings[0].get("code")
     return str(code) if code else None
+
+
+def awaited_in_pacs(task: Mapping[str, Any], terminology: Terminology = TERMINOLOGY) -> bool:
+    """Whether a waiting Task awaits its image in the PACS (see :func:`build_waiting_task`)."""
+    if waiting_deadline(task) is None:
+        return False
+    code = terminology.concept("task_input_pacs_study")["code"]
+    return any(
+        c.get("code") == code
+        for i in task.get("input") or []
+        for c in (i.get("type") or {}).get("coding") or []
+    )
 
 
 def waiting_deadline(task: Mapping[str, Any]) -> datetime | None:

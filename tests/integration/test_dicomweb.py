@@ -14,9 +14,11 @@ import pydicom
 import pytest
 
 from fhir_service.dicom.web import DicomwebPacs
-from fhir_service.fhir.tasks import task_business_status
+from fhir_service.fhir.dicom_studies import dicom_study_bundle
+from fhir_service.fhir.tasks import awaited_in_pacs, task_business_status
 from fhir_service.ingest.dicom_files import ingest_dicom
 from tests.dicom.helpers import nih_png, wrapped
+from tests.factories import unique_suffix
 from tests.integration.stack import Stack, wait_for
 
 pytestmark = pytest.mark.integration
@@ -130,3 +132,31 @@ def test_real_dicom_files_are_read_over_wado_rs(
     derived = stack.fhir.read_reference(reports[0]["imagingStudy"][1]["reference"])
     source = pydicom.dcmread(path, stop_before_pixels=True)
     assert str(source.SOPInstanceUID) in derived["description"]
+
+
+def test_a_study_registered_before_its_stow_waits_on_the_pacs_then_reports(
+    stack: Stack, pacs: DicomwebPacs, shared_dir: Path
+) -> None:
+    """The EHR registers the study (with its Endpoint) before the modality's STOW reaches the
+    PACS: the study waits with the Study Instance UID on its Task; the STOW alone (nothing
+    changes in FHIR) then leads to the one report."""
+    source = wrapped(nih_png(shared_dir, 3), tag=unique_suffix())
+    response = stack.fhir.transaction(dicom_study_bundle([source], pacs.base_url))
+    study_id = next(
+        str(e["response"]["location"]).split("/")[1]
+        for e in response["entry"]
+        if str(e["response"]["location"]).startswith("ImagingStudy/")
+    )
+
+    def waiting() -> dict[str, Any] | None:
+        task = stack.task(study_id)
+        return task if task is not None and task["status"] == "on-hold" else None
+
+    task = wait_for("the study waiting for its image in the PACS", waiting)
+    assert awaited_in_pacs(task)
+    assert str(source.StudyInstanceUID) in task["statusReason"]["text"]
+    pacs.store([source])
+    reports = wait_for("a report once the image is in the PACS", lambda: stack.reports(study_id))
+    assert len(reports) == 1
+    done = stack.task(study_id)
+    assert done is not None and done["status"] == "completed"
