@@ -205,20 +205,24 @@ def _triage_row(
 
 def _print_triage(rows: list[dict[str, Any]], settings: Settings, model_version: str) -> None:
     rows.sort(key=lambda r: -r["urgency"])
-    table = Table(title=f"Triage (model {model_version})")
+    untrained = "untrained" in model_version
+    # An untrained model's numbers must not read as findings, not even in a column header.
+    title = "UNTRAINED — NOT FINDINGS" if untrained else "Triage"
+    table = Table(title=f"{title} (model {model_version})")
     # The value is a probability only where a calibration was fitted (its interpretation text
     # says which); the band is whichever the Observation carries (95 % band or TTA spread).
-    for col in ("ImagingStudy", "source", "top findings: score [band, where computed]"):
+    scores = "highest untrained scores" if untrained else "top findings"
+    for col in ("ImagingStudy", "source", f"{scores}: score [band, where computed]"):
         table.add_column(col)
     for row in rows:
         top = []
         for label, p, band, positive in row["findings"][:3]:
             rng = f" [{band['low']['value']:.2f}–{band['high']['value']:.2f}]" if band else ""
-            flag = " POS" if positive else ""
+            flag = (" ≥ threshold" if untrained else " POS") if positive else ""
             top.append(f"{label} {p:.2f}{rng}{flag}")
         table.add_row(f"ImagingStudy/{row['study']}", row["image"], "; ".join(top))
     console.print(table)
-    if "untrained" in model_version:
+    if untrained:
         console.print("[bold red]UNTRAINED MODEL — these numbers are not findings.[/]")
     base = settings.fhir_base_url
     first = rows[0]
