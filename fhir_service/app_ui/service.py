@@ -161,8 +161,9 @@ class AppUi:
         *,
         sign_out_on_401: bool = True,
     ) -> FhirAnswer:
-        """GET with the user's token (refreshed and tried once more on a 401). A second 401
-        signs the session out, except with ``sign_out_on_401=False``: ``$similar`` is answered
+        """GET with the user's token (refreshed and tried once more on a 401 when there is a
+        refresh token). A 401 that stays signs the session out, except with
+        ``sign_out_on_401=False``: ``$similar`` is answered
         by the cxr service behind the EHR, whose refusal (e.g. it does not trust this EHR's
         tokens) says nothing about the launch and must not end it."""
         if session.iss is None:
