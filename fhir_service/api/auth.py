@@ -198,10 +198,10 @@ class SimilarAuth:
                 known = not kid or any(k.kid == kid for k in keys.keys)
                 if known and now - fetched < JWKS_TTL_S:
                     return keys
-                missed = self._unknown_kid_fetched.get(trusted.issuer)
-                if not known and missed is not None and now - missed < _JWKS_MIN_REFETCH_S:
-                    return keys
                 if not known:
+                    missed = self._unknown_kid_fetched.get(trusted.issuer)
+                    if missed is not None and now - missed < _JWKS_MIN_REFETCH_S:
+                        return keys
                     self._unknown_kid_fetched[trusted.issuer] = now
             keys = await self._fetch_keys(trusted)
             self._keys[trusted.issuer] = (keys, now)

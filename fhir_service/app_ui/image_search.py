@@ -14,8 +14,8 @@ from typing import Any
 from cxr_errors import ImageError, ImageTooLargeError, InputError
 from fhir_service.app_ui import clinical
 from fhir_service.app_ui.access import PATIENT_SEARCH_PARAM
-from fhir_service.app_ui.review import outcome_text, post_as_user
-from fhir_service.app_ui.service import AppUi, FhirAnswer, _similar_rows
+from fhir_service.app_ui.review import post_as_user
+from fhir_service.app_ui.service import AppUi, FhirAnswer, _similar_rows, outcome_text
 from fhir_service.app_ui.session import AppSession
 
 #: What a dropped file may be (the pipeline's decoders: PNG, JPEG, DICOM).

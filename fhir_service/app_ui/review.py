@@ -20,7 +20,13 @@ import httpx
 
 from cxr_errors import FhirError, ForbiddenError, NotFoundError
 from fhir_service.app_ui import clinical, smart
-from fhir_service.app_ui.service import FHIR_JSON, AppUi, NotSignedIn, diagnostics
+from fhir_service.app_ui.service import (
+    FHIR_JSON,
+    AppUi,
+    NotSignedIn,
+    outcome_text,
+    token_refused,
+)
 from fhir_service.app_ui.session import AppSession
 from fhir_service.fhir.review import (
     REVIEWER_REFERENCE,
@@ -100,18 +106,13 @@ async def post_as_user(
         raise FhirError(f"the FHIR server is unavailable: {exc}") from exc
     if resp.status_code == 401:
         if not sign_out_on_401:
-            raise FhirError(f"{path} refused this launch's token: {diagnostics(resp)}")
+            raise token_refused(path, resp)
         raise NotSignedIn("the FHIR server refused the token")
     try:
         answer = resp.json()
     except ValueError:
         answer = {}
     return resp.status_code, answer if isinstance(answer, dict) else {}
-
-
-def outcome_text(body: dict[str, Any]) -> str:
-    issues = body.get("issue") or [{}]
-    return "; ".join(str(i.get("diagnostics", "")) for i in issues if isinstance(i, dict))[:500]
 
 
 async def study_review_state(

@@ -188,7 +188,7 @@ class AppUi:
                 break
         if resp.status_code == 401:
             if not sign_out_on_401:
-                raise FhirError(f"{path} refused this launch's token: {diagnostics(resp)}")
+                raise token_refused(path, resp)
             session.tokens = None
             raise NotSignedIn("the FHIR server refused the token")
         try:
@@ -515,15 +515,20 @@ def _split_reports(
     return reports, observations
 
 
-def diagnostics(resp: httpx.Response) -> str:
-    """What an error answer says: its OperationOutcome's first diagnostics, else the status."""
+def outcome_text(body: dict[str, Any]) -> str:
+    issues = body.get("issue") or [{}]
+    return "; ".join(str(i.get("diagnostics", "")) for i in issues if isinstance(i, dict))[:500]
+
+
+def token_refused(path: str, resp: httpx.Response) -> FhirError:
+    """A 401 from ``$similar`` (the cxr service behind the EHR, see :meth:`AppUi.fhir`): an
+    error of that call, with what the answer says, not a sign-out."""
     try:
         body = resp.json()
-        issue = (body.get("issue") or [{}])[0]
-        said = str(issue.get("diagnostics") or "")
-    except (ValueError, AttributeError, TypeError, IndexError):
-        said = ""
-    return said or f"HTTP {resp.status_code}"
+    except ValueError:
+        body = None
+    said = outcome_text(body) if isinstance(body, dict) else ""
+    return FhirError(f"{path} refused this launch's token: {said or f'HTTP {resp.status_code}'}")
 
 
 async def _no_answer() -> FhirAnswer:

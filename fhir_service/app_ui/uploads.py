@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cxr_errors import FhirError, ForbiddenError
-from fhir_service.app_ui.review import outcome_text, post_transaction
-from fhir_service.app_ui.service import AppUi
+from fhir_service.app_ui.review import post_transaction
+from fhir_service.app_ui.service import AppUi, outcome_text
 from fhir_service.app_ui.session import AppSession
 from fhir_service.fhir.uploads import build_upload_transaction
 

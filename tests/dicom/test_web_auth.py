@@ -3,20 +3,19 @@ bearer tokens; basic auth against the real one is in tests/integration/test_pacs
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
 
 from cxr_errors import PacsError
 from fhir_service.dicom.web import DicomwebAuth, DicomwebPacs
+from tests.local_http import QuietHandler, serving
 
 TOKEN = "pacs-token-123"
 
 
-class _Pacs(BaseHTTPRequestHandler):
+class _Pacs(QuietHandler):
     seen: ClassVar[list[str | None]] = []
 
     def do_GET(self) -> None:
@@ -30,21 +29,12 @@ class _Pacs(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 @pytest.fixture
 def base() -> Iterator[str]:
     _Pacs.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Pacs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Pacs) as url:
+        yield f"{url}/dicom-web"
 
 
 def test_a_bearer_token_goes_in_the_authorization_header(base: str) -> None:

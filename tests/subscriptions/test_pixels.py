@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import base64
-import http.server
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +14,7 @@ from cxr_errors import ImageError, ImageTooLargeError
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.inbound import MalformedResource
 from subscriptions.pixels import fetch_pixels
+from tests.local_http import QuietHandler, serving
 
 BASE = "http://fhir.test/fhir"
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 10
@@ -85,23 +84,15 @@ def test_urls_off_the_server_and_the_allow_list_are_refused(url: str) -> None:
 
 @pytest.fixture
 def image_host() -> Iterator[str]:
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.end_headers()
             self.wfile.write(PNG)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(Handler) as url:
+        yield url
 
 
 def test_an_allow_listed_image_host_is_fetched(image_host: str) -> None:
