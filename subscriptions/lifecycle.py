@@ -35,6 +35,7 @@ from fhir_service.fhir.tasks import (
     build_completed_task,
     build_failed_task,
     build_waiting_task,
+    closing_reason,
     task_business_status,
     waiting_deadline,
 )
@@ -144,19 +145,18 @@ class StudyTasks:
         self.fail(study, reason, "no-pixels")
         return f"failed: {reason}"
 
-    def complete(self, study: Mapping[str, Any], report_reference: str | None = None) -> None:
-        """Close the study's Task after its report was written (if it has an open one)."""
-        task = self.read(study["id"])
-        if task is None or task.get("status") == "completed":
-            return
-        earlier = (task.get("statusReason") or {}).get("text") or task.get("status")
-        if task.get("status") == "failed":
-            reason = f"completed after an earlier failure, which no longer holds: {earlier}"
-        elif task.get("status") == "on-hold":
-            reason = "the image arrived while the study was waiting for it"
-        else:
-            reason = f"completed (was {task.get('status')})"
-        self.put(build_completed_task(task, report_reference=report_reference, reason=reason))
+    def open_task(self, study_id: str) -> dict[str, Any] | None:
+        """The study's Task unless it has none or it is already completed: the Task a new
+        report closes (in the report's own transaction)."""
+        task = self.read(study_id)
+        return None if task is None or task.get("status") == "completed" else task
+
+    def complete(self, study: Mapping[str, Any]) -> None:
+        """Close the study's open Task when its report was already there (written by an
+        earlier run or another writer)."""
+        task = self.open_task(study["id"])
+        if task is not None:
+            self.put(build_completed_task(task, reason=closing_reason(task)))
 
     def withdraw(self, study: Mapping[str, Any]) -> str:
         """Cancel the open Task of a withdrawn study; mark results of an entered-in-error one."""

@@ -291,7 +291,7 @@ class Pipeline:
         return _Job(study, pixels, sha, identifier)
 
     def _write(self, job: _Job, result: AnalyzedImage | InputError) -> str:
-        """One transaction with the study's results, then its embeddings."""
+        """One transaction with the study's results (closing its open Task), then its embeddings."""
         if isinstance(result, InputError):
             raise result
         study, sha = job.study, job.sha256
@@ -311,9 +311,10 @@ class Pipeline:
             derived=derived,
             source=job.pixels.source_image,
             evaluation=self.evaluation,
+            open_task=self.tasks.open_task(study["id"]),
         )
         try:
-            response = self.fhir.transaction(bundle)
+            self.fhir.transaction(bundle)
         except FhirError as exc:
             # Another writer (a second worker without the queue's lock, bulk inference during
             # ingest) committed the same conditional creates first: HAPI refuses ours with
@@ -327,7 +328,6 @@ class Pipeline:
         self._observe_latency(study)
         if self.store is not None:
             self.store.upsert(self._record(study, result, sha))
-        self.tasks.complete(study, _report_reference(response))
         return "reported"
 
     # --- helpers --------------------------------------------------------------------------
@@ -383,12 +383,3 @@ class Pipeline:
         if posted is not None:
             seconds = (datetime.now(UTC) - posted).total_seconds()
             self.metrics.post_to_report.observe(max(seconds, 0.0))
-
-
-def _report_reference(response: dict[str, Any]) -> str | None:
-    """``DiagnosticReport/{id}`` from a transaction-response Bundle, if it names one."""
-    for entry in response.get("entry", []):
-        location = str((entry.get("response") or {}).get("location") or "")
-        if location.startswith("DiagnosticReport/"):
-            return "/".join(location.split("/")[:2])
-    return None

@@ -42,6 +42,7 @@ from fhir_service.fhir.observation_links import (
 )
 from fhir_service.fhir.studies import StudyRef
 from fhir_service.fhir.supersede import supersede
+from fhir_service.fhir.tasks import task_closure_entry
 from fhir_service.fhir.terminology import TERMINOLOGY, Resource, Terminology, finding_code
 from models.types import NIH_FINDINGS, FindingScore, ImageAnalysis
 
@@ -106,6 +107,7 @@ def build_result_transaction(
     derived: DerivedObjects | None = None,
     source: SourceImage | None = None,
     evaluation: ModelEvaluation | None = None,
+    open_task: Mapping[str, Any] | None = None,
     terminology: Terminology = TERMINOLOGY,
 ) -> Resource:
     """The one transaction Bundle that records ``analysis`` of ``study``.
@@ -128,7 +130,10 @@ def build_result_transaction(
     ``imagingStudy``. ``source`` names the image read (Media or SOP Instance UID), which each
     Observation identifies (:mod:`~fhir_service.fhir.observation_links`). The Device's model
     card (:mod:`~fhir_service.fhir.model_card`, with ``evaluation`` when one is on record)
-    joins the transaction and the Provenance.
+    joins the transaction and the Provenance. ``open_task`` is the study's Task as read from
+    the server when it waits or has failed: it is completed in this same transaction
+    (:func:`~fhir_service.fhir.tasks.task_closure_entry`), so the study is never seen with a
+    report and an open Task at once.
     """
     _check_analysis(analysis)
     study_ref = StudyRef.from_resource(study)
@@ -168,6 +173,10 @@ def build_result_transaction(
     entries += [*observations, *media, report]
     entries.append(_provenance_entry(report, [*observations, *media], old_reports, card, r))
     entries.extend(withdrawn)
+    if open_task is not None:
+        entries.append(
+            task_closure_entry(open_task, report["fullUrl"], now=recorded, terminology=terminology)
+        )
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 

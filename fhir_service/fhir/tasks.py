@@ -16,13 +16,14 @@ A study without a Task and without a report is simply in flight.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from fhir_service.fhir.datatypes import cc, instant, ref
+from fhir_service.fhir.datatypes import cc, instant, ref, urn
 from fhir_service.fhir.identifiers import task_identifier
 from fhir_service.fhir.studies import StudyRef
 from fhir_service.fhir.terminology import TERMINOLOGY, Resource, Terminology
@@ -34,7 +35,9 @@ __all__ = [
     "build_completed_task",
     "build_failed_task",
     "build_waiting_task",
+    "closing_reason",
     "task_business_status",
+    "task_closure_entry",
     "waiting_deadline",
 ]
 
@@ -185,12 +188,63 @@ def build_completed_task(
     out["businessStatus"] = cc(t.concept("task_business_completed"))
     focus = (task.get("focus") or {}).get("reference", "the study")
     out["description"] = f"AI analysis of {focus} completed"
-    out["lastModified"] = instant(now or datetime.now(UTC))
+    out["lastModified"] = _not_before_authored(out, now or datetime.now(UTC))
     if report_reference:
         out["output"] = [
             {"type": cc(t.concept("task_output_report")), "valueReference": ref(report_reference)}
         ]
     return out
+
+
+def _not_before_authored(task: Mapping[str, Any], when: datetime) -> str:
+    """``when`` as the Task's ``lastModified``, but never before its ``authoredOn`` (FHIR's
+    inv-1, which HAPI enforces): a result recorded before the Task was written (a clock a
+    little behind, a replayed run) still closes it."""
+    authored = task.get("authoredOn")
+    # An authoredOn we cannot read (or without a zone) is left to HAPI to name.
+    with contextlib.suppress(TypeError, ValueError):
+        if authored:
+            when = max(when, datetime.fromisoformat(str(authored)))
+    return instant(when)
+
+
+def closing_reason(task: Mapping[str, Any]) -> str:
+    """Why an open Task is completed after all: what it said before the report came."""
+    status = task.get("status")
+    earlier = (task.get("statusReason") or {}).get("text") or status
+    if status == "failed":
+        return f"completed after an earlier failure, which no longer holds: {earlier}"
+    if status == "on-hold":
+        return "the image arrived while the study was waiting for it"
+    return f"completed (was {status})"
+
+
+def task_closure_entry(
+    task: Mapping[str, Any],
+    report_reference: str,
+    *,
+    now: datetime | None = None,
+    terminology: Terminology = TERMINOLOGY,
+) -> Resource:
+    """The transaction entry that completes ``task`` (as read from the server) in the same
+    commit as its report (``report_reference`` may be the report's ``urn:uuid`` fullUrl), so
+    no reader sees a report next to a Task that still waits or has failed.
+
+    The update is conditional on the version read (``ifMatch``): if the Task changed in the
+    meantime (the deadline sweep failed it), the whole transaction is refused and retried."""
+    done = build_completed_task(
+        task,
+        now=now,
+        report_reference=report_reference,
+        reason=closing_reason(task),
+        terminology=terminology,
+    )
+    request: dict[str, str] = {"method": "PUT", "url": f"Task/{task['id']}"}
+    version = (task.get("meta") or {}).get("versionId")
+    if version:
+        request["ifMatch"] = f'W/"{version}"'
+    # HAPI wants an absolute fullUrl on every entry; the server base is not ours to know here.
+    return {"fullUrl": urn(f"task-{task['id']}", "closure"), "resource": done, "request": request}
 
 
 def build_cancelled_task(

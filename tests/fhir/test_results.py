@@ -21,6 +21,7 @@ from fhir_service.fhir.identifiers import (
 )
 from fhir_service.fhir.model_card import ModelEvaluation
 from fhir_service.fhir.results import UNTRAINED_NOTE, build_result_transaction, is_cxr_overlay
+from fhir_service.fhir.tasks import build_failed_task
 from fhir_service.fhir.terminology import TERMINOLOGY
 from models.types import NIH_FINDINGS, ImageAnalysis
 from tests.factories import (
@@ -574,3 +575,26 @@ def test_model_card_shows_an_evaluation_of_these_weights_only() -> None:
     assert "not of these weights" in other and "| Effusion" not in other
     with pytest.raises(ValueError, match="cxr evaluate"):
         ModelEvaluation.from_json({"findings": [{}]})
+
+
+# --- the study's open Task ------------------------------------------------------------------
+
+
+def test_an_open_task_is_completed_in_the_reports_own_transaction() -> None:
+    study = make_study()
+    failed = build_failed_task(
+        study, "no Media with pixels for this study", "no-pixels", now=RECORDED
+    )
+    failed = {**failed, "id": "t9", "meta": {"versionId": "4"}}
+    bundle = result_bundle(study=study, open_task=failed)
+    (entry,) = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "Task"]
+    assert entry["request"] == {"method": "PUT", "url": "Task/t9", "ifMatch": 'W/"4"'}
+    task = entry["resource"]
+    assert task["id"] == "t9" and task["status"] == "completed" and "meta" not in task
+    report_url = next(
+        e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"
+    )
+    assert [o["valueReference"]["reference"] for o in task["output"]] == [report_url]
+    assert "no Media with pixels" in task["statusReason"]["text"]
+    assert task["lastModified"] == "2025-01-02T03:04:05.000+00:00"
+    assert not resources_of(result_bundle(study=study), "Task")

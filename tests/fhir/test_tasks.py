@@ -149,3 +149,13 @@ def test_cancelled_task_for_a_withdrawn_study() -> None:
     assert "restriction" not in cancelled and "meta" not in cancelled
     with pytest.raises(ValueError, match="reason"):
         build_cancelled_task(waiting, " ")
+
+
+def test_a_completed_task_is_never_modified_before_it_was_authored() -> None:
+    # FHIR's inv-1 (HAPI refuses the Task): a result recorded a moment before the Task was
+    # written (a worker clock behind HAPI's, a replayed run) still closes it.
+    failed = {**build_failed_task(make_study(), "no image", "no-pixels", now=RECORDED), "id": "t"}
+    done = build_completed_task(failed, now=RECORDED - timedelta(seconds=3))
+    assert done["lastModified"] == done["authoredOn"] == "2025-01-02T03:04:05.000+00:00"
+    unreadable = build_completed_task({**failed, "authoredOn": "2025-01-02"}, now=RECORDED)
+    assert unreadable["lastModified"] == "2025-01-02T03:04:05.000+00:00"

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from cxr_errors import FhirError
 from fhir_service.fhir import studies
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.identifiers import report_identifier, task_conditional_url
@@ -291,6 +292,50 @@ def test_failed_task_is_updated_not_duplicated_then_completed(client: FhirClient
     done = build_completed_task(updated, now=RECORDED + timedelta(minutes=5))
     stored = client.request("PUT", url, json=done).json()
     assert stored["id"] == created["id"] and stored["status"] == "completed"
+    assert client.count("Task", {"focus": f"ImagingStudy/{study['id']}"}) == 1
+
+
+def test_the_report_transaction_completes_the_open_task_or_is_refused_whole(
+    client: FhirClient,
+) -> None:
+    """The Task closes in the report's own commit, its output names the report HAPI created;
+    a Task changed since it was read refuses the whole transaction (no report without it)."""
+    _, study = _new_study(client)
+    url = task_conditional_url(study["id"])
+    failed = build_failed_task(study, "no Media with pixels for this study", "no-pixels")
+    task = client.request("PUT", url, json=failed).json()
+    analysis = make_analysis()
+    sha = hashlib.sha256(f"pixels of {study['id']}".encode()).hexdigest()
+
+    def report_transaction(open_task: Resource) -> Resource:
+        return build_result_transaction(
+            study,
+            analysis,
+            make_heatmaps(analysis),
+            image_sha256=sha,
+            recorded=RECORDED,
+            open_task=open_task,
+        )
+
+    stale = dict(task)
+    changed = {**failed, "id": task["id"], "statusReason": {"text": "changed meanwhile"}}
+    client.request("PUT", url, json=changed)
+    with pytest.raises(FhirError) as refused:
+        client.transaction(report_transaction(stale))
+    assert refused.value.http_status in (409, 412)
+    system, value = report_identifier(study["id"], analysis.model_version, sha)
+    assert client.count("DiagnosticReport", {"identifier": f"{system}|{value}"}) == 0
+
+    fresh = client.read("Task", task["id"])
+    response = client.transaction(report_transaction(fresh))
+    report = next(
+        e["response"]["location"].split("/_history/")[0]
+        for e in response["entry"]
+        if e["response"]["location"].startswith("DiagnosticReport/")
+    )
+    done = client.read("Task", task["id"])
+    assert done["status"] == "completed"
+    assert done["output"][0]["valueReference"]["reference"] == report
     assert client.count("Task", {"focus": f"ImagingStudy/{study['id']}"}) == 1
 
 
