@@ -259,6 +259,54 @@ class NaiveLoop(threading.Thread):
 # --- phases --------------------------------------------------------------------------------
 
 
+JOB_STAGES = (
+    "study",
+    "pixels",
+    "dedup",
+    "decode",
+    "densenet",
+    "clip",
+    "overlays",
+    "lookups",
+    "pacs-results",
+    "transaction",
+    "embedding",
+)
+
+
+def stage_totals(dsn: str) -> dict[str, tuple[float, float]]:
+    """(seconds, count) per job stage, summed over every worker's published metrics."""
+    from subscriptions.metrics import read_snapshots
+
+    out: dict[str, list[float]] = {}
+    for _live, families in read_snapshots(dsn):
+        for family in families:
+            if family["name"] != "cxr_job_stage_seconds":
+                continue
+            for name, labels, value in family["samples"]:
+                slot = out.setdefault(labels.get("stage", "?"), [0.0, 0.0])
+                if name.endswith("_sum"):
+                    slot[0] += float(value)
+                elif name.endswith("_count"):
+                    slot[1] += float(value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def stage_split(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Mean seconds per job of each stage between two :func:`stage_totals` (jobs = the
+    number of study reads)."""
+    jobs = after.get("study", (0.0, 0.0))[1] - before.get("study", (0.0, 0.0))[1]
+    if jobs <= 0:
+        return {}
+    return {
+        stage: (after[stage][0] - before.get(stage, (0.0, 0.0))[0]) / jobs
+        for stage in JOB_STAGES
+        if stage in after
+    }
+
+
 def latency_ours(bench: Bench, n: int, first: int) -> list[Study]:
     studies = [Study(first + i) for i in range(n)]
     tag = bench.new_tag("lat")
@@ -412,6 +460,15 @@ def print_latency(ours: list[Study], naive: list[Study], poll_s: float, interval
     print(row("total (POST → DiagnosticReport POSTed)", [s.visible - s.posted for s in naive]))
 
 
+def print_split(split: dict[str, float]) -> None:
+    """(c) of ours, stage by stage (the worker's cxr_job_stage_seconds, mean per job)."""
+    print()
+    print("(c) of ours by stage, mean ms per job (the workers' cxr_job_stage_seconds)")
+    for stage, seconds in split.items():
+        print(f"  {stage:<20} {seconds * 1000:>8.1f}")
+    print(f"  {'sum of stages':<20} {sum(split.values()) * 1000:>8.1f}")
+
+
 def print_throughput(batches: list[Batch]) -> None:
     print()
     print(
@@ -492,7 +549,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"worker 0 up; first study (model warm-up) {warm_up(bench, 'worker', first):.1f} s")
         first += 1
 
+        before = stage_totals(db.url)
         ours_lat = latency_ours(bench, args.latency_studies, first)
+        # each worker publishes its metrics after every job; wait for the last job's
+        wait_for(
+            "the workers' stage metrics",
+            lambda: (
+                stage_totals(db.url).get("transaction", (0, 0))[1]
+                >= before.get("transaction", (0, 0))[1] + args.latency_studies
+            ),
+            30,
+            0.2,
+        )
+        split = stage_split(before, stage_totals(db.url))
         batches = [batch_ours(bench, "ours, 1 worker", args.batch, first)]
         start_workers(settings, 2)
         wait_for("worker 1", lambda: bench.workers_alive() >= 2, 300, 0.5)
@@ -520,6 +589,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"naive loop errors ({len(naive.errors)}): {naive.errors[:3]}")
 
         print_latency(ours_lat, naive_lat, args.naive_poll, settings.hapi_subscription_interval_ms)
+        print_split(split)
         print_throughput(batches)
         print()
         print(

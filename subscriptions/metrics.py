@@ -137,6 +137,15 @@ class JobMetrics:
             buckets=_MODEL_BUCKETS,
             registry=r,
         )
+        self.stage = Histogram(
+            "cxr_job_stage_seconds",
+            "One stage of a study job: study (read), pixels, dedup (already reported?), decode, "
+            "densenet, clip, overlays, lookups (earlier reports, Task), pacs-results, transaction, "
+            "embedding",
+            ["stage"],
+            buckets=_MODEL_BUCKETS,
+            registry=r,
+        )
 
 
 def families_of(registry: CollectorRegistry) -> list[dict[str, Any]]:

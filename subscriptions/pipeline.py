@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -73,6 +74,9 @@ class Analyzer(Protocol):
 
     @property
     def model_version(self) -> str: ...
+
+    last_timings: dict[str, float]
+    """seconds per stage of the last call (e.g. decode, densenet, clip, overlays)"""
 
     def analyze(self, data: bytes, name: str) -> AnalyzedImage: ...
 
@@ -139,7 +143,8 @@ class Pipeline:
         """
         cid = correlation_id or new_correlation_id()
         with job_context(study_id, cid):
-            study = self._current(study_id, withdrawn=True)
+            with self._stage("study"):
+                study = self._current(study_id, withdrawn=True)
             if isinstance(study, str):
                 outcome = study
             elif study.get("status") in WITHDRAWN_STATUSES:
@@ -271,21 +276,35 @@ class Pipeline:
         started = time.monotonic()
         result = self.analyzer.analyze(job.pixels.data, job.pixels.source)
         self.metrics.model_pass.observe(time.monotonic() - started)
+        for stage, seconds in self.analyzer.last_timings.items():
+            self.metrics.stage.labels(stage=stage).observe(seconds)
         return self._write(job, result)
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        """Time one stage of the job into ``cxr_job_stage_seconds{stage=name}``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.stage.labels(stage=name).observe(time.perf_counter() - started)
 
     def _prepare(self, study: dict[str, Any]) -> _Job | str:
         """The study's pixels and report key, or "already reported"."""
         check_resource(study, "ImagingStudy", what=f"ImagingStudy/{study.get('id')}")
-        pixels = fetch_pixels(
-            self.fhir,
-            study,
-            max_bytes=self.max_image_bytes,
-            allowed_hosts=self.image_hosts,
-            pacs=self.pacs,
-        )
-        sha = hashlib.sha256(pixels.data).hexdigest()
+        with self._stage("pixels"):
+            pixels = fetch_pixels(
+                self.fhir,
+                study,
+                max_bytes=self.max_image_bytes,
+                allowed_hosts=self.image_hosts,
+                pacs=self.pacs,
+            )
+            sha = hashlib.sha256(pixels.data).hexdigest()
         identifier = report_identifier(study["id"], self.analyzer.model_version, sha)
-        if self._reported(*identifier):
+        with self._stage("dedup"):
+            reported = self._reported(*identifier)
+        if reported:
             self.tasks.complete(study)
             return "already reported"
         return _Job(study, pixels, sha, identifier)
@@ -295,12 +314,15 @@ class Pipeline:
         if isinstance(result, InputError):
             raise result
         study, sha = job.study, job.sha256
-        previous = self._current_reports(study["id"], self.analyzer.model_version)
+        with self._stage("lookups"):
+            previous = self._current_reports(study["id"], self.analyzer.model_version)
+            open_task = self.tasks.open_task(study["id"])
         derived = None
         if self.pacs is not None and self.pacs_results and job.pixels.instance is not None:
-            derived = store_dicom_results(
-                self.pacs, job.pixels.data, result.analysis, job.identifier[1]
-            )
+            with self._stage("pacs-results"):
+                derived = store_dicom_results(
+                    self.pacs, job.pixels.data, result.analysis, job.identifier[1]
+                )
         bundle = build_result_transaction(
             study=study,
             analysis=result.analysis,
@@ -311,10 +333,11 @@ class Pipeline:
             derived=derived,
             source=job.pixels.source_image,
             evaluation=self.evaluation,
-            open_task=self.tasks.open_task(study["id"]),
+            open_task=open_task,
         )
         try:
-            self.fhir.transaction(bundle)
+            with self._stage("transaction"):
+                self.fhir.transaction(bundle)
         except FhirError as exc:
             # Another writer (a second worker without the queue's lock, bulk inference during
             # ingest) committed the same conditional creates first: HAPI refuses ours with
@@ -327,7 +350,8 @@ class Pipeline:
             raise FhirUnavailableError(f"conflicting concurrent write: {exc.message}") from exc
         self._observe_latency(study)
         if self.store is not None:
-            self.store.upsert(self._record(study, result, sha))
+            with self._stage("embedding"):
+                self.store.upsert(self._record(study, result, sha))
         return "reported"
 
     # --- helpers --------------------------------------------------------------------------

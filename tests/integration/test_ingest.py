@@ -383,6 +383,10 @@ class _Recording:
     def model_version(self) -> str:
         return self.inner.model_version
 
+    @property
+    def last_timings(self) -> dict[str, float]:
+        return self.inner.last_timings
+
     def analyze(self, data: bytes, name: str) -> AnalyzedImage:
         self.batches.append(1)
         return self.inner.analyze(data, name)

@@ -34,6 +34,7 @@ class _Analyzer:
     def __init__(self) -> None:
         self.raises: BaseException | None = None
         self.calls = 0
+        self.last_timings = {"densenet": 0.25}
 
     def analyze(self, data: bytes, name: str) -> AnalyzedImage:
         self.calls += 1
@@ -289,3 +290,7 @@ def test_job_metrics_count_outcomes_and_failures(server: FakeFhir) -> None:
     assert value("cxr_jobs_failed_total", reason="undecodable-image") == 1
     assert value("cxr_model_pass_seconds_count") == 1
     assert value("cxr_post_to_report_seconds_count") == 1
+    # the per-stage split: every job reads its study, only the reported one wrote
+    assert value("cxr_job_stage_seconds_count", stage="study") == 3
+    assert value("cxr_job_stage_seconds_count", stage="transaction") == 1
+    assert value("cxr_job_stage_seconds_sum", stage="densenet") == 0.25

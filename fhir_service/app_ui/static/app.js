@@ -511,10 +511,6 @@ async function studyPage() {
   // leave nothing, so the toggle is a user-level launch's alone.
   document.getElementById("same-patient-filter").hidden = app.mode !== "user";
   draw();
-  loadImage(`/app/api/image/${encodeURIComponent(viewer.study)}`)
-    .then((img) => { viewer.xray = img; draw(); document.getElementById("xray").dataset.loaded = "true"; })
-    // The study's own error (e.g. 403, another patient's study) says more than this one.
-    .catch((err) => { if (document.getElementById("error").hidden) showError(err); });
   let similarShown = false;
   const poll = async () => {
     try {
@@ -526,7 +522,15 @@ async function studyPage() {
     // once the result is there.
     if (!similarShown) { similarShown = true; loadSimilar(); }
   };
-  await poll();
+  const firstAnswer = poll();
+  loadImage(`/app/api/image/${encodeURIComponent(viewer.study)}`)
+    .then((img) => { viewer.xray = img; draw(); document.getElementById("xray").dataset.loaded = "true"; })
+    // The study's own error (e.g. 403, another patient's study) says more than this one:
+    // the image's error waits for the study's first answer and shows only if there is none.
+    .catch((err) => firstAnswer.finally(() => {
+      if (document.getElementById("error").hidden) showError(err);
+    }));
+  await firstAnswer;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
