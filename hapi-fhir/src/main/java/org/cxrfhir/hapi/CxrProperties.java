@@ -14,9 +14,9 @@ public class CxrProperties {
 	/**
 	 * How often HAPI moves persisted resource changes to the subscription matcher. HAPI's
 	 * default (5 s) puts that much delay between an ImagingStudy arriving and our rest-hook
-	 * seeing it.
+	 * seeing it; each pass is one small query, so 100 ms costs HAPI ~2.5 % of a core when idle.
 	 */
-	private long subscriptionIntervalMs = 500;
+	private long subscriptionIntervalMs = 100;
 
 	/** Origins allowed by CORS (the SMART app is served from another origin). */
 	private List<String> corsOrigins = List.of("*");
