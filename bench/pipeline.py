@@ -55,6 +55,7 @@ from fhir_service.ops.database import start_database, stop_database  # noqa: E40
 from fhir_service.ops.stack import start_service, start_workers, stop_all, worker_process  # noqa: E402
 from fhir_service.runtime import model_version_for  # noqa: E402
 from fhir_service.settings import Settings  # noqa: E402
+from subscriptions.metrics import JOB_STAGES, read_snapshots  # noqa: E402
 
 PROCESS_TASK = "cxr.process_study"
 
@@ -259,25 +260,8 @@ class NaiveLoop(threading.Thread):
 # --- phases --------------------------------------------------------------------------------
 
 
-JOB_STAGES = (
-    "study",
-    "pixels",
-    "dedup",
-    "decode",
-    "densenet",
-    "clip",
-    "overlays",
-    "lookups",
-    "pacs-results",
-    "transaction",
-    "embedding",
-)
-
-
 def stage_totals(dsn: str) -> dict[str, tuple[float, float]]:
     """(seconds, count) per job stage, summed over every worker's published metrics."""
-    from subscriptions.metrics import read_snapshots
-
     out: dict[str, list[float]] = {}
     for _live, families in read_snapshots(dsn):
         for family in families:

@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     hapi_subscription_interval_ms: int = Field(
         default=100,
         description="how often HAPI hands changed resources to the subscription matcher: the "
-        "floor of rest-hook delivery (100 ms: p50 delivery ~0.2 s, HAPI idle ~2.5 % of a core)",
+        "floor of rest-hook delivery (100 ms costs an idle HAPI ~2.5 % of a core)",
     )
     hapi_jdbc_url: str | None = Field(
         default=None, description="JDBC URL for HAPI; default an H2 file in the data dir"

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "JOB_STAGES",
     "JobMetrics",
     "MergedCollector",
     "QueueCollector",
@@ -44,6 +45,23 @@ __all__ = [
 #: A gauge from a worker that has not published for this long is from a dead process.
 LIVE_WITHIN = timedelta(seconds=60)
 PRUNE_AFTER = timedelta(days=7)
+
+#: The stages of a study job, in order (``cxr_job_stage_seconds{stage}``): the study read,
+#: the pixels, "already reported?", the model's own (decode … overlays), the earlier reports
+#: and Task, the SR/SEG for the PACS, the result transaction, the embedding upsert.
+JOB_STAGES = (
+    "study",
+    "pixels",
+    "dedup",
+    "decode",
+    "densenet",
+    "clip",
+    "overlays",
+    "lookups",
+    "pacs-results",
+    "transaction",
+    "embedding",
+)
 
 _LATENCY_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300, 600, 900, 1800, 3600)
 _MODEL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
@@ -139,9 +157,7 @@ class JobMetrics:
         )
         self.stage = Histogram(
             "cxr_job_stage_seconds",
-            "One stage of a study job: study (read), pixels, dedup (already reported?), decode, "
-            "densenet, clip, overlays, lookups (earlier reports, Task), pacs-results, transaction, "
-            "embedding",
+            "One stage of a study job: " + ", ".join(JOB_STAGES),
             ["stage"],
             buckets=_MODEL_BUCKETS,
             registry=r,

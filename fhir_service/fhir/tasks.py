@@ -177,23 +177,33 @@ def build_completed_task(
     ``reason`` says why the Task was completed after all (e.g. an image that came late).
     """
     t = terminology
-    out = copy.deepcopy(dict(task))
-    out.pop("meta", None)
-    out.pop("statusReason", None)
-    out.pop("restriction", None)
-    out.pop("input", None)  # what a waiting Task awaited
-    if reason:
-        out["statusReason"] = {"text": reason}
-    out["status"] = "completed"
+    out = _closed(task, "completed", reason, now)
     out["businessStatus"] = cc(t.concept("task_business_completed"))
-    focus = (task.get("focus") or {}).get("reference", "the study")
-    out["description"] = f"AI analysis of {focus} completed"
-    out["lastModified"] = _not_before_authored(out, now or datetime.now(UTC))
+    out["description"] = f"AI analysis of {_focus(task)} completed"
     if report_reference:
         out["output"] = [
             {"type": cc(t.concept("task_output_report")), "valueReference": ref(report_reference)}
         ]
     return out
+
+
+def _closed(
+    task: Mapping[str, Any], status: str, reason: str | None, now: datetime | None
+) -> Resource:
+    """A copy of ``task`` in a final ``status``: what it awaited, its deadline and its old
+    reason go (they no longer describe it), ``reason`` (if any) says why it ended."""
+    out = copy.deepcopy(dict(task))
+    for gone in ("meta", "statusReason", "restriction", "input"):
+        out.pop(gone, None)
+    out["status"] = status
+    if reason:
+        out["statusReason"] = {"text": reason}
+    out["lastModified"] = _not_before_authored(out, now or datetime.now(UTC))
+    return out
+
+
+def _focus(task: Mapping[str, Any]) -> str:
+    return str((task.get("focus") or {}).get("reference", "the study"))
 
 
 def _not_before_authored(task: Mapping[str, Any], when: datetime) -> str:
@@ -259,19 +269,12 @@ def build_cancelled_task(
     if not reason.strip():
         raise ValueError("a cancelled Task needs a reason a person can read")
     t = terminology
-    out = copy.deepcopy(dict(task))
-    out.pop("meta", None)
-    out.pop("restriction", None)
-    out.pop("input", None)  # what a waiting Task awaited
-    out["status"] = "cancelled"
-    out["statusReason"] = {"text": reason}
+    out = _closed(task, "cancelled", reason, now)
     out["businessStatus"] = {
         "coding": [{"system": t.code_system_url("task"), "code": WITHDRAWN}],
         "text": WITHDRAWN,
     }
-    focus = (task.get("focus") or {}).get("reference", "the study")
-    out["description"] = f"AI analysis of {focus} cancelled: {reason}"
-    out["lastModified"] = instant(now or datetime.now(UTC))
+    out["description"] = f"AI analysis of {_focus(task)} cancelled: {reason}"
     return out
 
 
