@@ -86,10 +86,18 @@ class Stack:
     def jobs(self, status: str | None = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.dsn) as conn:
             rows = conn.execute(
-                "SELECT id, status::text, args->>'study_id' FROM procrastinate_jobs "
+                "SELECT id, status::text, args->>'study_id', args->>'version_id' "
+                "FROM procrastinate_jobs "
                 "WHERE task_name = 'cxr.process_study' ORDER BY id"
             ).fetchall()
         return [r for r in rows if status is None or r[1] == status]
+
+    def burst_jobs(self, study_id: str, versions: range) -> list[tuple[Any, ...]]:
+        """The jobs of ``study_id`` that a :meth:`notify_burst` of ``versions`` queued; HAPI's
+        own notifications of the study and its Media (which may arrive during the burst) name
+        other versions, so they are not counted."""
+        named = {str(v) for v in versions}
+        return [j for j in self.jobs() if j[2] == study_id and j[3] in named]
 
     def notify_burst(self, study: dict[str, Any], versions: range) -> list[httpx.Response]:
         """The rest-hook notification of ``study`` once per version in ``versions``, 16 at a
