@@ -10,8 +10,9 @@ Measured in one run on one machine, on the same NIH sample images:
 * **throughput**: a batch of studies posted at once, time until every report exists in HAPI,
   with 1 and then 2 ``cxr worker`` processes;
 * **the peer**: a naive loop in this process that polls HAPI for new ImagingStudies (at the
-  same interval as HAPI's subscription matching), runs the same analyzer on the same pixels,
-  and writes the same resources one per request (each entry of ``build_result_transaction``
+  same interval as HAPI's subscription matching), runs the same analyzer on the same pixels
+  (scores and overlays: it keeps no embeddings, so it makes none), and writes the same
+  resources one per request (each entry of ``build_result_transaction``
   POSTed on its own, urn:uuid references replaced by the ids already created) — timed on the
   same latency and batch runs while the workers are stopped.
 
@@ -482,6 +483,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-studies", type=int, default=20, help="posted one at a time")
     parser.add_argument("--batch", type=int, default=20, help="studies posted at once")
     parser.add_argument("--naive-poll", type=float, default=0.5, help="naive loop poll interval s")
+    parser.add_argument(
+        "--warm-up",
+        type=int,
+        default=20,
+        help="studies posted (at once) before anything is timed, so that HAPI's JIT has "
+        "compiled the paths a running server uses (0: time a server that has just booted)",
+    )
     add_stack_arguments(
         parser,
         REPO / ".cxr-data" / "bench-pipeline",
@@ -536,6 +544,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         wait_for("worker 0", lambda: bench.workers_alive() >= 1, 300, 0.5)
         print(f"worker 0 up; first study (model warm-up) {warm_up(bench, 'worker', first):.1f} s")
         first += 1
+        if args.warm_up:
+            n = args.warm_up
+            took = warm_up(bench, "server", first, n)
+            print(f"server warm-up: {n} studies at once, {took:.1f} s")
+            first += n
 
         before = stage_totals(db.url)
         ours_lat = latency_ours(bench, args.latency_studies, first)

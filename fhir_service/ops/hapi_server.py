@@ -36,13 +36,13 @@ log = logging.getLogger(__name__)
 
 #: JVM options besides the heap. Serial GC: on a 2-core box a concurrent collector's threads
 #: and remembered sets cost more memory than they save in pauses for a sub-1 GB heap.
-#: TieredStopAtLevel=1 (C1 only): the C2 compiler competes with start-up for the two cores;
-#: measured 46 s -> 27 s to /metadata, at some cost in peak throughput that a single-site
-#: server does not need. ExitOnOutOfMemoryError: a HAPI that ran out of heap should die (and
-#: be seen dead by ``status``) rather than keep answering some requests and failing others.
+#: The JIT is left at its default (C1, then C2 for hot code). C1 alone (TieredStopAtLevel=1)
+#: booted a few seconds sooner but ran HAPI's request validation at about half the speed: the
+#: worker's result transaction took a median 801 ms against 444 ms with C2 once warm (issue 17;
+#: README). ExitOnOutOfMemoryError: a HAPI that ran out of heap should die (and be seen dead
+#: by ``status``) rather than keep answering some requests and failing others.
 JVM_OPTIONS: tuple[str, ...] = (
     "-XX:+UseSerialGC",
-    "-XX:TieredStopAtLevel=1",
     "-XX:+ExitOnOutOfMemoryError",
     "-Dfile.encoding=UTF-8",
 )
