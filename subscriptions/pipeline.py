@@ -45,6 +45,7 @@ from fhir_service.fhir.inbound import check_resource
 from fhir_service.fhir.model_card import ModelEvaluation
 from fhir_service.fhir.results import build_result_transaction
 from fhir_service.fhir.studies import study_age_and_view
+from models.preprocess import DecodedImage
 from models.types import ImageAnalysis
 from subscriptions.dicomweb import DicomSource
 from subscriptions.failures import DEFAULT_RETRY, Kind, RetryPolicy, classify, new_correlation_id
@@ -67,6 +68,8 @@ class AnalyzedImage:
     clip_embedding: npt.NDArray[np.float32] | None
     clip_version: str | None = None
     """the CLIP model that made ``clip_embedding`` (embeddings are keyed by both versions)"""
+    image: DecodedImage | None = field(default=None, repr=False)
+    """the decoded image while its embedding is still to be made (:meth:`Analyzer.embed`)"""
 
 
 class Analyzer(Protocol):
@@ -78,7 +81,14 @@ class Analyzer(Protocol):
     last_timings: dict[str, float]
     """seconds per stage of the last call (e.g. decode, densenet, clip, overlays)"""
 
-    def analyze(self, data: bytes, name: str) -> AnalyzedImage: ...
+    def analyze(self, data: bytes, name: str) -> AnalyzedImage:
+        """Scores and overlays; the embedding may be left to :meth:`embed` (the job writes
+        the report first)."""
+        ...
+
+    def embed(self, result: AnalyzedImage) -> AnalyzedImage:
+        """``result`` with its embedding, if :meth:`analyze` left it to be made."""
+        ...
 
     def analyze_many(self, images: Sequence[tuple[bytes, str]]) -> list[AnalyzedImage | InputError]:
         """One batched pass over ``(data, name)`` images; an image that cannot be decoded
@@ -94,10 +104,15 @@ class _Job:
     pixels: Pixels
     sha256: str
     identifier: tuple[str, str]
+    embedding_only: bool = False
+    """reported already, but the embedding store lacks this image's row (a job stopped
+    between the report and the upsert): only the embedding is made and stored"""
 
 
 class EmbeddingSink(Protocol):
     def upsert(self, record: EmbeddingRecord) -> None: ...
+
+    def get(self, study_id: str, model_version: str) -> EmbeddingRecord | None: ...
 
 
 @dataclass
@@ -304,6 +319,9 @@ class Pipeline:
         identifier = report_identifier(study["id"], self.analyzer.model_version, sha)
         with self._stage("dedup"):
             reported = self._reported(*identifier)
+            embedded = not reported or self._embedded(study["id"], sha)
+        if not embedded:
+            return _Job(study, pixels, sha, identifier, embedding_only=True)
         if reported:
             self.tasks.complete(study)
             return "already reported"
@@ -314,6 +332,10 @@ class Pipeline:
         if isinstance(result, InputError):
             raise result
         study, sha = job.study, job.sha256
+        if job.embedding_only:
+            self._store_embedding(job, result)
+            self.tasks.complete(study)
+            return "already reported (embedding restored)"
         with self._stage("lookups"):
             previous = self._current_reports(study["id"], self.analyzer.model_version)
             open_task = self.tasks.open_task(study["id"])
@@ -349,10 +371,19 @@ class Pipeline:
                 return "already reported (concurrent writer)"
             raise FhirUnavailableError(f"conflicting concurrent write: {exc.message}") from exc
         self._observe_latency(study)
-        if self.store is not None:
-            with self._stage("embedding"):
-                self.store.upsert(self._record(study, result, sha))
+        self._store_embedding(job, result)
         return "reported"
+
+    def _store_embedding(self, job: _Job, result: AnalyzedImage) -> None:
+        """The image's embeddings into the store. The worker's CLIP pass runs here, after the
+        report is written: the search index is not what the integrator waits for."""
+        if self.store is None:
+            return
+        if result.image is not None:
+            with self._stage("clip"):
+                result = self.analyzer.embed(result)
+        with self._stage("embedding"):
+            self.store.upsert(self._record(job.study, result, job.sha256))
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -368,6 +399,13 @@ class Pipeline:
             if found.get("total", len(found.get("entry", []))):
                 return True
         return False
+
+    def _embedded(self, study_id: str, sha: str) -> bool:
+        """Whether the store holds this image's embeddings (True without a store)."""
+        if self.store is None:
+            return True
+        row = self.store.get(study_id, self.analyzer.model_version)
+        return row is not None and row.image_sha256 == sha
 
     def _current_reports(self, study_id: str, model_version: str) -> list[dict[str, Any]]:
         """Reports for this study and model that are still current (an older image)."""

@@ -1,0 +1,129 @@
+"""The job's embedding step: the report is written before CLIP runs (the integrator waits for
+the report, not for the search index), and a study whose report was written but whose
+embedding row was not (the job stopped in between) gets the row from its next job, with no
+second report."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cxr_errors import FhirUnavailableError, InputError
+from subscriptions.pipeline import AnalyzedImage, Pipeline
+from tests.factories import make_analysis, make_heatmaps, make_png
+from tests.fake_fhir import FakeFhir
+from vector_store.records import EmbeddingRecord
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], EmbeddingRecord] = {}
+        self.down = False
+
+    def upsert(self, record: EmbeddingRecord) -> None:
+        if self.down:
+            raise FhirUnavailableError("the vector store is down (a stand-in outage)")
+        self.rows[(record.study_id, record.model_version)] = record
+
+    def get(self, study_id: str, model_version: str) -> EmbeddingRecord | None:
+        return self.rows.get((study_id, model_version))
+
+
+class _Analyzer:
+    """Leaves the embedding to embed(), as the worker's analyzer does, and notes how many
+    reports the FHIR server held each time CLIP ran."""
+
+    model_version = "test-model"
+
+    def __init__(self, server: FakeFhir) -> None:
+        self.server = server
+        self.passes = 0
+        self.reports_when_embedding: list[int] = []
+        self.last_timings: dict[str, float] = {}
+
+    def analyze(self, data: bytes, name: str) -> AnalyzedImage:
+        self.passes += 1
+        analysis = replace(
+            make_analysis({"Effusion": 0.8}, model_version=self.model_version),
+            features=np.ones(1024, dtype=np.float32),
+        )
+        image: Any = object()  # the decoded image; only embed() looks at it
+        return AnalyzedImage(analysis, make_heatmaps(analysis), None, image=image)
+
+    def embed(self, result: AnalyzedImage) -> AnalyzedImage:
+        self.reports_when_embedding.append(len(self.server.all("DiagnosticReport")))
+        vector = np.ones(512, dtype=np.float32)
+        return replace(result, clip_embedding=vector, clip_version="clip-test", image=None)
+
+    def analyze_many(self, images: Sequence[tuple[bytes, str]]) -> list[AnalyzedImage | InputError]:
+        return [self.embed(self.analyze(d, n)) for d, n in images]
+
+
+@pytest.fixture
+def server() -> FakeFhir:
+    fake = FakeFhir()
+    fake.put({"resourceType": "Patient", "id": "p1", "gender": "female"})
+    fake.put(
+        {
+            "resourceType": "ImagingStudy",
+            "id": "s1",
+            "status": "available",
+            "subject": {"reference": "Patient/p1"},
+        }
+    )
+    png = base64.b64encode(make_png(width=16, height=16)).decode()
+    fake.put(
+        {
+            "resourceType": "Media",
+            "status": "completed",
+            "partOf": [{"reference": "ImagingStudy/s1"}],
+            "content": {"contentType": "image/png", "data": png},
+        }
+    )
+    return fake
+
+
+def test_the_report_is_written_before_clip_runs(server: FakeFhir) -> None:
+    analyzer, store = _Analyzer(server), _Store()
+    pipeline = Pipeline(fhir=server.client(), analyzer=analyzer, store=store)
+    assert pipeline.process("s1", "1") == "reported"
+    assert analyzer.reports_when_embedding == [1]
+    row = store.get("s1", "test-model")
+    assert row is not None and row.clip is not None and row.clip_version == "clip-test"
+    assert row.gender == "female" and row.positive_findings == ("Effusion",)
+
+
+def test_a_report_without_its_embedding_row_gets_the_row_and_no_second_report(
+    server: FakeFhir,
+) -> None:
+    analyzer, store = _Analyzer(server), _Store()
+    pipeline = Pipeline(fhir=server.client(), analyzer=analyzer, store=store)
+    store.down = True
+    with pytest.raises(FhirUnavailableError):  # retried by the queue
+        pipeline.process("s1", "1")
+    assert len(server.all("DiagnosticReport")) == 1 and store.rows == {}
+    store.down = False
+    assert pipeline.process("s1", "1") == "already reported (embedding restored)"
+    assert len(server.all("DiagnosticReport")) == 1
+    row = store.get("s1", "test-model")
+    assert row is not None and row.clip is not None
+    # with the row in place, a further notification costs no model pass
+    assert pipeline.process("s1", "1") == "already reported"
+    assert analyzer.passes == 2
+
+
+def test_a_row_of_an_earlier_image_is_not_taken_for_this_one(server: FakeFhir) -> None:
+    analyzer, store = _Analyzer(server), _Store()
+    pipeline = Pipeline(fhir=server.client(), analyzer=analyzer, store=store)
+    assert pipeline.process("s1", "1") == "reported"
+    row = store.get("s1", "test-model")
+    assert row is not None
+    store.rows[("s1", "test-model")] = replace(row, image_sha256="0" * 64)
+    assert pipeline.process("s1", "1") == "already reported (embedding restored)"
+    restored = store.get("s1", "test-model")
+    assert restored is not None and restored.image_sha256 == row.image_sha256
