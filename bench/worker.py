@@ -38,7 +38,7 @@ images = sorted((settings.shared_dir / "data" / "nih-sample").glob("*.png"))[: c
 per = []
 for p in images:
     t = time.perf_counter()
-    analyzer.analyze_many([(p.read_bytes(), p.name)])  # the whole job: CLIP included
+    analyzer.analyze(p.read_bytes(), p.name)
     per.append(time.perf_counter() - t)
 import resource
 print(json.dumps({"ready_s": ready, "rss_ready": rss_ready,

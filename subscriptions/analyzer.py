@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -74,22 +73,10 @@ class ModelAnalyzer:
         return self.classifier.model_version
 
     def analyze(self, data: bytes, name: str) -> AnalyzedImage:
-        """Scores and overlays of one image (the worker's job), without its CLIP embedding:
-        the job writes the report first and calls :meth:`embed` after it."""
-        result = self._analyze([(data, name)], embed=False)[0]
+        result = self.analyze_many([(data, name)])[0]
         if isinstance(result, InputError):
             raise result
         return result
-
-    def embed(self, result: AnalyzedImage) -> AnalyzedImage:
-        """``result`` with the CLIP embedding of its image (unchanged without CLIP)."""
-        if result.image is None:
-            return result
-        embedding, version = None, None
-        if self.clip is not None:
-            embedding = self.clip.embed_images([result.image], batch_size=1)[0]
-            version = self.clip.model_version
-        return replace(result, clip_embedding=embedding, clip_version=version, image=None)
 
     def _decode(self, data: bytes, name: str) -> DecodedImage | InputError:
         limits = self.classifier.preprocess
@@ -106,11 +93,6 @@ class ModelAnalyzer:
     def analyze_many(self, images: Sequence[tuple[bytes, str]]) -> list[AnalyzedImage | InputError]:
         """Decode each image (a bad one gets its error in its place), then one batched
         DenseNet pass and one batched CLIP pass over the decodable ones."""
-        return self._analyze(images, embed=True)
-
-    def _analyze(
-        self, images: Sequence[tuple[bytes, str]], *, embed: bool
-    ) -> list[AnalyzedImage | InputError]:
         clock = time.perf_counter
         t0 = clock()
         decoded = [self._decode(data, name) for data, name in images]
@@ -122,9 +104,7 @@ class ModelAnalyzer:
         analyses = iter(self.classifier.analyze(good, batch_size=batch))
         t2 = clock()
         embeddings = (
-            iter(self.clip.embed_images(good, batch_size=batch))
-            if embed and self.clip is not None
-            else None
+            iter(self.clip.embed_images(good, batch_size=batch)) if self.clip is not None else None
         )
         t3 = clock()
         out: list[AnalyzedImage | InputError] = []
@@ -138,18 +118,13 @@ class ModelAnalyzer:
             heatmaps = {
                 analysis.findings[k].finding: png for k, png in zip(published, pngs, strict=True)
             }
-            if embeddings is not None:
-                out.append(AnalyzedImage(analysis, heatmaps, next(embeddings), self.clip_version))
-            else:  # not asked for, or no CLIP: embed() finishes the first and passes the second
-                out.append(AnalyzedImage(analysis, heatmaps, None, None, image=item))
+            embedding = next(embeddings) if embeddings is not None else None
+            clip_version = self.clip.model_version if self.clip is not None else None
+            out.append(AnalyzedImage(analysis, heatmaps, embedding, clip_version))
         self.last_timings = {
             "decode": t1 - t0,
             "densenet": t2 - t1,
-            **({"clip": t3 - t2} if embeddings is not None else {}),
+            "clip": t3 - t2,
             "overlays": clock() - t3,
         }
         return out
-
-    @property
-    def clip_version(self) -> str | None:
-        return self.clip.model_version if self.clip is not None else None

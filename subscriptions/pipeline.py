@@ -45,7 +45,6 @@ from fhir_service.fhir.inbound import check_resource
 from fhir_service.fhir.model_card import ModelEvaluation
 from fhir_service.fhir.results import build_result_transaction
 from fhir_service.fhir.studies import study_age_and_view
-from models.preprocess import DecodedImage
 from models.types import ImageAnalysis
 from subscriptions.dicomweb import DicomSource
 from subscriptions.failures import DEFAULT_RETRY, Kind, RetryPolicy, classify, new_correlation_id
@@ -68,8 +67,6 @@ class AnalyzedImage:
     clip_embedding: npt.NDArray[np.float32] | None
     clip_version: str | None = None
     """the CLIP model that made ``clip_embedding`` (embeddings are keyed by both versions)"""
-    image: DecodedImage | None = field(default=None, repr=False)
-    """the decoded image while its embedding is still to be made (:meth:`Analyzer.embed`)"""
 
 
 class Analyzer(Protocol):
@@ -81,14 +78,7 @@ class Analyzer(Protocol):
     last_timings: dict[str, float]
     """seconds per stage of the last call (e.g. decode, densenet, clip, overlays)"""
 
-    def analyze(self, data: bytes, name: str) -> AnalyzedImage:
-        """Scores and overlays; the embedding may be left to :meth:`embed` (the job writes
-        the report first)."""
-        ...
-
-    def embed(self, result: AnalyzedImage) -> AnalyzedImage:
-        """``result`` with its embedding, if :meth:`analyze` left it to be made."""
-        ...
+    def analyze(self, data: bytes, name: str) -> AnalyzedImage: ...
 
     def analyze_many(self, images: Sequence[tuple[bytes, str]]) -> list[AnalyzedImage | InputError]:
         """One batched pass over ``(data, name)`` images; an image that cannot be decoded
@@ -375,15 +365,9 @@ class Pipeline:
         return "reported"
 
     def _store_embedding(self, job: _Job, result: AnalyzedImage) -> None:
-        """The image's embeddings into the store. The worker's CLIP pass runs here, after the
-        report is written: the search index is not what the integrator waits for."""
-        if self.store is None:
-            return
-        if result.image is not None:
-            with self._stage("clip"):
-                result = self.analyzer.embed(result)
-        with self._stage("embedding"):
-            self.store.upsert(self._record(job.study, result, job.sha256))
+        if self.store is not None:
+            with self._stage("embedding"):
+                self.store.upsert(self._record(job.study, result, job.sha256))
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -391,9 +391,6 @@ class _Recording:
         self.batches.append(1)
         return self.inner.analyze(data, name)
 
-    def embed(self, result: AnalyzedImage) -> AnalyzedImage:
-        return self.inner.embed(result)
-
     def analyze_many(self, images: Sequence[tuple[bytes, str]]) -> list[AnalyzedImage | InputError]:
         self.batches.append(len(images))
         return self.inner.analyze_many(images)

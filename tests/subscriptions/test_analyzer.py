@@ -68,25 +68,8 @@ def test_one_pass_for_the_batch_and_a_bad_image_fails_alone() -> None:
     assert "Atelectasis" not in first.heatmaps  # 0.05
 
 
-def test_a_single_image_is_a_batch_of_one_and_its_embedding_comes_when_asked() -> None:
+def test_a_single_image_is_a_batch_of_one() -> None:
     analyzer, classifier, clip = _analyzer()
     result = analyzer.analyze(make_xray_png(500), "x.png")
-    assert classifier.calls == [([500], 1)]
+    assert classifier.calls == [([500], 1)] and clip.calls == [(1, 1)]
     assert result.analysis.findings[7].calibrated_probability == pytest.approx(0.5)
-    # the worker writes the report before CLIP runs: analyze() leaves the embedding to embed()
-    assert clip.calls == [] and result.clip_embedding is None and result.image is not None
-    assert "clip" not in analyzer.last_timings
-    embedded = analyzer.embed(result)
-    assert clip.calls == [(1, 1)]
-    assert embedded.clip_embedding is not None and embedded.clip_embedding[0] == 5.0
-    assert embedded.clip_version == "clip-test" and embedded.image is None
-    assert embedded.heatmaps == result.heatmaps
-    assert analyzer.embed(embedded) is embedded and clip.calls == [(1, 1)]
-
-
-def test_without_clip_embed_only_lets_go_of_the_image() -> None:
-    classifier: Any = _Classifier()
-    analyzer = ModelAnalyzer(classifier, None)
-    embedded = analyzer.embed(analyzer.analyze(make_xray_png(500), "x.png"))
-    assert embedded.clip_embedding is None and embedded.clip_version is None
-    assert embedded.image is None

@@ -43,9 +43,6 @@ class _Analyzer:
         analysis: ImageAnalysis = make_analysis({"Pneumothorax": 0.9}, model_version="test-model")
         return AnalyzedImage(analysis, make_heatmaps(analysis), None)
 
-    def embed(self, result: AnalyzedImage) -> AnalyzedImage:
-        return result
-
     def analyze_many(self, images: Sequence[tuple[bytes, str]]) -> list[AnalyzedImage | InputError]:
         return [self.analyze(d, n) for d, n in images]
 
