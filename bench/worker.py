@@ -106,8 +106,8 @@ def main() -> None:
     for label, r in results.items():
         if label.startswith("lean"):
             print(
-                f"  {label}: steady RSS {peer['rss_steady'] / r['rss_steady']:.2f}x smaller, "
-                f"ready {peer['ready_s'] / r['ready_s']:.2f}x faster than the torch peer"
+                f"  {label}: steady RSS {r['rss_steady'] / peer['rss_steady']:.2f}x and time "
+                f"to ready {r['ready_s'] / peer['ready_s']:.2f}x the torch peer's (below 1: less)"
             )
 
 
