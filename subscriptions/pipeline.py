@@ -102,7 +102,7 @@ class _Job:
 class EmbeddingSink(Protocol):
     def upsert(self, record: EmbeddingRecord) -> None: ...
 
-    def get(self, study_id: str, model_version: str) -> EmbeddingRecord | None: ...
+    def holds(self, study_id: str, model_version: str, image_sha256: str) -> bool: ...
 
 
 @dataclass
@@ -309,13 +309,13 @@ class Pipeline:
         identifier = report_identifier(study["id"], self.analyzer.model_version, sha)
         with self._stage("dedup"):
             reported = self._reported(*identifier)
-            embedded = not reported or self._embedded(study["id"], sha)
+            embedded = reported and self._embedded(study["id"], sha)
+        if not reported:
+            return _Job(study, pixels, sha, identifier)
         if not embedded:
             return _Job(study, pixels, sha, identifier, embedding_only=True)
-        if reported:
-            self.tasks.complete(study)
-            return "already reported"
-        return _Job(study, pixels, sha, identifier)
+        self.tasks.complete(study)
+        return "already reported"
 
     def _write(self, job: _Job, result: AnalyzedImage | InputError) -> str:
         """One transaction with the study's results (closing its open Task), then its embeddings."""
@@ -386,10 +386,7 @@ class Pipeline:
 
     def _embedded(self, study_id: str, sha: str) -> bool:
         """Whether the store holds this image's embeddings (True without a store)."""
-        if self.store is None:
-            return True
-        row = self.store.get(study_id, self.analyzer.model_version)
-        return row is not None and row.image_sha256 == sha
+        return self.store is None or self.store.holds(study_id, self.analyzer.model_version, sha)
 
     def _current_reports(self, study_id: str, model_version: str) -> list[dict[str, Any]]:
         """Reports for this study and model that are still current (an older image)."""

@@ -28,6 +28,10 @@ class _Store:
             raise FhirUnavailableError("the vector store is down (a stand-in outage)")
         self.rows[(record.study_id, record.model_version)] = record
 
+    def holds(self, study_id: str, model_version: str, image_sha256: str) -> bool:
+        row = self.get(study_id, model_version)
+        return row is not None and row.image_sha256 == image_sha256
+
     def get(self, study_id: str, model_version: str) -> EmbeddingRecord | None:
         return self.rows.get((study_id, model_version))
 
