@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 #: The JIT is left at its default (C1, then C2 for hot code). C1 alone (TieredStopAtLevel=1)
 #: boots a little sooner but runs HAPI's request validation at about half the speed: in
 #: paired bench/pipeline.py runs the worker's result transaction took 1,002 ms per study with
-#: C1 alone against 455 ms with C2 (issue 17; README). ExitOnOutOfMemoryError: a HAPI that ran out of heap should die (and be seen dead
-#: by ``status``) rather than keep answering some requests and failing others.
+#: C1 alone against 455 ms with C2 (issue 17; README). ExitOnOutOfMemoryError: a HAPI that
+#: ran out of heap should die (and be seen dead by ``status``) rather than keep answering some
+#: requests and failing others.
 JVM_OPTIONS: tuple[str, ...] = (
     "-XX:+UseSerialGC",
     "-XX:+ExitOnOutOfMemoryError",
