@@ -94,15 +94,10 @@ class _Job:
     pixels: Pixels
     sha256: str
     identifier: tuple[str, str]
-    embedding_only: bool = False
-    """reported already, but the embedding store lacks this image's row (a job stopped
-    between the report and the upsert): only the embedding is made and stored"""
 
 
 class EmbeddingSink(Protocol):
     def upsert(self, record: EmbeddingRecord) -> None: ...
-
-    def holds(self, study_id: str, model_version: str, image_sha256: str) -> bool: ...
 
 
 @dataclass
@@ -309,23 +304,16 @@ class Pipeline:
         identifier = report_identifier(study["id"], self.analyzer.model_version, sha)
         with self._stage("dedup"):
             reported = self._reported(*identifier)
-            embedded = reported and self._embedded(study["id"], sha)
-        if not reported:
-            return _Job(study, pixels, sha, identifier)
-        if not embedded:
-            return _Job(study, pixels, sha, identifier, embedding_only=True)
-        self.tasks.complete(study)
-        return "already reported"
+        if reported:
+            self.tasks.complete(study)
+            return "already reported"
+        return _Job(study, pixels, sha, identifier)
 
     def _write(self, job: _Job, result: AnalyzedImage | InputError) -> str:
         """One transaction with the study's results (closing its open Task), then its embeddings."""
         if isinstance(result, InputError):
             raise result
         study, sha = job.study, job.sha256
-        if job.embedding_only:
-            self._store_embedding(job, result)
-            self.tasks.complete(study)
-            return "already reported (embedding restored)"
         with self._stage("lookups"):
             previous = self._current_reports(study["id"], self.analyzer.model_version)
             open_task = self.tasks.open_task(study["id"])
@@ -361,13 +349,10 @@ class Pipeline:
                 return "already reported (concurrent writer)"
             raise FhirUnavailableError(f"conflicting concurrent write: {exc.message}") from exc
         self._observe_latency(study)
-        self._store_embedding(job, result)
-        return "reported"
-
-    def _store_embedding(self, job: _Job, result: AnalyzedImage) -> None:
         if self.store is not None:
             with self._stage("embedding"):
-                self.store.upsert(self._record(job.study, result, job.sha256))
+                self.store.upsert(self._record(study, result, sha))
+        return "reported"
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -383,10 +368,6 @@ class Pipeline:
             if found.get("total", len(found.get("entry", []))):
                 return True
         return False
-
-    def _embedded(self, study_id: str, sha: str) -> bool:
-        """Whether the store holds this image's embeddings (True without a store)."""
-        return self.store is None or self.store.holds(study_id, self.analyzer.model_version, sha)
 
     def _current_reports(self, study_id: str, model_version: str) -> list[dict[str, Any]]:
         """Reports for this study and model that are still current (an older image)."""

@@ -321,16 +321,6 @@ class VectorStore:
             **found,
         )
 
-    def holds(self, study_id: str, model_version: str, image_sha256: str) -> bool:
-        """Whether the row of (study, model) exists and was made from the image with this
-        sha256; reads no vectors."""
-        query = sql.SQL(
-            "SELECT 1 FROM {} WHERE study_id = %s AND model_version = %s AND image_sha256 = %s"
-        ).format(sql.Identifier(TABLE))
-        with self._transaction("holds") as conn:
-            found = conn.execute(query, (study_id, model_version, image_sha256)).fetchone()
-        return found is not None
-
     def count(self, model_version: str | None = None) -> int:
         query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(TABLE))
         with self._transaction("count") as conn:

@@ -235,17 +235,6 @@ def test_get_round_trips_every_field(loaded: VectorStore, records: list[Embeddin
     assert loaded.get("no-such-study", MODEL) is None
 
 
-def test_holds_names_the_row_of_that_image_only(
-    loaded: VectorStore, records: list[EmbeddingRecord]
-) -> None:
-    source = records[7]
-    assert source.image_sha256 is not None
-    assert loaded.holds(source.study_id, MODEL, source.image_sha256)
-    assert not loaded.holds(source.study_id, MODEL, "0" * 64)  # another image of the study
-    assert not loaded.holds(source.study_id, "other-model", source.image_sha256)
-    assert not loaded.holds("no-such-study", MODEL, source.image_sha256)
-
-
 # --- search -----------------------------------------------------------------------------------
 
 FILTERS = [
