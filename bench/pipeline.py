@@ -499,6 +499,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def served_graphs(settings: Settings) -> str:
+    """What worker 0 logged it serves (``auto`` precisions resolved), from its log."""
+    text = worker_process(settings, 0).log_file.read_text(encoding="utf-8", errors="replace")
+    lines = [line for line in text.splitlines() if "serving graphs:" in line]
+    return lines[-1].split("serving graphs:", 1)[1].strip() if lines else "(not in its log)"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     settings = stack_settings(
@@ -547,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         start_workers(settings, 1)
         wait_for("worker 0", lambda: bench.workers_alive() >= 1, 300, 0.5)
         print(f"worker 0 up; first study (model warm-up) {warm_up(bench, 'worker', first):.1f} s")
+        print(f"served by worker 0: {served_graphs(settings)}")
         first += 1
         if args.warm_up:
             n = args.warm_up

@@ -116,6 +116,16 @@ def build_analyzer(settings: Settings, *, lean: bool = True) -> ModelAnalyzer:
     ``lean``: once the exported graphs serve, the torch modules are freed (the worker never
     runs them again, nor embeds text), and freed heap pages go back to the system."""
     classifier, clip = build_classifier(settings), build_clip(settings)
+    log.info(
+        "serving graphs: DenseNet %s %s, CLIP %s %s (CXR_MODEL_PRECISION=%s, "
+        "CXR_CLIP_PRECISION=%s)",
+        classifier.backend.name.split("-")[0],
+        classifier.precision,
+        clip.backend,
+        clip.precision,
+        settings.model_precision,
+        settings.clip_precision,
+    )
     if lean:
         import gc
 

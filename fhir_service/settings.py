@@ -229,10 +229,11 @@ class Settings(BaseSettings):
         description="onnx = ONNX Runtime (serving); openvino = OpenVINO; "
         "torch = the eager reference",
     )
-    model_precision: Literal["fp32", "bf16", "int8"] = Field(
+    model_precision: Literal["fp32", "bf16", "int8", "auto"] = Field(
         default="fp32",
         description="arithmetic of the serving graph; bf16 (openvino) and int8 serve only "
-        "after the precision gate passed for the loaded weights",
+        "after the precision gate passed for the loaded weights; auto = OpenVINO bf16 where "
+        "the CPU has bf16 and the gate passed, else fp32 on CXR_MODEL_BACKEND (logged)",
     )
     precision_gate_dir: Path | None = Field(
         default=None,
@@ -251,9 +252,10 @@ class Settings(BaseSettings):
     )
     clip_sha256: str | None = None
     clip_backend: Literal["onnx", "openvino", "torch"] = "onnx"
-    clip_precision: Literal["fp32", "bf16", "int8"] = Field(
+    clip_precision: Literal["fp32", "bf16", "int8", "auto"] = Field(
         default="fp32",
-        description="arithmetic of the CLIP image tower; bf16/int8 only after the precision gate",
+        description="arithmetic of the CLIP image tower; bf16/int8 only after the precision "
+        "gate; auto as for CXR_MODEL_PRECISION",
     )
     clip_offline: bool | None = Field(
         default=None, description="None = probe the model hub once; true skips it (HF_HUB_OFFLINE)"

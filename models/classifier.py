@@ -37,7 +37,7 @@ from models.preprocess import (
     ImageSource,
     Preprocess,
 )
-from models.reduced import Precision
+from models.reduced import Precision, Requested, Runtime, auto_precision
 from models.registry import BackendName, LoadedWeights
 from models.serving import GateData, build_pass_backend
 from models.types import NIH_FINDINGS, FindingScore, ImageAnalysis
@@ -87,12 +87,13 @@ class Classifier:
         num_threads: int | None = None,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        precision: Precision = "fp32",
+        precision: Requested = "fp32",
         gate_images: Sequence[Path] = (),
         gate_labels: Mapping[str, npt.NDArray[np.bool_]] | None = None,
     ) -> None:
         """``precision`` other than fp32 serves a graph only after the precision gate passed
-        on ``gate_images`` (with ``gate_labels``, finding → [N] truth, ΔAUROC is gated too)."""
+        on ``gate_images`` (with ``gate_labels``, finding → [N] truth, ΔAUROC is gated too);
+        ``auto``: bf16 where that holds, else fp32 (``self.precision`` is what serves)."""
         self.loaded = loaded
         self.spec = loaded.spec
         self.model = loaded.model
@@ -122,34 +123,45 @@ class Classifier:
             if (c := calibration.classes.get(f)) is not None and c.calibrated
         )
         self._gate_labels = gate_labels
+        self.precision: Precision = "fp32"
+        """the arithmetic that serves (``auto`` resolved)"""
         self.backend = self._backend(backend, precision, onnx_cache_dir, num_threads, gate_images)
-        self.precision = precision
 
     def _backend(
         self,
         backend: BackendName,
-        precision: Precision,
+        precision: Requested,
         cache_dir: Path | None,
         num_threads: int | None,
         gate_images: Sequence[Path],
     ) -> PassBackend:
         if backend == "torch":
-            if precision != "fp32":
+            if precision not in ("fp32", "auto"):
                 raise ConfigError("the torch backend is the fp32 reference: use onnx or openvino")
             return TorchBackend(self.net)
-        if backend in ("onnx", "openvino"):
-            gate = GateData(lambda: self.prepare(list(gate_images)).numpy(), self._judge)
+        if backend not in ("onnx", "openvino"):
+            raise ConfigError(
+                f"unknown model backend {backend!r}: use 'onnx', 'openvino' or 'torch'"
+            )
+        gate = GateData(lambda: self.prepare(list(gate_images)).numpy(), self._judge)
+
+        def build(runtime: Runtime, served: Precision) -> PassBackend:
             return build_pass_backend(
                 self.net,
-                runtime=backend,
-                precision=precision,
+                runtime=runtime,
+                precision=served,
                 input_size=self.spec.input_size,
                 weights_sha256=self.weights_sha256,
                 cache_dir=cache_dir,
                 num_threads=num_threads,
                 gate=gate if gate_images else None,
             )
-        raise ConfigError(f"unknown model backend {backend!r}: use 'onnx', 'openvino' or 'torch'")
+
+        if precision == "auto":
+            served, _, self.precision = auto_precision("DenseNet", backend, build)
+            return served
+        self.precision = precision
+        return build(backend, precision)
 
     def release_torch(self) -> int:
         """Free the torch DenseNet once a graph serves (the lean worker); bytes freed.

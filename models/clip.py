@@ -39,7 +39,7 @@ from models.preprocess import (
     center_square,
     decode_image,
 )
-from models.reduced import Precision, Runtime
+from models.reduced import Precision, Requested, Runtime, auto_precision
 from models.registry import BackendName
 from models.types import NIH_FINDINGS, ClipAnalysis, ZeroShotTag
 
@@ -123,7 +123,7 @@ class ClipEncoder:
         num_threads: int | None = None,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        precision: Precision = "fp32",
+        precision: Requested = "fp32",
         gate_images: Sequence[Path] = (),
     ) -> None:
         self.model = model.eval()
@@ -140,21 +140,23 @@ class ClipEncoder:
         self._session: Any = None
         self.gate_report: GateReport | None = None
         self._finding_vectors, self._negative_vector = self._prompt_vectors()
+        self.backend: BackendName = backend
+        """the runtime that serves the image tower (``auto`` resolved)"""
+        self.precision: Precision = "fp32"
+        """the arithmetic that serves it (``auto`` resolved)"""
         if backend in ("onnx", "openvino"):
             self._serve_graph(backend, precision, num_threads, gate_images)
         elif backend != "torch":
             raise ConfigError(
                 f"unknown CLIP backend {backend!r}: use 'onnx', 'openvino' or 'torch'"
             )
-        elif precision != "fp32":
+        elif precision not in ("fp32", "auto"):
             raise ConfigError("the torch CLIP backend is the fp32 reference: use onnx or openvino")
-        self.backend = backend
-        self.precision = precision
 
     def _serve_graph(
         self,
         backend: Runtime,
-        precision: Precision,
+        precision: Requested,
         num_threads: int | None,
         gate_images: Sequence[Path],
     ) -> None:
@@ -169,19 +171,30 @@ class ClipEncoder:
             prefix="clip-image",
             weights_sha256=self.weights_sha256,
         )
-        self._session = ort_session(source, num_threads)
+        fp32 = self._session = ort_session(source, num_threads)
         self._check_against_torch(source)
-        self._session, self.gate_report = clip_session(
-            self._session,
-            source,
-            runtime=backend,
-            precision=precision,
-            weights_sha256=self.weights_sha256,
-            num_threads=num_threads,
-            gate_images=(lambda: self.prepare(list(gate_images)).numpy()) if gate_images else None,
-            tag_scores=self._tag_scores,
-        )
-        if backend == "openvino" and precision == "fp32":
+
+        def build(runtime: Runtime, served: Precision) -> tuple[Any, GateReport | None]:
+            return clip_session(
+                fp32,
+                source,
+                runtime=runtime,
+                precision=served,
+                weights_sha256=self.weights_sha256,
+                num_threads=num_threads,
+                gate_images=(
+                    (lambda: self.prepare(list(gate_images)).numpy()) if gate_images else None
+                ),
+                tag_scores=self._tag_scores,
+            )
+
+        if precision == "auto":
+            served, backend, self.precision = auto_precision("CLIP", backend, build)
+        else:
+            served, self.precision = build(backend, precision), precision
+        self._session, self.gate_report = served
+        self.backend = backend
+        if backend == "openvino" and self.precision == "fp32":
             self._check_against_torch(source)
 
     def release_torch(self) -> int:

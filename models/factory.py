@@ -31,7 +31,7 @@ from models.clip import (
     set_hub_offline,
 )
 from models.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
-from models.reduced import Precision
+from models.reduced import Requested
 from models.registry import (
     DEFAULT_WEIGHTS,
     UNTRAINED,
@@ -58,7 +58,7 @@ def load_classifier(
     num_threads: int | None = None,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    precision: Precision = "fp32",
+    precision: Requested = "fp32",
     gate_images: Sequence[Path] = (),
     gate_labels: Mapping[str, npt.NDArray[np.bool_]] | None = None,
 ) -> Classifier:
@@ -68,7 +68,8 @@ def load_classifier(
     a file written by ``cxr calibrate`` (identity calibration when None).
     ``onnx_cache_dir``: where the exported graph is cached (exported in memory
     at every start when None). ``precision`` bf16/int8: the graph serves only after the
-    precision gate passed on ``gate_images`` (see :mod:`models.precision_gate`).
+    precision gate passed on ``gate_images`` (see :mod:`models.precision_gate`); ``auto``:
+    OpenVINO bf16 where it passed, else fp32 (:func:`models.reduced.auto_precision`).
     """
     loaded = resolve_weights(
         weights, cache_dir=cache_dir, sha256=weights_sha256, allow_download=allow_download
@@ -186,7 +187,7 @@ def load_clip(
     num_threads: int | None = None,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    precision: Precision = "fp32",
+    precision: Requested = "fp32",
     gate_images: Sequence[Path] = (),
 ) -> ClipEncoder:
     """Load an open_clip model with its preprocessing and prompt vectors.

@@ -9,6 +9,10 @@ Graphs are built from the fp32 ONNX export of the *loaded* weights (:mod:`models
 * ``onnx``/``int8`` — ONNX Runtime static quantization (QDQ, per-channel weights);
 * ``onnx``/``bf16`` — ONNX Runtime's CPU provider has no bf16 kernels on x86: refused.
 
+``auto`` asks for OpenVINO bf16 and serves fp32 on the configured runtime whenever bf16 cannot
+serve (no BF16 arithmetic on this CPU, no OpenVINO, or a gate that did not pass for the loaded
+weights); :func:`auto_precision` logs which, and why.
+
 Every reduced graph is judged by :mod:`models.precision_gate` against fp32 before it serves;
 the report is stored next to the graph (``….gate.json``), read back at the next start, and a
 graph whose report did not pass is never used (:class:`~cxr_errors.ModelError`).
@@ -22,7 +26,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -31,11 +35,14 @@ from cxr_errors import ConfigError, ModelError
 from models.precision_gate import GateReport
 
 __all__ = [
+    "AUTO",
     "PRECISIONS",
     "RUNTIMES",
     "OpenVinoSession",
     "Precision",
+    "Requested",
     "Runtime",
+    "auto_precision",
     "cpu_has_bf16",
     "gate_path",
     "graph_stem",
@@ -47,9 +54,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16", "int8"]
+Requested = Literal["fp32", "bf16", "int8", "auto"]
+"""a precision setting: one precision, or ``auto`` (see :func:`auto_precision`)"""
 Runtime = Literal["onnx", "openvino"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "int8")
 RUNTIMES: tuple[Runtime, ...] = ("onnx", "openvino")
+AUTO: tuple[Runtime, Precision] = ("openvino", "bf16")
+"""what ``auto`` tries first: the fastest graph that passed the gate on this machine kind"""
 
 _OV_HINT = {"fp32": "f32", "bf16": "bf16"}
 
@@ -121,6 +132,30 @@ def openvino_session(
     except Exception as exc:
         raise ModelError(f"OpenVINO could not compile the graph: {exc}") from exc
     return OpenVinoSession(compiled, precision)
+
+
+T = TypeVar("T")
+
+
+def auto_precision(
+    what: str, runtime: Runtime, build: Callable[[Runtime, Precision], T]
+) -> tuple[T, Runtime, Precision]:
+    """``build`` the :data:`AUTO` graph, or fp32 on ``runtime`` when that one cannot serve.
+
+    Only the refusals a machine or the gate give (:class:`ConfigError`: no bf16 on this CPU,
+    no OpenVINO; :class:`ModelError`: the graph failed the precision gate or did not compile)
+    fall back; the reason is logged at WARNING, so "auto" never hides what serves."""
+    try:
+        return build(*AUTO), *AUTO
+    except (ConfigError, ModelError) as exc:
+        log.warning(
+            "%s precision auto: %s/%s cannot serve here, serving %s/fp32: %s",
+            what,
+            *AUTO,
+            runtime,
+            exc.message,
+        )
+    return build(runtime, "fp32"), runtime, "fp32"
 
 
 def _atomic_dir(target: Path) -> Path:

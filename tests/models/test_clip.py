@@ -67,3 +67,34 @@ def test_onnx_tower_is_checked_against_torch_at_start_up(tmp_path: Path) -> None
     export_onnx(_WrongTower(), torch.zeros(1, 3, 224, 224), ["embedding"], path)
     with pytest.raises(ModelError, match=r"ONNX CLIP image tower .* disagrees with torch"):
         load_clip(weights="untrained", backend="onnx", cache_dir=tmp_path)
+
+
+def test_auto_precision_serves_bf16_behind_the_gate_or_fp32_and_says_so(
+    clip_cache: Path, nih_images: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """CXR_CLIP_PRECISION=auto: the OpenVINO bf16 image tower when the CPU has bf16 and the
+    gate passed on these images (its report kept), else fp32 ONNX with the reason logged;
+    either way the embeddings are the fp32 tower's to within bf16 rounding."""
+    fp32 = load_clip(weights="untrained", backend="onnx", cache_dir=clip_cache)
+    with caplog.at_level("WARNING", logger="models.reduced"):
+        auto = load_clip(
+            weights="untrained",
+            backend="onnx",
+            cache_dir=clip_cache,
+            precision="auto",
+            gate_images=nih_images,
+        )
+    if auto.precision == "bf16":
+        assert auto.backend == "openvino"
+        assert auto.gate_report is not None and auto.gate_report.passed
+        assert auto.gate_report.images == len(nih_images)
+        assert list(clip_cache.glob("clip-image-*-openvino-bf16.gate.json"))
+    else:
+        assert (auto.backend, auto.precision, auto.gate_report) == ("onnx", "fp32", None)
+        assert "CLIP precision auto" in caplog.text and "serving onnx/fp32" in caplog.text
+    a = np.stack([r.embedding for r in fp32.analyze(nih_images[:2])])
+    b = np.stack([r.embedding for r in auto.analyze(nih_images[:2])])
+    cosine = (a * b).sum(axis=1)
+    assert np.all(cosine > 0.999), cosine
+    if auto.precision == "bf16":
+        assert not np.array_equal(a, b)  # bf16 really ran

@@ -184,3 +184,96 @@ def test_onnx_runtime_has_no_bf16(tmp_path: Path, gate_set: list[Path]) -> None:
 def test_reduced_precision_needs_gate_images(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="gate"):
         load_classifier("untrained", backend="openvino", precision="int8", onnx_cache_dir=tmp_path)
+
+
+def test_auto_serves_bf16_where_it_passes_the_gate(
+    reduced_cache: Path, gate_set: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``auto`` on this machine: OpenVINO bf16 behind a passed gate where the CPU has bf16;
+    where bf16 cannot serve, fp32 on the configured runtime and a WARNING that says why."""
+    with caplog.at_level("WARNING", logger="models.reduced"):
+        served = load_classifier(
+            "untrained",
+            precision="auto",
+            onnx_cache_dir=reduced_cache,
+            gate_images=gate_set,
+            tta=False,
+        )
+    if served.precision == "bf16":
+        assert served.backend.name == "openvino-bf16"
+        assert served.gate_report is not None and served.gate_report.passed
+        assert not caplog.records
+        return
+    assert served.precision == "fp32" and isinstance(served.backend, OnnxBackend)
+    (warning,) = caplog.records
+    assert "precision auto" in warning.getMessage() and "serving onnx/fp32" in warning.getMessage()
+
+
+def test_auto_without_bf16_arithmetic_serves_fp32_and_says_why(
+    reduced_cache: Path,
+    gate_set: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(reduced, "cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="models.reduced"):
+        served = load_classifier(
+            "untrained",
+            precision="auto",
+            onnx_cache_dir=reduced_cache,
+            gate_images=gate_set[:4],
+            tta=False,
+        )
+    assert served.precision == "fp32" and isinstance(served.backend, OnnxBackend)
+    assert served.gate_report is None
+    assert "no bf16 arithmetic" in caplog.text and "serving onnx/fp32" in caplog.text
+
+
+def test_auto_never_serves_a_graph_that_failed_the_gate(
+    tmp_path: Path,
+    gate_set: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bf16 graph judged under limits nothing meets: auto serves fp32, and the failed
+    report stays stored, so the next start falls back at once without judging again."""
+    if not reduced.cpu_has_bf16():
+        pytest.skip("no bf16 on this CPU: the fallback is the previous test's")
+    _limits(monkeypatch, max_abs_delta_probability=0.0)
+    kwargs = {"precision": "auto", "onnx_cache_dir": tmp_path, "gate_images": gate_set[:4]}
+    with caplog.at_level("WARNING", logger="models.reduced"):
+        served = load_classifier("untrained", tta=False, **kwargs)  # type: ignore[arg-type]
+    assert served.precision == "fp32" and isinstance(served.backend, OnnxBackend)
+    assert "failed the precision gate" in caplog.text
+    (stored,) = tmp_path.glob("*-openvino-bf16.gate.json")
+    assert json.loads(stored.read_text())["passed"] is False
+    judged: list[object] = []
+    monkeypatch.setattr(
+        "models.classifier.compare", lambda *a, **k: judged.append(a) or pytest.fail("judged")
+    )
+    again = load_classifier("untrained", tta=False, **kwargs)  # type: ignore[arg-type]
+    assert again.precision == "fp32" and judged == []
+
+
+def test_auto_falls_back_only_on_refusals() -> None:
+    """A bug in building the graph is not a reason to serve something else quietly."""
+
+    def build(runtime: reduced.Runtime, precision: reduced.Precision) -> str:
+        if precision == "bf16":
+            raise RuntimeError("a bug")
+        return f"{runtime}/{precision}"
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        reduced.auto_precision("DenseNet", "onnx", build)
+
+    def refuse(runtime: reduced.Runtime, precision: reduced.Precision) -> str:
+        if precision == "bf16":
+            raise ConfigError("no bf16 here")
+        return f"{runtime}/{precision}"
+
+    assert reduced.auto_precision("DenseNet", "onnx", refuse) == ("onnx/fp32", "onnx", "fp32")
+    assert reduced.auto_precision("DenseNet", "onnx", lambda r, p: f"{r}/{p}") == (
+        "openvino/bf16",
+        "openvino",
+        "bf16",
+    )
