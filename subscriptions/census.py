@@ -37,12 +37,11 @@ from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.identifiers import study_model_identifier
 from fhir_service.fhir.tasks import task_business_status, waiting_deadline
 from fhir_service.fhir.terminology import TERMINOLOGY
-from subscriptions.lifecycle import WITHDRAWN_STATUSES, last_updated
+from subscriptions.lifecycle import LIVE_REPORT_STATUSES, WITHDRAWN_STATUSES, last_updated
 
 __all__ = ["Census", "State", "StudyState", "requeue_stuck", "take_census"]
 
 _BATCH = 100
-_LIVE = ("preliminary", "final", "amended", "corrected", "appended", "partial", "registered")
 
 
 class State(StrEnum):
@@ -142,7 +141,7 @@ def _current_reports(
             "_count": "1000",
         }
         for report in fhir.search_all("DiagnosticReport", params):
-            if report.get("status") not in _LIVE:
+            if report.get("status") not in LIVE_REPORT_STATUSES:
                 continue
             for ident in report.get("identifier", []):
                 if ident.get("system") == system and ident.get("value") in by_value:

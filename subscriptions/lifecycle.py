@@ -43,10 +43,27 @@ from fhir_service.fhir.terminology import TERMINOLOGY
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WITHDRAWN_STATUSES", "StudyTasks", "last_updated", "study_deadline"]
+__all__ = [
+    "LIVE_REPORT_STATUSES",
+    "WITHDRAWN_STATUSES",
+    "StudyTasks",
+    "last_updated",
+    "study_deadline",
+]
 
 #: ImagingStudy statuses that withdraw a study from analysis.
 WITHDRAWN_STATUSES = ("cancelled", "entered-in-error")
+#: DiagnosticReport statuses of a current report; a superseded one is ``cancelled``, one of a
+#: study entered in error ``entered-in-error`` (fhir_service.fhir.supersede).
+LIVE_REPORT_STATUSES = (
+    "preliminary",
+    "final",
+    "amended",
+    "corrected",
+    "appended",
+    "partial",
+    "registered",
+)
 _OPEN = ("failed", "on-hold", "requested", "ready", "in-progress")
 
 

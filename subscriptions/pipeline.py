@@ -48,7 +48,12 @@ from fhir_service.fhir.studies import study_age_and_view
 from models.types import ImageAnalysis
 from subscriptions.dicomweb import DicomSource
 from subscriptions.failures import DEFAULT_RETRY, Kind, RetryPolicy, classify, new_correlation_id
-from subscriptions.lifecycle import WITHDRAWN_STATUSES, StudyTasks, last_updated
+from subscriptions.lifecycle import (
+    LIVE_REPORT_STATUSES,
+    WITHDRAWN_STATUSES,
+    StudyTasks,
+    last_updated,
+)
 from subscriptions.logcontext import job_context
 from subscriptions.metrics import JobMetrics
 from subscriptions.pacs_results import store_dicom_results
@@ -94,6 +99,8 @@ class _Job:
     pixels: Pixels
     sha256: str
     identifier: tuple[str, str]
+    revision: int = 0
+    """of the report key (see :func:`~fhir_service.fhir.identifiers.report_identifier`)"""
 
 
 class EmbeddingSink(Protocol):
@@ -205,6 +212,11 @@ class Pipeline:
         try:
             return step()
         except MissingImageError as exc:
+            if self._current_reports(study["id"], self.analyzer.model_version):
+                # Reported by a writer that had the pixels (bulk inference from files, an
+                # earlier run): that report stands, and no Task may contradict it.
+                self.tasks.complete(study)
+                return f"already reported; its image is not reachable now: {exc.message}"
             return self.tasks.missing_image(study, exc)
         except Exception as exc:
             failure = classify(exc)
@@ -301,13 +313,32 @@ class Pipeline:
                 pacs=self.pacs,
             )
             sha = hashlib.sha256(pixels.data).hexdigest()
-        identifier = report_identifier(study["id"], self.analyzer.model_version, sha)
         with self._stage("dedup"):
-            reported = self._reported(*identifier)
+            revision, identifier, reported = self._report_key(study["id"], sha)
         if reported:
             self.tasks.complete(study)
             return "already reported"
-        return _Job(study, pixels, sha, identifier)
+        return _Job(study, pixels, sha, identifier, revision)
+
+    def _report_key(self, study_id: str, sha: str) -> tuple[int, tuple[str, str], bool]:
+        """(revision, identifier) of the report for these pixels, and whether it is current.
+
+        One search, unless these pixels' report was withdrawn (their image was replaced and
+        has come back, A → B → A): the next revision gets a key of its own, because the
+        conditional create would otherwise find the withdrawn report and write nothing."""
+        for revision in range(_MAX_REVISIONS):
+            identifier = report_identifier(
+                study_id, self.analyzer.model_version, sha, revision=revision
+            )
+            found = self._reports_by(*identifier)
+            if not found:
+                return revision, identifier, False
+            if any(_live(r) for r in found):
+                return revision, identifier, True
+        raise InputError(
+            f"ImagingStudy/{study_id}: the report of these pixels was withdrawn "
+            f"{_MAX_REVISIONS} times; not writing another"
+        )
 
     def _write(self, job: _Job, result: AnalyzedImage | InputError) -> str:
         """One transaction with the study's results (closing its open Task), then its embeddings."""
@@ -317,6 +348,11 @@ class Pipeline:
         with self._stage("lookups"):
             previous = self._current_reports(study["id"], self.analyzer.model_version)
             open_task = self.tasks.open_task(study["id"])
+        if any(_has_identifier(r, *job.identifier) for r in previous):
+            # Another writer reported these same pixels while the model ran. Superseding its
+            # report here would withdraw the very report our conditional create resolves to.
+            self.tasks.complete(study)
+            return "already reported (concurrent writer)"
         derived = None
         if self.pacs is not None and self.pacs_results and job.pixels.instance is not None:
             with self._stage("pacs-results"):
@@ -334,6 +370,7 @@ class Pipeline:
             source=job.pixels.source_image,
             evaluation=self.evaluation,
             open_task=open_task,
+            revision=job.revision,
         )
         try:
             with self._stage("transaction"):
@@ -357,25 +394,28 @@ class Pipeline:
     # --- helpers --------------------------------------------------------------------------
 
     def _reported(self, system: str, value: str, *, attempts: int = 1) -> bool:
-        """Whether the report exists; after a write conflict the winner's commit may take a
-        moment to become visible, hence ``attempts`` (one second apart)."""
+        """Whether a current report has this identifier; after a write conflict the winner's
+        commit may take a moment to become visible, hence ``attempts`` (one second apart)."""
         for attempt in range(attempts):
             if attempt:
                 time.sleep(1.0)
-            found = self.fhir.search(
-                "DiagnosticReport", {"identifier": f"{system}|{value}", "_elements": "id"}
-            )
-            if found.get("total", len(found.get("entry", []))):
+            if any(_live(r) for r in self._reports_by(system, value)):
                 return True
         return False
 
+    def _reports_by(self, system: str, value: str) -> list[dict[str, Any]]:
+        found = self.fhir.search(
+            "DiagnosticReport", {"identifier": f"{system}|{value}", "_elements": "id,status"}
+        )
+        return [e["resource"] for e in found.get("entry", [])]
+
     def _current_reports(self, study_id: str, model_version: str) -> list[dict[str, Any]]:
-        """Reports for this study and model that are still current (an older image)."""
+        """Reports for this study and model that are still current."""
         system, value = study_model_identifier(study_id, model_version)
         return [
             r
             for r in self.fhir.search_all("DiagnosticReport", {"identifier": f"{system}|{value}"})
-            if r.get("status") not in ("cancelled", "entered-in-error")
+            if _live(r)
         ]
 
     def _record(self, study: dict[str, Any], result: AnalyzedImage, sha: str) -> EmbeddingRecord:
@@ -407,3 +447,18 @@ class Pipeline:
         if posted is not None:
             seconds = (datetime.now(UTC) - posted).total_seconds()
             self.metrics.post_to_report.observe(max(seconds, 0.0))
+
+
+_MAX_REVISIONS = 20
+"""how often one image's report may be withdrawn and written again (A → B → A → B …)"""
+
+
+def _live(report: dict[str, Any]) -> bool:
+    return report.get("status") in LIVE_REPORT_STATUSES
+
+
+def _has_identifier(resource: dict[str, Any], system: str, value: str) -> bool:
+    return any(
+        i.get("system") == system and i.get("value") == value
+        for i in resource.get("identifier", [])
+    )

@@ -31,6 +31,7 @@ from fhir_service.fhir.identifiers import study_model_identifier, task_identifie
 from fhir_service.fhir.results import is_cxr_overlay
 from fhir_service.fhir.tasks import awaited_in_pacs, task_business_status, waiting_deadline
 from fhir_service.fhir.terminology import TERMINOLOGY
+from subscriptions.lifecycle import LIVE_REPORT_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def sweep(
         newest = updated if newest is None or updated > newest else newest
         if study.get("status") == "available":
             system, value = study_model_identifier(sid, model_version)
-            if fhir.count("DiagnosticReport", {"identifier": f"{system}|{value}"}):
+            live = {"identifier": f"{system}|{value}", "status": ",".join(LIVE_REPORT_STATUSES)}
+            if fhir.count("DiagnosticReport", live):
                 reported += 1
                 continue
             tsys, tval = task_identifier(sid)

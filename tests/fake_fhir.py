@@ -153,6 +153,8 @@ class FakeFhir:
             return _refers(r.get("partOf", []), options)
         if name == "derived-from":
             return _refers(r.get("derivedFrom", []), options)
+        if name == "target":  # Provenance; an unresolved urn:uuid matches nothing
+            return _refers(r.get("target", []), options)
         if name == "focus":
             return _refers([r.get("focus") or {}], options)
         if name == "result:Observation.derived-from":

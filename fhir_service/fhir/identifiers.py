@@ -31,16 +31,26 @@ def _digest(*parts: str) -> str:
 
 
 def report_identifier(
-    study_id: str, model_version: str, image_sha256: str, *, terminology: Terminology = TERMINOLOGY
+    study_id: str,
+    model_version: str,
+    image_sha256: str,
+    *,
+    revision: int = 0,
+    terminology: Terminology = TERMINOLOGY,
 ) -> tuple[str, str]:
     """(system, value) of the report for these pixels of this study by this model.
 
     The idempotency key of the whole result: the value is the sha256 of the three parts, so it
     is a plain token (no escaping in searches) of fixed length whatever the model version holds.
+    ``revision`` > 0 keys a report of pixels whose earlier report was withdrawn (the image
+    changed and then came back): a withdrawn report is never made current again.
     """
     if not _SHA256_HEX.match(image_sha256):
         raise ValueError(f"image_sha256 must be 64 lowercase hex digits, got {image_sha256!r}")
-    value = _digest("report", study_id, model_version, image_sha256)
+    if revision < 0:
+        raise ValueError(f"revision must be 0 or more, got {revision}")
+    parts = ("report", study_id, model_version, image_sha256)
+    value = _digest(*parts, f"revision {revision}") if revision else _digest(*parts)
     return terminology.identifier_system("report"), value
 
 

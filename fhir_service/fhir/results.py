@@ -108,6 +108,7 @@ def build_result_transaction(
     source: SourceImage | None = None,
     evaluation: ModelEvaluation | None = None,
     open_task: Mapping[str, Any] | None = None,
+    revision: int = 0,
     terminology: Terminology = TERMINOLOGY,
 ) -> Resource:
     """The one transaction Bundle that records ``analysis`` of ``study``.
@@ -133,12 +134,17 @@ def build_result_transaction(
     joins the transaction and the Provenance. ``open_task`` is the study's Task as read from
     the server when it waits or has failed: it is completed in this same transaction
     (:func:`~fhir_service.fhir.tasks.task_closure_entry`), so the study is never seen with a
-    report and an open Task at once.
+    report and an open Task at once. ``revision``: see
+    :func:`~fhir_service.fhir.identifiers.report_identifier`.
     """
     _check_analysis(analysis)
     study_ref = StudyRef.from_resource(study)
     report_system, report_key = report_identifier(
-        study_ref.id, analysis.model_version, image_sha256, terminology=terminology
+        study_ref.id,
+        analysis.model_version,
+        image_sha256,
+        revision=revision,
+        terminology=terminology,
     )
     device_version = _device_version(analysis)
     r = _Result(

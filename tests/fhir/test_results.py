@@ -169,6 +169,11 @@ def test_report_identifier_depends_on_all_three_parts() -> None:
     assert base not in others and len(others) == 3
     with pytest.raises(ValueError, match="64 lowercase hex"):
         report_identifier("s", "m", "ABC")
+    revisions = {report_identifier("s", "m", "0" * 64, revision=r) for r in range(1, 4)}
+    assert report_identifier("s", "m", "0" * 64, revision=0) == base
+    assert len(revisions) == 3 and base not in revisions and not revisions & others
+    with pytest.raises(ValueError, match="revision"):
+        report_identifier("s", "m", "0" * 64, revision=-1)
 
 
 # --- content --------------------------------------------------------------------------------

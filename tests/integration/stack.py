@@ -77,6 +77,14 @@ class Stack:
         system, value = identifiers.study_model_identifier(study_id, self.model_version)
         return list(self.fhir.search_all("DiagnosticReport", {"identifier": f"{system}|{value}"}))
 
+    def current_reports(self, study_id: str) -> list[dict[str, Any]]:
+        """:meth:`reports` that are not withdrawn (cancelled, entered-in-error)."""
+        return [
+            r
+            for r in self.reports(study_id)
+            if r.get("status") not in ("cancelled", "entered-in-error")
+        ]
+
     def task(self, study_id: str) -> dict[str, Any] | None:
         system, value = identifiers.task_identifier(study_id)
         tasks = list(self.fhir.search_all("Task", {"identifier": f"{system}|{value}"}))

@@ -460,6 +460,7 @@ def _load_and_check(
     for name in with_images:
         study = _study(stack.fhir, name)
         assert study["status"] == "available"
+        assert len(stack.current_reports(str(study["id"]))) == 1, name
         assert len(stack.reports(str(study["id"]))) == 1, name
         assert stack.task(str(study["id"])) is None, name
     for cells in lines:
@@ -534,5 +535,5 @@ def test_bulk_inference_matches_the_subscription_path(stack: Stack, bulk: Pipeli
     assert _result_of(stack, by_bulk, sha) == _result_of(stack, by_worker, sha)
     wait_for("the worker's queue to drain", stack.drained, timeout_s=300)
     for study_id in (by_worker, by_bulk, *others):
-        assert len(stack.reports(study_id)) == 1
+        assert len(stack.reports(study_id)) == len(stack.current_reports(study_id)) == 1
         assert stack.task(study_id) is None

@@ -294,3 +294,80 @@ def test_job_metrics_count_outcomes_and_failures(server: FakeFhir) -> None:
     assert value("cxr_job_stage_seconds_count", stage="study") == 3
     assert value("cxr_job_stage_seconds_count", stage="transaction") == 1
     assert value("cxr_job_stage_seconds_sum", stage="densenet") == 0.25
+
+
+def _live_reports(server: FakeFhir) -> list[dict[str, Any]]:
+    return [r for r in _reports(server) if r["status"] not in ("cancelled", "entered-in-error")]
+
+
+class _RacingAnalyzer(_Analyzer):
+    """While our model runs, another writer (a second worker, bulk inference) reports the
+    same study from the same pixels and commits first."""
+
+    def __init__(self, other: Pipeline) -> None:
+        super().__init__()
+        self.other = other
+
+    def analyze(self, data: bytes, name: str) -> AnalyzedImage:
+        assert self.other.process("s1", "other writer") == "reported"
+        return super().analyze(data, name)
+
+
+def test_a_concurrent_writer_of_the_same_pixels_is_never_superseded(server: FakeFhir) -> None:
+    """The race the fresh-clone CI's worker log showed (ingest's bulk inference against the
+    worker): the second writer read the first one's report as an *older* result and withdrew
+    it, while its conditional create resolved to that same report: no current report left."""
+    _study(server)
+    _media(server)
+    ours = _pipeline(server, _RacingAnalyzer(_pipeline(server)))
+    assert ours.process("s1", "1") == "already reported (concurrent writer)"
+    (report,) = _reports(server)
+    assert report["status"] not in ("cancelled", "entered-in-error")
+
+
+def test_a_reported_study_whose_image_is_gone_stays_reported_and_no_task_contradicts_it(
+    server: FakeFhir,
+) -> None:
+    """Reported from pixels this worker can no longer reach (bulk inference from files; an
+    image since removed): the report stands; the job neither waits nor fails, it completes
+    the study's Task, so the census finds one state, not "reported but failed"."""
+    study = _study(server)
+    _pipeline(server).process("s1", "1")  # waits: no image yet
+    _media(server)
+    reporter = _pipeline(server)
+    assert reporter.process("s1", "media") == "reported"
+    server.store["Media"] = {
+        k: m for k, m in server.store["Media"].items() if m.get("identifier")
+    }  # the input image is gone; our heatmaps stay
+    server.tick(WAIT.total_seconds() + 60)
+    outcome = _pipeline(server).process("s1", "wait-expired")
+    assert outcome.startswith("already reported; its image is not reachable now")
+    assert len(_live_reports(server)) == 1
+    assert _task(server)["status"] == "completed"
+    assert study["id"] == "s1"
+
+
+def test_an_image_replaced_and_then_restored_gets_a_current_report_again(
+    server: FakeFhir,
+) -> None:
+    """A → B → A: A's first report was withdrawn when B came; when A comes back its report
+    must be current again (a new one, under the next revision of its key), never "already
+    reported" on the strength of the withdrawn one."""
+    _study(server)
+    image_a, image_b = make_png(width=16, height=16), make_png(width=24, height=16)
+    _media(server, data=image_a)
+    pipeline = _pipeline(server)
+    assert pipeline.process("s1", "a") == "reported"
+    _media(server, data=image_b)
+    assert pipeline.process("s1", "b") == "reported"
+    _media(server, data=image_a)
+    assert pipeline.process("s1", "a again") == "reported"
+    assert pipeline.process("s1", "a again") == "already reported"
+    live = _live_reports(server)
+    assert len(live) == 1 and len(_reports(server)) == 3
+    first, second = sorted(
+        (r for r in _reports(server) if r not in live), key=lambda r: r["meta"]["lastUpdated"]
+    )
+    assert first["status"] == second["status"] == "cancelled"
+    keys = {i["value"] for r in _reports(server) for i in r["identifier"]}
+    assert len(keys) == 3 + 1, "three report keys and the one study-model key"
