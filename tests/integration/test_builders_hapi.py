@@ -73,10 +73,15 @@ def _synthetic_row() -> factories.ManifestRow:
 
 
 def _new_study(client: FhirClient) -> tuple[str, Resource]:
+    """A study of this module's own: ``registered``, so that a worker of the same HAPI (the
+    stack's, when this module runs after it) neither writes its Task nor waits for its image
+    while these tests write the results and the Task themselves."""
     row = _synthetic_row()
     patient = client.create(factories.patient(row))
     assert patient["gender"] == "female"
-    created = client.create(factories.imaging_study(row, f"Patient/{patient['id']}"))
+    created = client.create(
+        factories.imaging_study(row, f"Patient/{patient['id']}", status="registered")
+    )
     return str(patient["id"]), client.read("ImagingStudy", created["id"])
 
 
