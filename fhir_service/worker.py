@@ -27,6 +27,7 @@ from subscriptions.queue import (
     QUEUE,
     apply_schema,
     enqueue_study_sync,
+    finish_sweeps,
     make_app,
     register_tasks,
     study_queued,
@@ -146,8 +147,10 @@ async def _run_once(app: procrastinate.App, concurrency: int, stop: asyncio.Even
         if stop.is_set():
             worker.cancel()  # procrastinate lets the running jobs finish first
             await asyncio.gather(worker, return_exceptions=True)
+            await finish_sweeps()
             return
         stopping.cancel()
+        await finish_sweeps()
         error = worker.exception()
         log.warning("the queue worker stopped: %s", error or "its database connection broke")
 

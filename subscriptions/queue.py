@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import procrastinate
@@ -103,7 +103,8 @@ def register_tasks(
 
     ``process(attempts, study_id, version_id)`` gets the number of earlier runs of the job
     (the retry policy decides from it whether this run is the last). The periodic
-    ``reconcile(enqueue)`` and ``requeue_stuck(enqueue)`` run in a thread;
+    ``reconcile(enqueue)`` and ``requeue_stuck(enqueue)`` run in a thread beside the study
+    jobs (:func:`_beside_the_jobs`);
     ``enqueue(study_id, version_id)`` queues through the worker's own (async) connection,
     since a sync defer is not allowed inside a worker. Crons have a sixth field for seconds
     (croniter puts it last).
@@ -139,7 +140,9 @@ def register_tasks(
     ):
         if fn is not None:
             app.periodic(cron=cron, periodic_id=periodic_id)(
-                app.task(name=name, queue=QUEUE, queueing_lock=periodic_id)(_in_thread(app, fn))
+                app.task(name=name, queue=QUEUE, queueing_lock=periodic_id)(
+                    _beside_the_jobs(app, name, fn)
+                )
             )
 
     async def _retry_stalled(timestamp: int) -> None:
@@ -161,12 +164,28 @@ def register_tasks(
     )
 
 
-def _in_thread(
-    app: procrastinate.App, fn: Callable[[Enqueue], Any]
+_SWEEPS: set[asyncio.Task[None]] = set()
+"""sweeps started by periodic tasks and still running in this process"""
+
+
+def _beside_the_jobs(
+    app: procrastinate.App, name: str, fn: Callable[[Enqueue], Any]
 ) -> Callable[[int], Coroutine[Any, Any, None]]:
-    """A periodic task running ``fn(enqueue)`` in a thread, queueing on the worker's loop."""
+    """A periodic task that starts ``fn(enqueue)`` in a thread and returns at once.
+
+    The sweep runs beside the study jobs instead of in the worker's job slot: with one slot,
+    a study posted during a sweep (1–2 s of HAPI searches) waited for it, which is what
+    bench/pipeline.py's queue-wait p95 showed. One run per process at a time: a run still
+    going when the next is due skips that one. Failures are logged (the task has already
+    succeeded); :func:`finish_sweeps` waits for running sweeps when the worker stops.
+    ``enqueue(study_id, version_id)`` queues through the worker's own (async) connection.
+    """
+    running: list[asyncio.Task[None]] = []
 
     async def periodic(timestamp: int) -> None:
+        if running and not running[0].done():
+            log.info("%s: the previous run is still going; this one is skipped", name)
+            return
         loop = asyncio.get_running_loop()
 
         def enqueue(study_id: str, version_id: str) -> bool:
@@ -175,9 +194,31 @@ def _in_thread(
             )
             return future.result(timeout=60)
 
-        await asyncio.to_thread(fn, enqueue)
+        task = asyncio.create_task(_logged(name, asyncio.to_thread(fn, enqueue)))
+        running[:] = [task]
+        _SWEEPS.add(task)
+        task.add_done_callback(_SWEEPS.discard)
 
     return periodic
+
+
+async def _logged(name: str, sweep: Awaitable[Any]) -> None:
+    try:
+        await sweep
+    except Exception:
+        log.exception("%s failed; the next run tries again", name)
+
+
+async def finish_sweeps(timeout_s: float = 60.0) -> None:
+    """Let the sweeps this process started finish (a stopping worker, before the connection
+    they queue through closes); one still running after ``timeout_s`` is left behind."""
+    if _SWEEPS:
+        log.info("waiting for %d running sweep(s) to finish", len(_SWEEPS))
+        _, pending = await asyncio.wait(set(_SWEEPS), timeout=timeout_s)
+        if pending:
+            log.warning(
+                "%d sweep(s) still running after %.0f s; stopping anyway", len(pending), timeout_s
+            )
 
 
 def _study_job(app: procrastinate.App, study_id: str, version_id: str) -> JobDeferrer:

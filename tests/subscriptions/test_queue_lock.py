@@ -92,3 +92,39 @@ def test_a_failed_job_is_not_retried_when_its_study_is_queued_again() -> None:
     with pytest.raises(InputError):  # never retried anyway: failed Task, no question asked
         run(context, "s1", "1")
     assert asked == []
+
+
+def test_a_sweep_runs_beside_the_study_jobs_and_a_stopping_worker_waits_for_it() -> None:
+    """The periodic sweep returns at once (a study posted meanwhile does not wait behind it
+    for the worker's one job slot); the next period skips while it still runs; what it
+    queues lands; the worker's stop waits for it."""
+    import threading
+    import time
+
+    from subscriptions.queue import RECONCILE_TASK, finish_sweeps
+
+    release, calls = threading.Event(), []
+
+    def reconcile(enqueue: Any) -> None:
+        calls.append(time.monotonic())
+        assert release.wait(10)
+        assert enqueue("s-swept", "sweep")
+
+    connector = InMemoryConnector()
+    app = procrastinate.App(connector=connector)
+    register_tasks(app, lambda final, study_id, version_id: "done", reconcile)
+    periodic = app.tasks[RECONCILE_TASK].func
+
+    async def scenario() -> None:
+        async with app.open_async():
+            started = time.monotonic()
+            await periodic(1)
+            assert time.monotonic() - started < 1.0, "the task waited for the sweep"
+            await asyncio.sleep(0.2)
+            await periodic(2)  # the first still runs: skipped
+            assert len(calls) == 1
+            release.set()
+            await finish_sweeps(timeout_s=10)
+            assert _queued(connector, "s-swept")
+
+    asyncio.run(scenario())
