@@ -57,7 +57,7 @@ from subscriptions.lifecycle import (
 from subscriptions.logcontext import job_context
 from subscriptions.metrics import JobMetrics
 from subscriptions.pacs_results import store_dicom_results
-from subscriptions.pixels import Pixels, fetch_pixels
+from subscriptions.pixels import Pixels, fetch_pixels, input_media
 from vector_store.records import EmbeddingRecord
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,9 @@ class Pipeline:
             elif study.get("status") in WITHDRAWN_STATUSES:
                 outcome = self.tasks.withdraw(study)
             else:
-                outcome = self._guarded(study, attempt, cid, lambda: self._process(study))
+                outcome = self._guarded(
+                    study, attempt, cid, lambda: self._process(study, version_id)
+                )
             self._count(outcome)
             log.info("ImagingStudy/%s (%s): %s", study_id, version_id, outcome)
             return outcome
@@ -281,7 +283,13 @@ class Pipeline:
         except CxrError as exc:
             return f"failed: {exc.message} (left to the worker's retries)"
 
-    def _process(self, study: dict[str, Any]) -> str:
+    def _process(self, study: dict[str, Any], version_id: str = "") -> str:
+        if version_id.startswith("Media/"):
+            with self._stage("dedup"):
+                unchanged = self._unchanged_since_report(study)
+            if unchanged:
+                self.tasks.complete(study)
+                return "already reported (nothing read has changed)"
         job = self._prepare(study)
         if isinstance(job, str):
             return job
@@ -319,6 +327,34 @@ class Pipeline:
             self.tasks.complete(study)
             return "already reported"
         return _Job(study, pixels, sha, identifier, revision)
+
+    def _unchanged_since_report(self, study: dict[str, Any]) -> bool:
+        """Whether the study's one current report was made from what a job would read now:
+        its Provenance names the study's current version and the current version of its
+        newest input Media. A Media posted with its study notifies a second time, mostly
+        while the study's own job runs; that second job is answered with three small
+        searches instead of fetching and hashing the pixels again. A result read from a
+        PACS names no Media, so it is never answered this way."""
+        reports = self._current_reports(study["id"], self.analyzer.model_version)
+        if len(reports) != 1:
+            return False
+        media = input_media(self.fhir, study["id"], without_content=True)
+        version = (media[0].get("meta") or {}).get("versionId") if media else None
+        study_version = (study.get("meta") or {}).get("versionId")
+        if version is None or study_version is None:
+            return False
+        read_now = {
+            f"ImagingStudy/{study['id']}/_history/{study_version}",
+            f"Media/{media[0]['id']}/_history/{version}",
+        }
+        found = self.fhir.search("Provenance", {"target": f"DiagnosticReport/{reports[0]['id']}"})
+        sources = {
+            str((entity.get("what") or {}).get("reference"))
+            for entry in found.get("entry", [])
+            for entity in entry["resource"].get("entity", [])
+            if entity.get("role") == "source"
+        }
+        return read_now <= sources
 
     def _report_key(self, study_id: str, sha: str) -> tuple[int, tuple[str, str], bool]:
         """(revision, identifier) of the report for these pixels, and whether it is current.

@@ -49,19 +49,27 @@ class Pixels:
     """the DICOM instance read over DICOMweb (None for the Media path)"""
     media: str | None = None
     """``Media/{id}`` whose pixels these are (None for the DICOMweb path)"""
+    media_version: str | None = None
+    """that Media's ``meta.versionId`` as read"""
 
     @property
     def source_image(self) -> SourceImage:
         """What each Observation names as the image it was read from."""
         sop = self.instance.sop_uid if self.instance is not None else None
-        return SourceImage(media=self.media, sop_instance_uid=sop)
+        return SourceImage(media=self.media, sop_instance_uid=sop, media_version=self.media_version)
 
 
-def input_media(fhir: FhirClient, study_id: str) -> list[dict[str, Any]]:
-    """Media that carry the study's pixels, newest first (our own heatmaps excluded)."""
+def input_media(
+    fhir: FhirClient, study_id: str, *, without_content: bool = False
+) -> list[dict[str, Any]]:
+    """Media that carry the study's pixels, newest first (our own heatmaps excluded);
+    ``without_content``: only what tells them apart (id, meta, status, identifier)."""
+    params = {"part-of": f"ImagingStudy/{study_id}"}
+    if without_content:
+        params["_elements"] = "id,meta,status,identifier,partOf"
     found = [
         m
-        for m in fhir.search_all("Media", {"part-of": f"ImagingStudy/{study_id}"})
+        for m in fhir.search_all("Media", params)
         if not is_cxr_overlay(m) and m.get("status") not in ("entered-in-error", "not-done")
     ]
     found.sort(key=lambda m: m.get("meta", {}).get("lastUpdated", ""), reverse=True)
@@ -122,6 +130,8 @@ def _from_media(
 ) -> Pixels:
     content = m.get("content") or {}
     where = f"Media/{m['id']}"
+    read_version = (m.get("meta") or {}).get("versionId")
+    version = str(read_version) if read_version else None
     size = content.get("size")
     if isinstance(size, int) and size > max_bytes:
         raise ImageTooLargeError(f"{where} declares {size} bytes; the limit is {max_bytes}")
@@ -138,12 +148,13 @@ def _from_media(
             data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"{where} content.data is not valid base64: {exc}") from exc
-        return Pixels(data, where, content.get("contentType"), media=where)
+        return Pixels(data, where, content.get("contentType"), media=where, media_version=version)
     url = content.get("url")
     if not url:
         raise ImageError(f"{where} has neither content.data nor content.url")
     ctype = content.get("contentType")
-    return replace(_fetch_url(fhir, str(url), where, max_bytes, allowed_hosts, ctype), media=where)
+    fetched = _fetch_url(fhir, str(url), where, max_bytes, allowed_hosts, ctype)
+    return replace(fetched, media=where, media_version=version)
 
 
 #: A Binary id (FHIR R4 id), the only thing a same-server image URL may name.

@@ -32,6 +32,15 @@ class SourceImage:
     """``Media/{id}`` whose pixels were read (the Media path)"""
     sop_instance_uid: str | None = None
     """the DICOM instance read (the DICOMweb path)"""
+    media_version: str | None = None
+    """the ``meta.versionId`` of that Media when it was read"""
+
+    @property
+    def versioned_media(self) -> str | None:
+        """``Media/{id}/_history/{v}`` (what the Provenance records), or None."""
+        if self.media is None or self.media_version is None:
+            return None
+        return f"{self.media}/_history/{self.media_version}"
 
 
 def source_derived_from(source: SourceImage | None) -> list[Resource]:

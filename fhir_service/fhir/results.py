@@ -527,6 +527,11 @@ def _weights_hash_label(r: _Result) -> str:
     return "sha256 of the loaded weights file"
 
 
+def _source_media_entity(r: _Result) -> list[Resource]:
+    media = r.source.versioned_media if r.source is not None else None
+    return [{"role": "source", "what": ref(media)}] if media else []
+
+
 def _weights_entity(r: _Result) -> list[Resource]:
     """The weights file that made the result, by its sha256 (a logical reference)."""
     if not r.weights_sha256:
@@ -553,6 +558,9 @@ def _provenance_entry(
         "activity": cc(t.concept("provenance_activity_create")),
         "agent": [{"type": cc(t.concept("provenance_agent_author")), "who": ref(r.device_urn)}],
         "entity": [{"role": "source", "what": ref(r.study.versioned_reference)}]
+        # The input image as read (the Media path): with the study's version, it tells a
+        # later job whether anything it would read has changed since this result.
+        + _source_media_entity(r)
         + _weights_entity(r)
         # R4 DiagnosticReport has no relatesTo; Provenance.entity role "revision" is R4's way
         # to say "the target is a revised version of this": the new report revises the old.

@@ -371,3 +371,48 @@ def test_an_image_replaced_and_then_restored_gets_a_current_report_again(
     assert first["status"] == second["status"] == "cancelled"
     keys = {i["value"] for r in _reports(server) for i in r["identifier"]}
     assert len(keys) == 3 + 1, "three report keys and the one study-model key"
+
+
+def test_a_media_notification_after_the_report_is_answered_without_reading_the_pixels(
+    server: FakeFhir,
+) -> None:
+    """A study posted with its Media notifies twice; the second job, queued while the first
+    ran, finds the report's Provenance naming the study version and Media version it would
+    read now. Anything changed since (the image, the study) and it reads the pixels."""
+    _study(server)
+    media = _media(server)
+    analyzer = _Analyzer()
+    pipeline = _pipeline(server, analyzer)
+    assert pipeline.process("s1", "1") == "reported"
+    (provenance,) = server.all("Provenance")
+    sources = {e["what"]["reference"] for e in provenance["entity"] if e["role"] == "source"}
+    assert {"ImagingStudy/s1/_history/1", f"Media/{media['id']}/_history/1"} <= sources
+    requests: list[str] = []
+    client = server.client()
+    original = client.request
+
+    def counted(method: str, path: str, **kw: Any) -> httpx.Response:
+        requests.append(f"{method} {path} {sorted((kw.get('params') or {}).items())}")
+        return original(method, path, **kw)
+
+    client.request = counted  # type: ignore[method-assign]
+    quick = _pipeline(server, analyzer)
+    quick.fhir = client
+    mention = f"Media/{media['id']}/_history/1"
+    assert quick.process("s1", mention) == "already reported (nothing read has changed)"
+    assert analyzer.calls == 1
+    media_reads = [r for r in requests if r.startswith("GET Media")]
+    assert media_reads and all("_elements" in r for r in media_reads), media_reads
+    # the image changes: a new version of that Media, read and reported
+    server.put({**server.store["Media"][media["id"]], "content": _media_content(24)})
+    assert pipeline.process("s1", f"Media/{media['id']}/_history/2") == "reported"
+    assert analyzer.calls == 2 and len(_live_reports(server)) == 1
+    # the study changes (same image): the quick answer does not apply, the full one does
+    server.put({**server.all("ImagingStudy")[0], "description": "edited"})
+    assert pipeline.process("s1", f"Media/{media['id']}/_history/2") == "already reported"
+    assert analyzer.calls == 2
+
+
+def _media_content(width: int) -> dict[str, Any]:
+    png = make_png(width=width, height=16)
+    return {"contentType": "image/png", "data": base64.b64encode(png).decode()}
