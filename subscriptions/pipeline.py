@@ -214,9 +214,7 @@ class Pipeline:
         try:
             return step()
         except MissingImageError as exc:
-            if self._current_reports(study["id"], self.analyzer.model_version):
-                # Reported by a writer that had the pixels (bulk inference from files, an
-                # earlier run): that report stands, and no Task may contradict it.
+            if self._reported_from_unreachable_pixels(study):
                 self.tasks.complete(study)
                 return f"already reported; its image is not reachable now: {exc.message}"
             return self.tasks.missing_image(study, exc)
@@ -327,6 +325,18 @@ class Pipeline:
             self.tasks.complete(study)
             return "already reported"
         return _Job(study, pixels, sha, identifier, revision)
+
+    def _reported_from_unreachable_pixels(self, study: dict[str, Any]) -> bool:
+        """Whether a current report stands for a study whose image this worker cannot read:
+        written by a writer that had the pixels (bulk inference from files, an earlier run
+        from a PACS). Its report stands and no Task may contradict it. Not when an image of
+        the study was marked entered-in-error (a wrong image withdrawn): then the study waits
+        and fails as any study without an image, and the census shows the contradiction."""
+        sid = study["id"]
+        if not self._current_reports(sid, self.analyzer.model_version):
+            return False
+        withdrawn = {"part-of": f"ImagingStudy/{sid}", "status": "entered-in-error"}
+        return self.fhir.count("Media", withdrawn) == 0
 
     def _unchanged_since_report(self, study: dict[str, Any]) -> bool:
         """Whether the study's one current report was made from what a job would read now:

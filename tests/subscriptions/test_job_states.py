@@ -416,3 +416,18 @@ def test_a_media_notification_after_the_report_is_answered_without_reading_the_p
 def _media_content(width: int) -> dict[str, Any]:
     png = make_png(width=width, height=16)
     return {"contentType": "image/png", "data": base64.b64encode(png).decode()}
+
+
+def test_a_report_whose_image_was_marked_entered_in_error_is_not_kept_quietly(
+    server: FakeFhir,
+) -> None:
+    """The image was withdrawn as wrong (entered-in-error), not merely unreachable: the job
+    does not call the study reported on the strength of the old report; it waits (and then
+    fails) for want of an image, and the census shows the report beside that Task."""
+    _study(server)
+    media = _media(server)
+    assert _pipeline(server).process("s1", "1") == "reported"
+    server.put({**server.store["Media"][media["id"]], "status": "entered-in-error"})
+    outcome = _pipeline(server).process("s1", f"Media/{media['id']}/_history/2")
+    assert outcome.startswith("waiting for images until"), outcome
+    assert _task(server)["status"] == "on-hold"
