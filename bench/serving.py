@@ -8,8 +8,8 @@ tower, and the heatmap overlays of the findings that are published (the positive
   published finding (its own crop and resize of the radiograph, median-cut palette, PNG
   ``optimize`` with up to four encodings until it fits);
 * ours: the worker's own :class:`subscriptions.analyzer.ModelAnalyzer` on the runtime and
-  precision given (default ONNX Runtime fp32; bf16/int8 behind the precision gate), drawing the published
-  overlays with ``overlay_pngs`` (one resize, a fixed palette, one encode each).
+  precision given (default ONNX Runtime fp32; bf16/int8 behind the precision gate), drawing
+  the published overlays with ``overlay_pngs`` (one resize, a fixed palette, one encode each).
 
 Prints per-stage milliseconds per study (best and median of the studies), the overlay
 count and size, and the ratio, with the load average; never asserts.
