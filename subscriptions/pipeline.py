@@ -281,7 +281,7 @@ class Pipeline:
         except CxrError as exc:
             return f"failed: {exc.message} (left to the worker's retries)"
 
-    def _process(self, study: dict[str, Any], version_id: str = "") -> str:
+    def _process(self, study: dict[str, Any], version_id: str) -> str:
         if version_id.startswith("Media/"):
             with self._stage("dedup"):
                 unchanged = self._unchanged_since_report(study)

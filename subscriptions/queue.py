@@ -164,8 +164,8 @@ def register_tasks(
     )
 
 
-_SWEEPS: set[asyncio.Task[None]] = set()
-"""sweeps started by periodic tasks and still running in this process"""
+_SWEEPS: dict[str, asyncio.Task[None]] = {}
+"""the sweep of each periodic task started in this process and not yet finished, by name"""
 
 
 def _beside_the_jobs(
@@ -180,10 +180,9 @@ def _beside_the_jobs(
     succeeded); :func:`finish_sweeps` waits for running sweeps when the worker stops.
     ``enqueue(study_id, version_id)`` queues through the worker's own (async) connection.
     """
-    running: list[asyncio.Task[None]] = []
 
     async def periodic(timestamp: int) -> None:
-        if running and not running[0].done():
+        if name in _SWEEPS:
             log.info("%s: the previous run is still going; this one is skipped", name)
             return
         loop = asyncio.get_running_loop()
@@ -195,9 +194,8 @@ def _beside_the_jobs(
             return future.result(timeout=60)
 
         task = asyncio.create_task(_logged(name, asyncio.to_thread(fn, enqueue)))
-        running[:] = [task]
-        _SWEEPS.add(task)
-        task.add_done_callback(_SWEEPS.discard)
+        _SWEEPS[name] = task
+        task.add_done_callback(lambda _: _SWEEPS.pop(name, None))
 
     return periodic
 
@@ -214,7 +212,7 @@ async def finish_sweeps(timeout_s: float = 60.0) -> None:
     they queue through closes); one still running after ``timeout_s`` is left behind."""
     if _SWEEPS:
         log.info("waiting for %d running sweep(s) to finish", len(_SWEEPS))
-        _, pending = await asyncio.wait(set(_SWEEPS), timeout=timeout_s)
+        _, pending = await asyncio.wait(set(_SWEEPS.values()), timeout=timeout_s)
         if pending:
             log.warning(
                 "%d sweep(s) still running after %.0f s; stopping anyway", len(pending), timeout_s
