@@ -12,21 +12,22 @@ in flight                 a job queued or running, or posted so recently that it
 
 A study that is none of these within the bound (``stuck_after`` past its last update, its
 wait for an image or its job's start) is **stuck**, and so is one that breaks the invariant
-(two current reports; a report beside a Task still open). ``cxr status`` prints the census
-and exits non-zero when anything is stuck; the worker's periodic stuck sweep queues the stuck
-studies again (the job is idempotent, so that only ever completes what was left undone).
+(two current reports; a report beside a Task still open; a report whose embeddings are not in
+the similar-case index). ``cxr status`` prints the census and exits non-zero when anything is
+stuck; the worker's periodic stuck sweep queues the stuck studies again (the job is
+idempotent, so that only ever completes what was left undone).
 Studies ``registered`` (waiting to become available) and withdrawn ones are counted apart.
 
 The census reads HAPI in pages and batches (studies, then reports 100 studies per search,
-then every Task of ours at once) and the queue in one query, so it costs O(studies / 100)
-requests, not one per study.
+then every Task of ours at once), the queue and the similar-case index in one query each, so
+it costs O(studies / 100) requests, not one per study.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -38,6 +39,7 @@ from fhir_service.fhir.identifiers import study_model_identifier
 from fhir_service.fhir.tasks import task_business_status, waiting_deadline
 from fhir_service.fhir.terminology import TERMINOLOGY
 from subscriptions.lifecycle import LIVE_REPORT_STATUSES, WITHDRAWN_STATUSES, last_updated
+from vector_store.store import indexed_studies
 
 __all__ = ["Census", "State", "StudyState", "requeue_stuck", "take_census"]
 
@@ -117,11 +119,15 @@ def take_census(
     reports = _current_reports(fhir, available, model_version)
     tasks = _tasks(fhir)
     jobs, live_workers = _jobs(dsn)
+    indexed = _indexed(dsn, [sid for sid in available if reports.get(sid)], model_version)
     judge = _Judge(now, image_wait, stuck_after)
     census = Census(live_workers=live_workers)
     for study in studies:
         sid = str(study["id"])
-        census.studies.append(judge(study, reports.get(sid, 0), tasks.get(sid), jobs.get(sid, [])))
+        state = judge(study, reports.get(sid, 0), tasks.get(sid), jobs.get(sid, []))
+        if state.state is State.REPORTED and not state.stuck and sid not in indexed:
+            state = judge.unindexed(state)
+        census.studies.append(state)
     return census
 
 
@@ -157,6 +163,16 @@ def _tasks(fhir: FhirClient) -> dict[str, dict[str, Any]]:
         if focus.startswith("ImagingStudy/"):
             out[focus.split("/")[1]] = task
     return out
+
+
+def _indexed(dsn: str, study_ids: Sequence[str], model_version: str) -> set[str]:
+    """Which reported studies have their row in the similar-case index (all of them when
+    this database has no index table: a deployment without one has nothing to lose there)."""
+    if not study_ids:
+        return set()
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        found = indexed_studies(conn, study_ids, model_version)
+    return set(study_ids) if found is None else found
 
 
 def _jobs(dsn: str) -> tuple[dict[str, list[_Job]], int]:
@@ -245,6 +261,14 @@ class _Judge:
                 sid, State.REPORTED, updated, "", f"reported, but its Task is still {task_status}"
             )
         return StudyState(sid, State.REPORTED, updated)
+
+    def unindexed(self, state: StudyState) -> StudyState:
+        """A report whose embeddings never reached the similar-case index (the job stopped
+        between the FHIR transaction and the upsert, or the store failed): ``$similar`` can
+        never find it. Queued again, the job stores them without writing to FHIR."""
+        if self.now - state.updated <= self.stuck_after:
+            return state
+        return replace(state, stuck="reported, but not in the similar-case index")
 
 
 def requeue_stuck(census: Census, enqueue: Callable[[str, str], bool]) -> int:

@@ -3,7 +3,9 @@
 Idempotent by construction: the report identifier is (study, model version, image sha256)
 and every write in the transaction is a conditional create on it, so a job that runs
 twice — duplicate notifications, a worker killed after writing, a sweep that overlaps the
-hook — changes nothing the second time. What goes wrong is classified once
+hook — changes nothing the second time. The embeddings are upserted after the transaction; a
+job that finds the report current but its row in the store missing (it stopped in between)
+writes that row and nothing else. What goes wrong is classified once
 (:mod:`subscriptions.failures`): bad input becomes one failed ``Task`` per study (updated,
 never duplicated) at once; transient and unknown errors are raised for the queue to retry
 with backoff, and the final attempt writes the failed Task. A study without an image waits
@@ -38,6 +40,7 @@ from cxr_errors import (
     MissingImageError,
     ModelError,
     NotFoundError,
+    StoreError,
 )
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.identifiers import report_identifier, study_model_identifier
@@ -101,10 +104,14 @@ class _Job:
     identifier: tuple[str, str]
     revision: int = 0
     """of the report key (see :func:`~fhir_service.fhir.identifiers.report_identifier`)"""
+    embeddings_only: bool = False
+    """the report is current but its embeddings are not in the store: write only those"""
 
 
 class EmbeddingSink(Protocol):
     def upsert(self, record: EmbeddingRecord) -> None: ...
+
+    def get(self, study_id: str, model_version: str) -> EmbeddingRecord | None: ...
 
 
 @dataclass
@@ -285,7 +292,7 @@ class Pipeline:
         if version_id.startswith("Media/"):
             with self._stage("dedup"):
                 unchanged = self._unchanged_since_report(study)
-            if unchanged:
+            if unchanged and not self._embeddings_missing(study["id"]):
                 self.tasks.complete(study)
                 return "already reported (nothing read has changed)"
         job = self._prepare(study)
@@ -321,10 +328,30 @@ class Pipeline:
             sha = hashlib.sha256(pixels.data).hexdigest()
         with self._stage("dedup"):
             revision, identifier, reported = self._report_key(study["id"], sha)
+        if reported and self._embeddings_missing(study["id"], sha):
+            return _Job(study, pixels, sha, identifier, revision, embeddings_only=True)
         if reported:
             self.tasks.complete(study)
             return "already reported"
         return _Job(study, pixels, sha, identifier, revision)
+
+    def _embeddings_missing(self, study_id: str, sha: str | None = None) -> bool:
+        """Whether a reported study's row in the similar-case index is missing (or is of
+        another image than ``sha``): the job that wrote the report stopped before its upsert,
+        or the store refused it. A store that cannot answer now is left to the stuck sweep."""
+        if self.store is None:
+            return False
+        try:
+            row = self.store.get(study_id, self.analyzer.model_version)
+        except StoreError as exc:
+            log.warning(
+                "ImagingStudy/%s: cannot tell whether its embeddings are stored (%s); the "
+                "stuck sweep looks again",
+                study_id,
+                exc.message,
+            )
+            return False
+        return row is None or (sha is not None and row.image_sha256 != sha)
 
     def _reported_from_unreachable_pixels(self, study: dict[str, Any]) -> bool:
         """Whether a current report stands for a study whose image this worker cannot read:
@@ -391,6 +418,13 @@ class Pipeline:
         if isinstance(result, InputError):
             raise result
         study, sha = job.study, job.sha256
+        # Built (and checked) before anything is written: a record the store would refuse
+        # fails the study here, not beside a report already committed.
+        record = None if self.store is None else self._record(study, result, sha)
+        if job.embeddings_only:
+            self._upsert(record)
+            self.tasks.complete(study)
+            return "already reported; its missing embeddings are stored now"
         with self._stage("lookups"):
             previous = self._current_reports(study["id"], self.analyzer.model_version)
             open_task = self.tasks.open_task(study["id"])
@@ -432,10 +466,13 @@ class Pipeline:
                 return "already reported (concurrent writer)"
             raise FhirUnavailableError(f"conflicting concurrent write: {exc.message}") from exc
         self._observe_latency(study)
-        if self.store is not None:
-            with self._stage("embedding"):
-                self.store.upsert(self._record(study, result, sha))
+        self._upsert(record)
         return "reported"
+
+    def _upsert(self, record: EmbeddingRecord | None) -> None:
+        if self.store is not None and record is not None:
+            with self._stage("embedding"):
+                self.store.upsert(record)
 
     # --- helpers --------------------------------------------------------------------------
 

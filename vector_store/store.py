@@ -12,7 +12,7 @@ the next.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, LiteralString
 
@@ -46,7 +46,7 @@ from vector_store.records import (
     validate_query,
 )
 
-__all__ = ["DEFAULT_EF_CONSTRUCTION", "DEFAULT_M", "VectorStore", "search_sql"]
+__all__ = ["DEFAULT_EF_CONSTRUCTION", "DEFAULT_M", "VectorStore", "indexed_studies", "search_sql"]
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,23 @@ def search_sql(
         " ORDER BY distance + 0, study_id"
     ).format(column=column, table=sql.Identifier(TABLE), where=where)
     return statement, params
+
+
+def indexed_studies(
+    conn: psycopg.Connection[Any], study_ids: Sequence[str], model_version: str
+) -> set[str] | None:
+    """Which of ``study_ids`` have a row for ``model_version``; None when the table is not
+    there (the store was never migrated on this database, so nothing can be judged)."""
+    found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,)).fetchone()
+    if not found or not found[0]:
+        return None
+    rows = conn.execute(
+        sql.SQL("SELECT study_id FROM {} WHERE model_version = %s AND study_id = ANY(%s)").format(
+            sql.Identifier(TABLE)
+        ),
+        (model_version, list(study_ids)),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
 
 
 class VectorStore:

@@ -15,7 +15,14 @@ import httpx
 import psycopg
 import pytest
 
-from fhir_service.ops.stack import service_process, start_dev_ehr, start_service, stop_dev_ehr
+from fhir_service.ops.stack import (
+    service_process,
+    start_dev_ehr,
+    start_service,
+    start_workers,
+    stop_dev_ehr,
+    worker_process,
+)
 from fhir_service.settings import Settings
 from tests.dev_ehr.smart_client import SmartClient
 from tests.factories import unique_suffix
@@ -55,17 +62,29 @@ class Corpus:
 def corpus(stack: Stack) -> Iterator[Corpus]:
     AUTH["Authorization"] = f"Bearer {stack.settings.service_api_key}"
     built = Corpus(stack)
-    with only_the_corpus_embedded(stack.dsn, built.ids):
+    with only_the_corpus_embedded(stack, built.ids):
         yield built
 
 
 @contextmanager
-def only_the_corpus_embedded(dsn: str, ids: list[str]) -> Iterator[None]:
+def only_the_corpus_embedded(stack: Stack, ids: list[str]) -> Iterator[None]:
     """These tests expect every corpus study in a ``count=100`` answer, and the session's
     store holds the studies of every earlier test (hundreds in a full run, many of them the
     same NIH images, which tie at score 1.0). The other rows are set aside, in a temporary
     table of a connection held for the module, and put back after it, so that the answers
-    are about the corpus alone."""
+    are about the corpus alone. The worker stops meanwhile: its stuck sweep would find those
+    reported studies missing from the index and store their embeddings again."""
+    wait_for("the queue to drain", stack.drained, timeout_s=240)
+    worker_process(stack.settings, 0).stop()
+    try:
+        with _set_aside(stack.dsn, ids):
+            yield
+    finally:
+        start_workers(stack.settings, 1)
+
+
+@contextmanager
+def _set_aside(dsn: str, ids: list[str]) -> Iterator[None]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "CREATE TEMP TABLE set_aside AS SELECT * FROM study_embeddings"
@@ -248,8 +267,7 @@ def test_non_image_attachment_and_study_without_embedding(corpus: Corpus) -> Non
     )
     assert r.status_code == 400
     assert "contentType" in r.json()["issue"][0]["diagnostics"]
-    bare = corpus.stack.post_study(8, image=None)
-    wait_for("its failed Task", lambda: corpus.stack.task(bare))
+    bare = corpus.stack.post_study(8, image=None)  # no worker here (see the fixture)
     r = get(f"{service(corpus.stack)}/ImagingStudy/{bare}/$similar")
     assert r.status_code == 422
     assert "no clip embedding" in r.json()["issue"][0]["diagnostics"]

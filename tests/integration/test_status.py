@@ -43,6 +43,12 @@ def _status(stack: Stack, since: datetime, **env: str) -> tuple[int, dict[str, A
     return proc.returncode, json.loads(proc.stdout)
 
 
+def _indexed(stack: Stack, study_id: str) -> bool:
+    with psycopg.connect(stack.dsn) as conn:
+        row = conn.execute("SELECT 1 FROM study_embeddings WHERE study_id = %s", (study_id,))
+        return row.fetchone() is not None
+
+
 def _metrics(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = httpx.get(f"{stack.settings.service_url}/metrics", timeout=30).text
     return {
@@ -74,6 +80,8 @@ def test_status_counts_states_and_stuck_studies_are_found_and_queued_again(stack
     time.sleep(5)  # its image's notification too
     with psycopg.connect(stack.dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM procrastinate_jobs WHERE args->>'study_id' = %s", (lost,))
+        # and a report whose job stopped before its embeddings reached the index
+        conn.execute("DELETE FROM study_embeddings WHERE study_id = %s", (good,))
     time.sleep(3)
     for name in (WATERMARK, MEDIA_WATERMARK):
         write_watermark(stack.dsn, datetime.now(UTC), name)
@@ -81,9 +89,12 @@ def test_status_counts_states_and_stuck_studies_are_found_and_queued_again(stack
     assert code == 3, census
     stuck = {s["study"]: s["why"] for s in census["stuck"]}
     assert "no report, no Task and no job" in stuck[f"ImagingStudy/{lost}"], stuck
+    assert stuck[f"ImagingStudy/{good}"] == "reported, but not in the similar-case index", stuck
     start_workers(stack.settings, 1)
     # the worker's stuck sweep runs every minute with the session's 60 s bound
     wait_for("the stuck study's report", lambda: stack.reports(lost), timeout_s=300)
+    wait_for("the embeddings back in the index", lambda: _indexed(stack, good), timeout_s=120)
+    assert len(stack.reports(good)) == 1
     wait_for("the waiting study to fail", lambda: stack.task(bare)["status"] == "failed")
     wait_for("the queue to drain", stack.drained, timeout_s=120)
     code, census = _status(stack, since)

@@ -41,8 +41,12 @@ def _census(
     *,
     now: datetime,
     live: int = 1,
+    unindexed: frozenset[str] = frozenset(),
 ) -> Census:
     monkeypatch.setattr(census_module, "_jobs", lambda dsn: (jobs or {}, live))
+    monkeypatch.setattr(
+        census_module, "_indexed", lambda dsn, ids, model: set(ids) - set(unindexed)
+    )
     return take_census(
         server.client(), "postgresql://unused", MODEL, image_wait=WAIT, stuck_after=BOUND, now=now
     )
@@ -104,6 +108,29 @@ def test_what_is_stuck_past_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     n = requeue_stuck(census, lambda sid, ver: queued.append(sid) is None)
     # not the running one (its worker is retried) nor two reports (for a person to look at)
     assert sorted(queued) == ["expired", "lost", "open"] and n == 3
+
+
+def test_a_report_missing_from_the_similar_case_index_is_stuck_and_queued_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job stopped between the FHIR transaction and the embedding upsert: FHIR says
+    reported, ``$similar`` can never find it. Past the bound the census says so and the stuck
+    sweep queues it (the job then writes the embeddings only)."""
+    server = FakeFhir()
+    for sid in ("indexed", "unindexed"):
+        _study(server, sid)
+        _report(server, sid)
+    gap = frozenset({"unindexed"})
+    soon = _census(server, monkeypatch, now=server.clock + BOUND / 2, unindexed=gap)
+    assert soon.stuck == [] and soon.counts == {"reported": 2}
+    late = _census(server, monkeypatch, now=server.clock + BOUND * 2, unindexed=gap)
+    assert late.counts == {"reported": 2}
+    (stuck,) = late.stuck
+    assert stuck.study_id == "unindexed"
+    assert stuck.stuck == "reported, but not in the similar-case index"
+    queued: list[str] = []
+    assert requeue_stuck(late, lambda sid, ver: queued.append(sid) is None) == 1
+    assert queued == ["unindexed"]
 
 
 def test_jobs_with_no_worker_alive_are_unserved(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
-from cxr_errors import FhirUnavailableError, ImageError, InputError
+from cxr_errors import FhirUnavailableError, ImageError, InputError, StoreError
 from fhir_service.fhir.tasks import task_business_status, waiting_deadline
 from models.types import ImageAnalysis
 from subscriptions.failures import RetryPolicy
@@ -22,6 +24,8 @@ from subscriptions.metrics import JobMetrics
 from subscriptions.pipeline import AnalyzedImage, Pipeline
 from tests.factories import make_analysis, make_heatmaps, make_png
 from tests.fake_fhir import FakeFhir
+from vector_store.memory import InMemoryVectorStore
+from vector_store.records import EmbeddingRecord
 
 WAIT = timedelta(minutes=15)
 
@@ -431,3 +435,77 @@ def test_a_report_whose_image_was_marked_entered_in_error_is_not_kept_quietly(
     outcome = _pipeline(server).process("s1", f"Media/{media['id']}/_history/2")
     assert outcome.startswith("waiting for images until"), outcome
     assert _task(server)["status"] == "on-hold"
+
+
+class _FlakyStore(InMemoryVectorStore):
+    """The similar-case index; its next ``fail`` upserts are refused as a dropped
+    connection would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = 0
+
+    def upsert(self, record: EmbeddingRecord) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise StoreError("vector store upsert failed: server closed the connection")
+        super().upsert(record)
+
+
+def _no_open_task(server: FakeFhir) -> bool:
+    return all(t["status"] == "completed" for t in server.all("Task"))
+
+
+class _IndexedAnalyzer(_Analyzer):
+    """An analysis with DenseNet features (the stand-in's are zero, which no index takes)."""
+
+    def analyze(self, data: bytes, name: str) -> AnalyzedImage:
+        found = super().analyze(data, name)
+        features = np.linspace(0.1, 1.0, 1024, dtype=np.float32)
+        return replace(found, analysis=replace(found.analysis, features=features))
+
+
+def test_a_job_stopped_between_its_report_and_its_embeddings_stores_them_on_the_retry(
+    server: FakeFhir,
+) -> None:
+    """The transaction is committed, the upsert is not (store down, worker killed): the
+    retry finds the report current and writes the embeddings only, no second report; the
+    same goes for the quick answer to a Media notification and for a row of an older image."""
+    _study(server)
+    media = _media(server)
+    store, analyzer = _FlakyStore(), _IndexedAnalyzer()
+    pipeline = _pipeline(server, analyzer, store=store, retry=RetryPolicy(transient_retries=3))
+    store.fail = 1
+    with pytest.raises(StoreError):
+        pipeline.process("s1", "1", attempt=0)
+    assert len(_live_reports(server)) == 1 and _no_open_task(server)
+    assert store.get("s1", "test-model") is None
+    outcome = pipeline.process("s1", "1", attempt=1)
+    assert outcome == "already reported; its missing embeddings are stored now"
+    row = store.get("s1", "test-model")
+    assert row is not None and analyzer.calls == 2
+    assert len(_reports(server)) == 1 and _no_open_task(server)
+    # stored: the next job is answered without the model
+    assert pipeline.process("s1", "1") == "already reported"
+    mention = f"Media/{media['id']}/_history/1"
+    assert pipeline.process("s1", mention) == "already reported (nothing read has changed)"
+    assert analyzer.calls == 2
+    # lost again (the quick answer does not hide it), or left from another image
+    store.delete("s1")
+    assert pipeline.process("s1", mention) == outcome
+    store.upsert(replace(row, image_sha256="0" * 64))
+    assert pipeline.process("s1", "1") == outcome
+    restored = store.get("s1", "test-model")
+    assert restored is not None and restored.image_sha256 == row.image_sha256
+    assert analyzer.calls == 4 and len(_reports(server)) == 1
+
+
+def test_embeddings_the_index_would_refuse_fail_the_study_before_anything_is_written(
+    server: FakeFhir,
+) -> None:
+    """Checked first, so a refusal is one failed Task, never a failed Task beside a report."""
+    _study(server)
+    _media(server)
+    outcome = _pipeline(server, _Analyzer(), store=InMemoryVectorStore()).process("s1", "1")
+    assert outcome.startswith("failed: densenet vector has zero length"), outcome
+    assert _reports(server) == [] and _task(server)["status"] == "failed"

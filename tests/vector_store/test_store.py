@@ -28,7 +28,7 @@ from vector_store.migrate import (
     migrate,
 )
 from vector_store.records import EmbeddingRecord, EmbeddingStore, SearchFilters
-from vector_store.store import VectorStore
+from vector_store.store import VectorStore, indexed_studies
 from vector_store.synthetic import clustered_vectors
 
 pytestmark = pytest.mark.integration
@@ -233,6 +233,22 @@ def test_get_round_trips_every_field(loaded: VectorStore, records: list[Embeddin
     np.testing.assert_allclose(got.densenet, source.densenet, atol=1e-3)
     assert loaded.get(source.study_id, "other-model") is None
     assert loaded.get("no-such-study", MODEL) is None
+
+
+def test_indexed_studies_names_the_rows_of_one_model_version(
+    url: str,
+    loaded: VectorStore,
+    records: list[EmbeddingRecord],
+    fresh_database: Callable[[str], str],
+) -> None:
+    """What the census asks for every reported study (the gap a job stopped between its FHIR
+    transaction and its upsert leaves); None on a database the store never migrated."""
+    asked = [records[0].study_id, records[1].study_id, "no-such-study"]
+    with psycopg.connect(url) as conn:
+        assert indexed_studies(conn, asked, MODEL) == set(asked[:2])
+        assert indexed_studies(conn, asked, "other-model") == set()
+    with psycopg.connect(fresh_database("cxr_test_vector_store_unmigrated")) as conn:
+        assert indexed_studies(conn, asked, MODEL) is None
 
 
 # --- search -----------------------------------------------------------------------------------
