@@ -3,9 +3,9 @@
 Each drill posts real NIH studies (as an integrator would, one transaction each), injects
 one fault, waits until every study has a report, and returns a :class:`Tally` of what HAPI
 holds: studies posted and reported, lost, and duplicate DiagnosticReports, Observations and
-heatmap Media. The integration tests run the matrix with small batches
-(``tests/integration/test_faults.py``); ``bench/faults.py`` runs the same drills larger, plus
-a burst of studies posted at once.
+heatmap Media; and, from the similar-case index, the reported studies missing there. The
+integration tests run the matrix with small batches (``tests/integration/test_faults.py``);
+``bench/faults.py`` runs the same drills larger, plus a burst of studies posted at once.
 
 The stack is the one the settings describe: HAPI, PostgreSQL, ``cxr serve`` and workers
 started with :mod:`fhir_service.ops.stack` (their pid files are how the drills find them).
@@ -44,6 +44,7 @@ from subscriptions.bootstrap import (
     SUBSCRIPTION_ID,
     ensure_subscriptions,
 )
+from vector_store.store import indexed_studies
 
 __all__ = ["Drill", "Tally"]
 
@@ -67,15 +68,23 @@ class Tally:
     seconds: float
     queued_by_sweep: int
     """jobs the sweeps queued during the drill (what the rest-hook did not deliver)"""
+    unindexed: int = 0
+    """reported studies whose embeddings are not in the similar-case index"""
 
     @property
     def ok(self) -> bool:
         duplicates = self.duplicate_reports + self.duplicate_observations + self.duplicate_media
-        return self.reported == self.posted and not self.lost and not duplicates
+        return (
+            self.reported == self.posted
+            and not self.lost
+            and not duplicates
+            and not (self.unindexed)
+        )
 
     def line(self) -> str:
         return (
             f"{self.case}: posted {self.posted}, reported {self.reported}, lost {self.lost}, "
+            f"not in the index {self.unindexed}, "
             f"duplicate reports {self.duplicate_reports}, observations "
             f"{self.duplicate_observations}, media {self.duplicate_media}; "
             f"{self.queued_by_sweep} queued by the sweep; {self.seconds:.0f} s"
@@ -173,12 +182,14 @@ class Drill:
     def tally(self, case: str, study_ids: Sequence[str], started: float, swept: float) -> Tally:
         obs_system = TERMINOLOGY.identifier_system("observation")
         reported = lost = dup_reports = dup_obs = dup_media = 0
+        reported_ids: list[str] = []
         for sid in study_ids:
             reports = self.reports(sid)
             if not reports:
                 lost += 1
                 continue
             reported += 1
+            reported_ids.append(sid)
             dup_reports += len(reports) - 1
             study = f"ImagingStudy/{sid}"
             observations = [
@@ -204,7 +215,14 @@ class Drill:
             dup_media,
             time.monotonic() - started,
             int(max(0.0, self.swept() - swept)),
+            unindexed=len(reported_ids) - len(self.indexed(reported_ids)),
         )
+
+    def indexed(self, study_ids: Sequence[str]) -> set[str]:
+        """Which of these studies have their row in the similar-case index."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            found = indexed_studies(conn, study_ids, self.model_version)
+        return set() if found is None else found
 
     def _run(self, case: str, n: int, fault: Callable[[list[str]], None]) -> Tally:
         """Post ``n`` studies, inject ``fault`` (given their ids), wait, count."""

@@ -1,6 +1,7 @@
 """The fault matrix, lean: one fault at a time on the session's real stack, small batches of
 real NIH studies, then a count in HAPI — every study reported exactly once, 0 lost, 0
-duplicate DiagnosticReports, Observations or heatmap Media.
+duplicate DiagnosticReports, Observations or heatmap Media, and every report's embeddings in the
+similar-case index.
 
 Each test prints its counts (and appends them to ``test-artifacts/faults.txt``);
 ``bench/faults.py`` runs the same drills (:mod:`fhir_service.ops.faults`) with larger batches.
@@ -41,6 +42,7 @@ def _check(tally: Tally, capsys: pytest.CaptureFixture[str]) -> None:
     assert tally.duplicate_reports == 0, tally.line()
     assert tally.duplicate_observations == 0, tally.line()
     assert tally.duplicate_media == 0, tally.line()
+    assert tally.unindexed == 0, tally.line()
     assert tally.reported == tally.posted, tally.line()
 
 
