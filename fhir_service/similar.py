@@ -18,6 +18,7 @@ import numpy.typing as npt
 from cxr_errors import ForbiddenError, InputError
 from fhir_service.fhir.client import FhirClient
 from fhir_service.fhir.terminology import TERMINOLOGY, finding_label
+from subscriptions.lifecycle import WITHDRAWN_STATUSES
 from vector_store.records import MAX_K, EmbeddingStore, SearchFilters
 
 MAX_TEXT = 1000
@@ -282,6 +283,11 @@ class SimilarService:
         subject = _subject_id(study)
         if bound_patient is not None and subject != bound_patient:
             raise ForbiddenError(f"ImagingStudy/{q.study_id} is not Patient/{bound_patient}'s")
+        if study.get("status") in WITHDRAWN_STATUSES:
+            raise Unprocessable(
+                f"ImagingStudy/{q.study_id} is {study['status']}: a withdrawn study is neither "
+                "searched from nor offered as a similar case"
+            )
         record = self.store.get(q.study_id, self.model_version)
         vector = record.vector(q.space) if record is not None else None
         if vector is None:
@@ -304,7 +310,10 @@ class SimilarService:
             found = self.fhir.search("ImagingStudy", {"_id": ids, "_count": str(len(hits))})
             for entry in found.get("entry", []):
                 study = entry["resource"]
-                # The index's patient could be stale: the study as it is now decides.
+                # The index could be stale (its patient; a study withdrawn since, whose job
+                # has not yet taken it out): the study as it is now decides.
+                if study.get("status") in WITHDRAWN_STATUSES:
+                    continue
                 if patient is None or _subject_id(study) == patient:
                     studies[study["id"]] = study
         entries = [

@@ -113,6 +113,8 @@ class EmbeddingSink(Protocol):
 
     def get(self, study_id: str, model_version: str) -> EmbeddingRecord | None: ...
 
+    def delete(self, study_id: str) -> int: ...
+
 
 @dataclass
 class Pipeline:
@@ -162,7 +164,7 @@ class Pipeline:
             if isinstance(study, str):
                 outcome = study
             elif study.get("status") in WITHDRAWN_STATUSES:
-                outcome = self.tasks.withdraw(study)
+                outcome = self._withdraw(study)
             else:
                 outcome = self._guarded(
                     study, attempt, cid, lambda: self._process(study, version_id)
@@ -170,6 +172,14 @@ class Pipeline:
             self._count(outcome)
             log.info("ImagingStudy/%s (%s): %s", study_id, version_id, outcome)
             return outcome
+
+    def _withdraw(self, study: dict[str, Any]) -> str:
+        """A withdrawn study leaves the similar-case index first (``$similar`` must not offer
+        a study entered in error, perhaps another patient's images, as a prior case), then
+        its open Task is cancelled and its results are marked. Both halves are idempotent."""
+        removed = self.store.delete(study["id"]) if self.store is not None else 0
+        outcome = self.tasks.withdraw(study)
+        return outcome + ("; taken out of the similar-case index" if removed else "")
 
     def process_batch(self, studies: Sequence[tuple[str, str]]) -> list[str]:
         """The bulk path: :meth:`process` for each study, with one batched model pass over

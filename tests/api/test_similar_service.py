@@ -134,6 +134,18 @@ def test_text_and_image_queries_use_the_encoder(service: SimilarService) -> None
     assert service.encoder.calls == ["text:effusion", "image:clip"]  # type: ignore[attr-defined]
 
 
+def test_a_withdrawn_study_is_neither_offered_nor_searched_from(
+    service: SimilarService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its row may outlive the withdrawal a moment (until its job takes it out of the index):
+    the study as it is now decides. Entered in error may mean another patient's images."""
+    monkeypatch.setitem(STUDIES, "s1", {**STUDIES["s1"], "status": "entered-in-error"})
+    monkeypatch.setitem(STUDIES, "s2", {**STUDIES["s2"], "status": "cancelled"})
+    assert _ids(service.run(parse_query({"count": "3"}, study_id="s0"), BASE)) == ["s3"]
+    with pytest.raises(Unprocessable, match="s1 is entered-in-error: a withdrawn study"):
+        service.run(parse_query({}, study_id="s1"), BASE)
+
+
 def test_unknown_study_is_404_and_unembedded_is_422(service: SimilarService) -> None:
     with pytest.raises(NotFoundError):
         service.run(parse_query({}, study_id="nope"), BASE)

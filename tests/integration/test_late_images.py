@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import pytest
 
 from fhir_service.fhir.tasks import task_business_status, waiting_deadline
@@ -126,6 +127,10 @@ def test_withdrawn_studies(stack: Stack) -> None:
         ),
     )
     assert marked["status"] == "entered-in-error"
+    # and out of the similar-case index before that: $similar never offers it as a prior case
+    with psycopg.connect(stack.dsn) as conn:
+        row = conn.execute("SELECT 1 FROM study_embeddings WHERE study_id = %s", (sid,))
+        assert row.fetchone() is None
     study_ref = f"ImagingStudy/{sid}"
     observations = list(stack.fhir.search_all("Observation", {"derived-from": study_ref}))
     assert len(observations) == 14

@@ -140,6 +140,23 @@ def test_similar_to_a_study_ranks_other_studies(corpus: Corpus) -> None:
     assert set(found) == set(corpus.ids) - {query}
 
 
+def test_a_study_entered_in_error_is_not_offered(corpus: Corpus) -> None:
+    """Through HAPI as it is now, even before any job has taken the study out of the index
+    (this module runs without a worker): entered in error may be another patient's image."""
+    stack, query, wrong = corpus.stack, corpus.ids[0], corpus.ids[1]
+    study = stack.fhir.read("ImagingStudy", wrong)
+    stack.fhir.update({**study, "status": "entered-in-error"})
+    try:
+        r = get(f"{service(stack)}/ImagingStudy/{query}/$similar", count=100)
+        assert r.status_code == 200, r.text
+        assert set(ours(r.json(), corpus)) == set(corpus.ids) - {query, wrong}
+        r = get(f"{service(stack)}/ImagingStudy/{wrong}/$similar")
+        assert r.status_code == 422, r.text
+        assert "entered-in-error" in r.json()["issue"][0]["diagnostics"]
+    finally:
+        stack.fhir.update({**stack.fhir.read("ImagingStudy", wrong), "status": "available"})
+
+
 def test_exclude_same_patient(corpus: Corpus) -> None:
     query = corpus.ids[1]  # NIH patient 13, who has four more studies in the corpus
     same_patient = set(corpus.ids[2:6])

@@ -182,10 +182,16 @@ def test_a_cancelled_study_closes_its_waiting_task(server: FakeFhir) -> None:
 def test_an_entered_in_error_study_marks_its_results_entered_in_error(server: FakeFhir) -> None:
     study = _study(server)
     _media(server)
-    assert _pipeline(server).process("s1", "1") == "reported"
+    store = InMemoryVectorStore()
+    pipeline = _pipeline(server, _IndexedAnalyzer(), store=store)
+    assert pipeline.process("s1", "1") == "reported"
+    assert store.get("s1", "test-model") is not None
     server.put({**server.all("ImagingStudy")[0], "status": "entered-in-error"})
-    outcome = _pipeline(server).process("s1", "2")
+    outcome = pipeline.process("s1", "2")
     assert outcome.startswith("withdrawn: entered-in-error")
+    # never again offered by $similar as a prior case (it may be another patient's image)
+    assert outcome.endswith("; taken out of the similar-case index")
+    assert store.get("s1", "test-model") is None
     assert {r["status"] for r in _reports(server)} == {"entered-in-error"}
     assert {o["status"] for o in server.all("Observation")} == {"entered-in-error"}
     overlays = [m for m in server.all("Media") if m.get("identifier")]
@@ -193,7 +199,7 @@ def test_an_entered_in_error_study_marks_its_results_entered_in_error(server: Fa
     # the input image is not ours: untouched
     assert [m["status"] for m in server.all("Media") if not m.get("identifier")] == ["completed"]
     # idempotent: nothing more to mark
-    assert _pipeline(server).process("s1", "2") == "withdrawn: entered-in-error"
+    assert pipeline.process("s1", "2") == "withdrawn: entered-in-error"
     assert study["id"] == "s1"
 
 
