@@ -480,6 +480,7 @@ class Pipeline:
         return "reported"
 
     def _upsert(self, record: EmbeddingRecord | None) -> None:
+        """``record`` is None exactly when this pipeline has no store."""
         if self.store is not None and record is not None:
             with self._stage("embedding"):
                 self.store.upsert(record)

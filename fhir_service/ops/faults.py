@@ -75,10 +75,7 @@ class Tally:
     def ok(self) -> bool:
         duplicates = self.duplicate_reports + self.duplicate_observations + self.duplicate_media
         return (
-            self.reported == self.posted
-            and not self.lost
-            and not duplicates
-            and not (self.unindexed)
+            self.reported == self.posted and not self.lost and not duplicates and not self.unindexed
         )
 
     def line(self) -> str:
